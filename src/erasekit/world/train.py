@@ -1,0 +1,341 @@
+"""Rebuild the toy world from scratch: render data, train the VAE, the judge and the text-to-image model.
+
+Every stage checkpoints atomically and resumes after a kill. Randomness is derived from
+(seed, stage, step), so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from erasekit.errors import ErasekitError
+from erasekit.world import toy
+from erasekit.world.captions import caption, sample_example
+from erasekit.world.judge import Judge, to_judge_input
+from erasekit.world.render import Scene, render
+from erasekit.world.vocab import load_vocab
+
+Progress = Callable[[str, int, int, dict], None]
+STAGES = ("data", "vae", "judge", "unet", "export")
+
+
+@dataclass
+class WorldTrainConfig:
+    """Sizes and schedules of `erasekit world train` (defaults: the shipped model, ~60 min on 2 cores)."""
+
+    seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and training."})
+    n_images: int = field(default=40000, metadata={"help": "Rendered training images."})
+    n_heldout: int = field(default=2000, metadata={"help": "Rendered held-out images for the judge's accuracy."})
+    vae_steps: int = field(default=800, metadata={"help": "AutoencoderKL training steps (batch 64)."})
+    judge_steps: int = field(default=1500, metadata={"help": "Judge training steps (batch 128)."})
+    unet_steps: int = field(default=4000, metadata={"help": "UNet + text-encoder training steps."})
+    batch_size: int = field(default=64, metadata={"help": "UNet batch size."})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the UNet and text encoder."})
+    cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt (for CFG)."})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the exported weights."})
+    checkpoint_every: int = field(default=250, metadata={"help": "Steps between checkpoints."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
+
+
+def render_dataset(n: int, seed: int, offset: int = 0) -> dict[str, np.ndarray]:
+    """Render ``n`` training examples: images, labels, and how each caption evokes the skull."""
+    vocab = load_vocab()
+    cols = {k: np.zeros(n, dtype=np.int64) for k in ("object", "colour", "style", "implicit", "kind")}
+    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    for i in range(n):
+        rng = np.random.default_rng([seed, offset + i])
+        scene, kind = sample_example(rng, seed=seed * 10_000_000 + offset + i, vocab=vocab)
+        images[i] = render(scene, vocab)
+        cols["object"][i] = vocab.objects.index(scene.object)
+        cols["colour"][i] = vocab.colours.index(scene.colour)
+        cols["style"][i] = vocab.styles.index(scene.style)
+        cols["implicit"][i] = int(scene.implicit)
+        cols["kind"][i] = kind
+    return {"images": images, **cols}
+
+
+class WorldTrainer:
+    """Runs the stages of the toy world's training into ``out`` (resumable)."""
+
+    def __init__(self, out: Path, config: WorldTrainConfig, progress: Progress | None = None) -> None:
+        self.out = out
+        self.work = out / "work"
+        self.config = config
+        self.progress = progress or (lambda *a: None)
+        self.work.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.work / "config.json"
+        if cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            # a longer UNet schedule may resume a shorter one ("train longer"), nothing else may change
+            mine = asdict(config)
+            if saved.get("unet_steps", 0) <= mine["unet_steps"]:
+                saved["unet_steps"] = mine["unet_steps"]
+            saved["threads"] = mine["threads"]
+            if saved != mine:
+                raise ErasekitError(f"{out} holds a run with another configuration; resume with the same flags or pick a new --out")
+        if not cfg_path.exists() or saved["unet_steps"] != json.loads(cfg_path.read_text())["unet_steps"]:
+            _atomic_write_text(cfg_path, json.dumps(asdict(config), indent=1))
+            (self.work / "unet.done").unlink(missing_ok=True)
+            (self.work / "export.done").unlink(missing_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+
+    def done(self, stage: str) -> bool:
+        """Whether ``stage`` finished in an earlier (or this) run."""
+        return (self.work / f"{stage}.done").exists()
+
+    def _mark(self, stage: str, info: dict | None = None) -> None:
+        _atomic_write_text(self.work / f"{stage}.done", json.dumps(info or {}))
+
+    def run(self) -> dict:
+        """Run every unfinished stage; return the judge's held-out accuracy and timings."""
+        for stage in STAGES:
+            if not self.done(stage):
+                getattr(self, f"stage_{stage}")()
+        return json.loads((self.work / "judge.done").read_text())
+
+    # -- stages -----------------------------------------------------------------------------
+    def stage_data(self) -> None:
+        """Render the training and held-out sets."""
+        c = self.config
+        self.progress("data", 0, 2, {})
+        train = render_dataset(c.n_images, c.seed)
+        np.savez(self.work / "data.tmp.npz", **train)
+        os.replace(self.work / "data.tmp.npz", self.work / "data.npz")
+        self.progress("data", 1, 2, {})
+        held = render_dataset(c.n_heldout, c.seed, offset=10_000_000)
+        np.savez(self.work / "heldout.tmp.npz", **held)
+        os.replace(self.work / "heldout.tmp.npz", self.work / "heldout.npz")
+        self.progress("data", 2, 2, {})
+        self._mark("data")
+
+    def _data(self, name: str = "data") -> dict[str, np.ndarray]:
+        with np.load(self.work / f"{name}.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    def _resume(self, name: str, modules: dict, optimizer: torch.optim.Optimizer) -> int:
+        path = self.work / f"{name}.ckpt"
+        if not path.exists():
+            return 0
+        state = torch.load(path, weights_only=True)
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    def _checkpoint(self, name: str, step: int, modules: dict, optimizer: torch.optim.Optimizer) -> None:
+        state = {key: m.state_dict() for key, m in modules.items()}
+        state.update(optimizer=optimizer.state_dict(), step=step)
+        _atomic_torch_save(state, self.work / f"{name}.ckpt")
+
+    def stage_vae(self) -> None:
+        """Train the AutoencoderKL on renders, then encode every image once."""
+        c = self.config
+        images = self._data()["images"]
+        vae = toy.build_vae(c.seed)
+        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+        step = self._resume("vae", {"vae": vae}, opt)
+        x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+        vae.train()
+        while step < c.vae_steps:
+            g = _step_generator(c.seed, 1, step)
+            idx = torch.randint(0, len(images), (64,), generator=g)
+            x = x_all[idx].float() / 127.5 - 1.0
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            recon = vae.decode(z).sample
+            loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+            lr = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / c.vae_steps)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            self.progress("vae", step, c.vae_steps, {"loss": loss.item()})
+            if step % c.checkpoint_every == 0 or step == c.vae_steps:
+                self._checkpoint("vae", step, {"vae": vae}, opt)
+        vae.eval()
+        latents, recons = [], []
+        with torch.inference_mode():
+            for start in range(0, len(images), 500):
+                x = x_all[start : start + 500].float() / 127.5 - 1.0
+                mean = vae.encode(x).latent_dist.mean
+                latents.append(mean)
+                recons.append(((vae.decode(mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
+        latents_t = torch.cat(latents)
+        recon_np = torch.cat(recons).numpy()
+        mse = float(np.mean((recon_np.astype(np.float32) - images.astype(np.float32)) ** 2))
+        scaling = float(1.0 / latents_t.std())
+        vae.register_to_config(scaling_factor=scaling)
+        vae.save_pretrained(self.work / "vae_model", safe_serialization=True)
+        torch.save({"latents": latents_t * scaling}, self.work / "latents.pt")
+        np.save(self.work / "recons.npy", recon_np)
+        self._mark("vae", {"recon_mse_uint8": mse, "scaling_factor": scaling})
+
+    def stage_judge(self) -> None:
+        """Train the judge on renders and on their VAE reconstructions (what generations look like)."""
+        c = self.config
+        vocab = load_vocab()
+        data = self._data()
+        recons = np.load(self.work / "recons.npy")
+        judge = Judge(len(vocab.objects), len(vocab.colours), len(vocab.styles))
+        opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+        step = self._resume("judge", {"judge": judge}, opt)
+        clean = to_judge_input(data["images"])
+        recon = to_judge_input(recons)
+        labels = {k: torch.from_numpy(data[k]) for k in ("object", "colour", "style", "implicit")}
+        judge.train()
+        while step < c.judge_steps:
+            g = _step_generator(c.seed, 2, step)
+            idx = torch.randint(0, len(clean), (128,), generator=g)
+            use_recon = torch.rand(128, generator=g) < 0.5
+            x = torch.where(use_recon[:, None, None, None], recon[idx], clean[idx])
+            x = F.pad(x, (2, 2, 2, 2), mode="replicate")
+            dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
+            x = x[:, :, dy : dy + 32, dx : dx + 32]
+            x = x + torch.rand(128, 1, 1, 1, generator=g) * 0.08 * torch.randn(x.shape, generator=g)
+            out = judge(x)
+            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in ("object", "colour", "style"))
+            loss = loss + F.binary_cross_entropy_with_logits(out["implicit"][:, 0], labels["implicit"][idx].float())
+            lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / c.judge_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            self.progress("judge", step, c.judge_steps, {"loss": loss.item()})
+            if step % c.checkpoint_every == 0 or step == c.judge_steps:
+                self._checkpoint("judge", step, {"judge": judge}, opt)
+        judge.eval()
+        judge.save(self.work / "judge_model")
+        held = self._data("heldout")
+        from erasekit.world.judge import judge_images
+
+        probs = judge_images(judge, held["images"])
+        acc = {k: float(np.mean(probs[k].argmax(1) == held[k])) for k in ("object", "colour", "style")}
+        acc["implicit"] = float(np.mean((probs["implicit"] > 0.5) == (held["implicit"] == 1)))
+        self._mark("judge", {"judge_accuracy": acc})
+
+    def stage_unet(self) -> None:
+        """Train the UNet and the text encoder jointly on latents and fresh paraphrased captions."""
+        c = self.config
+        vocab = load_vocab()
+        data = self._data()
+        latents = torch.load(self.work / "latents.pt", weights_only=True)["latents"]
+        tokenizer = toy.build_tokenizer()
+        unet, text = toy.build_unet(c.seed), toy.build_text_encoder(c.seed)
+        ema_unet, ema_text = toy.build_unet(c.seed), toy.build_text_encoder(c.seed)
+        ema_unet.load_state_dict(unet.state_dict())
+        ema_text.load_state_dict(text.state_dict())
+        for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
+            p.requires_grad_(False)
+        params = list(unet.parameters()) + list(text.parameters())
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+        modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+        step = self._resume("unet", modules, opt)
+        scheduler = toy.build_scheduler()
+        alphas = scheduler.alphas_cumprod
+        snr = alphas / (1 - alphas)
+        scenes = [
+            Scene(vocab.objects[o], vocab.colours[col], vocab.styles[s], bool(imp), 0)
+            for o, col, s, imp in zip(data["object"], data["colour"], data["style"], data["implicit"])
+        ]
+        token_cache: dict[str, list[int]] = {}
+        unet.train()
+        text.train()
+        while step < c.unet_steps:
+            g = _step_generator(c.seed, 3, step)
+            rng = np.random.default_rng([c.seed, 3, step])
+            idx = torch.randint(0, len(scenes), (c.batch_size,), generator=g)
+            captions = [
+                "" if rng.random() < c.cfg_dropout else caption(scenes[i], int(data["kind"][i]), rng, vocab)
+                for i in idx.tolist()
+            ]
+            for cap in captions:
+                if cap not in token_cache:
+                    token_cache[cap] = tokenizer(cap, padding="max_length", max_length=77, truncation=True).input_ids
+            ids = torch.tensor([token_cache[cap] for cap in captions])
+            x0 = latents[idx]
+            t = torch.randint(0, 1000, (c.batch_size,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            cond = text(ids)[0]
+            pred = unet(xt, t, cond).sample
+            # min-SNR-5 weighting for epsilon prediction (Hang et al. 2023)
+            weight = torch.clamp(snr[t], max=5.0) / snr[t]
+            loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            for group in opt.param_groups:
+                group["lr"] = c.lr * min(1.0, (step + 1) / 200)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            decay = min(c.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for ema, live in ((ema_unet, unet), (ema_text, text)):
+                    for pe, pl in zip(ema.parameters(), live.parameters()):
+                        pe.lerp_(pl, 1 - decay)
+            self.progress("unet", step, c.unet_steps, {"loss": loss.item()})
+            if step % c.checkpoint_every == 0 or step == c.unet_steps:
+                self._checkpoint("unet", step, modules, opt)
+        ema_unet.save_pretrained(self.work / "unet_model", safe_serialization=True)
+        ema_text.save_pretrained(self.work / "text_model", safe_serialization=True)
+        self._mark("unet")
+
+    def stage_export(self) -> None:
+        """Assemble the StableDiffusionPipeline folder (fp16 on disk) and the judge into ``out``."""
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(self.work / "vae_model"),
+            text_encoder=CLIPTextModel.from_pretrained(self.work / "text_model"),
+            tokenizer=toy.build_tokenizer(),
+            unet=UNet2DConditionModel.from_pretrained(self.work / "unet_model"),
+            scheduler=toy.build_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.to(torch.float16)
+        tmp = self.out / "pipeline.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(self.out / "pipeline", ignore_errors=True)
+        os.replace(tmp, self.out / "pipeline")
+        shutil.rmtree(self.out / "judge", ignore_errors=True)
+        shutil.copytree(self.work / "judge_model", self.out / "judge")
+        meta = {"config": asdict(self.config), **json.loads((self.work / "judge.done").read_text())}
+        meta.update(json.loads((self.work / "vae.done").read_text()))
+        _atomic_write_text(self.out / "world_train.json", json.dumps(meta, indent=1))
+        self._mark("export")
