@@ -1,0 +1,35 @@
+"""The library entry point: ``erasekit.erase``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from diffusers import StableDiffusionPipeline
+
+from erasekit.errors import ErasekitError
+from erasekit.methods import ErasureRequest, get_method, make_config
+from erasekit.methods.base import Progress
+from erasekit.result import ErasureResult
+
+
+def erase(
+    pipe: StableDiffusionPipeline,
+    concepts: str | Sequence[str],
+    method: str = "eap",
+    config: Any = None,
+    preserve: Sequence[str] = (),
+    budget: str | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> ErasureResult:
+    """Erase ``concepts`` from ``pipe``; the pipeline is left unchanged, apply the result with ``result.apply(pipe)``."""
+    spec = get_method(method)
+    targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
+    if not targets:
+        raise ErasekitError("no concept to erase; give at least one")
+    if config is None:
+        config = make_config(spec, budget, **overrides)
+    elif overrides or budget:
+        raise ErasekitError("pass either a config object or keyword settings, not both")
+    return spec.fit(pipe, ErasureRequest(targets=targets, preserve=tuple(preserve)), config, progress)

@@ -1,0 +1,117 @@
+"""Concept spaces, full text-encoder embeddings, and EAP's candidate selection (DESIGN.md §3, step 1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from erasekit.errors import ErasekitError
+
+_WORD = re.compile(r"^[A-Za-z][A-Za-z \-]*$")
+
+
+@dataclass(frozen=True)
+class ConceptSpace:
+    """A named list of concepts (words or short phrases) that the adversarial search chooses from."""
+
+    name: str
+    words: tuple[str, ...]
+
+
+def concept_space(source: str, pipe: StableDiffusionPipeline | None = None) -> ConceptSpace:
+    """Resolve ``toy`` (the world's vocabulary), ``clip`` (the tokenizer's whole words) or a word-list file."""
+    if source == "toy":
+        from erasekit.world.vocab import load_vocab
+
+        return ConceptSpace("toy", tuple(load_vocab().concept_words()))
+    if source == "clip":
+        if pipe is None:
+            raise ErasekitError("the 'clip' concept space needs a pipeline (its tokenizer)")
+        words = [tok[: -len("</w>")] for tok in pipe.tokenizer.get_vocab() if tok.endswith("</w>")]
+        words = sorted(w for w in words if len(w) > 2 and w.isalpha() and w.isascii())
+        return ConceptSpace("clip", tuple(words))
+    path = Path(source)
+    if not path.is_file():
+        raise ErasekitError(f"concept space {source!r} is neither 'toy', 'clip' nor a word-list file; pass a text file with one concept per line")
+    words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    words = list(dict.fromkeys(w for w in words if w and not w.startswith("#")))
+    if not words:
+        raise ErasekitError(f"{path} holds no concepts; write one concept per line")
+    return ConceptSpace(path.stem, tuple(words))
+
+
+def check_prompt(pipe: StableDiffusionPipeline, text: str, what: str = "concept") -> str:
+    """Strip ``text`` and refuse empty prompts and prompts longer than the encoder's 77 tokens."""
+    text = (text or "").strip()
+    if not text:
+        raise ErasekitError(f"empty {what}; give a word or phrase such as 'circle'")
+    limit = pipe.tokenizer.model_max_length
+    n = len(pipe.tokenizer(text, truncation=False).input_ids)
+    if n > limit:
+        raise ErasekitError(f"{what} {text[:40]!r}... is {n} tokens long; the text encoder takes at most {limit} (with start/end tokens): shorten it")
+    return text
+
+
+@torch.no_grad()
+def encode(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Full text-encoder outputs (N x 77 x d last hidden states), the conditioning the UNet sees."""
+    tok = pipe.tokenizer
+    device = pipe.text_encoder.device
+    outs = []
+    for start in range(0, len(prompts), batch_size):
+        ids = tok(
+            prompts[start : start + batch_size], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        outs.append(pipe.text_encoder(ids)[0])
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+@torch.no_grad()
+def distances(pipe: StableDiffusionPipeline, target: torch.Tensor, words: list[str], batch_size: int = 64) -> torch.Tensor:
+    """L2 distance of every word's full encoder output to ``target`` (streamed: never holds the whole space)."""
+    flat_target = target.flatten().double()
+    out = []
+    for start in range(0, len(words), batch_size):
+        emb = encode(pipe, words[start : start + batch_size]).flatten(1).double()
+        out.append(torch.linalg.vector_norm(emb - flat_target[None], dim=1).cpu())
+    return torch.cat(out)
+
+
+def select_candidates(dist: torch.Tensor, words: list[str], k: int, n_centres: int, exclude: set[str], seed: int = 0) -> list[str]:
+    """EAP's candidates: the K nearest concepts by L2 over full text embeddings, thinned by KMeans.
+
+    KMeans runs on the 1-D distances to the target (as the reference does); per centre, the word whose
+    distance is nearest the centre is kept. Words with non-letters and excluded words are dropped first
+    (the reference keeps the target itself among its candidates; we do not).
+    """
+    from sklearn.cluster import KMeans
+
+    keep = [i for i, w in enumerate(words) if _WORD.match(w) and not _excluded(w, exclude)]
+    if not keep:
+        raise ErasekitError("the concept space has no usable concepts once the targets are excluded")
+    if k > len(keep):
+        raise ErasekitError(f"K={k} nearest concepts asked for, but the concept space has only {len(keep)} usable concepts; lower --k or use a larger space")
+    if n_centres > k:
+        raise ErasekitError(f"{n_centres} KMeans centres cannot be chosen from K={k} candidates; lower --n-centres or raise --k")
+    kept = dist[keep]
+    order = torch.argsort(kept, stable=True)[:k]
+    near = kept[order].numpy().reshape(-1, 1)
+    km = KMeans(n_clusters=n_centres, n_init=10, random_state=seed).fit(near)
+    chosen: list[int] = []
+    for centre in np.sort(km.cluster_centers_[:, 0]):
+        j = int(np.argmin(np.abs(near[:, 0] - centre)))
+        if j not in chosen:
+            chosen.append(j)
+    return [words[keep[int(order[j])]] for j in chosen]
+
+
+def _excluded(word: str, exclude: set[str]) -> bool:
+    """A word is excluded when it is, or contains as a word, one of the excluded concepts."""
+    lower = word.lower()
+    parts = set(re.split(r"[ \-]+", lower))
+    return lower in exclude or bool(parts & exclude)

@@ -1,0 +1,186 @@
+"""Method registry, shared config fields, and the trainable-UNet wrapper every fine-tuning method uses."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch.func import functional_call
+
+from erasekit.errors import ErasekitError
+from erasekit.models import add_lora, lora_disabled, lora_state_dict, remove_lora, select_parameters
+
+Progress = Callable[[int, int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """What to erase and what to keep, independent of the method."""
+
+    targets: tuple[str, ...]
+    preserve: tuple[str, ...] = ()
+
+
+class Method(Protocol):
+    """Every method has the same signature, so they compose (k-diffusion style)."""
+
+    def __call__(self, pipe: StableDiffusionPipeline, request: ErasureRequest, config: Any, progress: Progress | None) -> "ErasureResultT":
+        """Fit the erasure and return an ErasureResult; the pipeline is left as it was."""
+
+
+ErasureResultT = Any
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, one-line summary, config class, fit function and budget presets."""
+
+    name: str
+    summary: str
+    config_class: type
+    fit: Method
+    presets: dict[str, dict[str, Any]]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, summary: str, config_class: type, presets: dict[str, dict[str, Any]] | None = None) -> Callable[[Method], Method]:
+    """Decorator: register ``fit`` under ``name`` (names are unique, lower-case, dash-separated)."""
+
+    def wrap(fit: Method) -> Method:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(name, summary, config_class, fit, presets or {})
+        return fit
+
+    return wrap
+
+
+def registry() -> dict[str, MethodSpec]:
+    """All registered methods by name."""
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up, with a one-line error listing the known names."""
+    if name not in _REGISTRY:
+        raise ErasekitError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def make_config(spec: MethodSpec, budget: str | None = None, **overrides: Any) -> Any:
+    """Build a method's config: paper defaults, then a budget preset, then explicit overrides."""
+    values: dict[str, Any] = {}
+    if budget:
+        if budget not in spec.presets and budget != "paper":
+            raise ErasekitError(f"unknown budget {budget!r} for {spec.name}; choose one of: paper, {', '.join(spec.presets)}")
+        values.update(spec.presets.get(budget, {}))
+    names = {f.name for f in dataclasses.fields(spec.config_class)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ErasekitError(f"{spec.name} has no setting {key!r}; its settings are: {', '.join(sorted(names))}")
+        values[key] = value
+    config = spec.config_class(**values)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by the fine-tuning methods (ESD family, EAP)."""
+
+    iterations: int = field(default=1000, metadata={"help": "Model update steps (ESD, Gandikota et al. 2023: 1000)."})
+    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate of the model (ESD/EAP: 1e-5)."})
+    train_method: str = field(default="xattn", metadata={"help": "Parameters to train: xattn (objects, styles), noxattn (nudity), full, selfattn, lora."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank when train_method is lora."})
+    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the rollout that produces x_t (reference: 50)."})
+    start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the rollout (reference: 3)."})
+    negative_guidance: float = field(default=1.0, metadata={"help": "eta of the ESD target eps0(x,0) - eta (eps0(x,c) - eps0(x,0)) (reference: 1)."})
+    preserve_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the preservation loss (EAP: 1)."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
+
+    def validate(self) -> None:
+        """Refuse values that cannot run, with one-line messages."""
+        if self.iterations < 1:
+            raise ErasekitError(f"iterations must be >= 1, got {self.iterations}")
+        if not self.lr > 0:
+            raise ErasekitError(f"lr must be > 0, got {self.lr}")
+        if self.ddim_steps < 1:
+            raise ErasekitError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
+        if self.preserve_weight < 0:
+            raise ErasekitError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        if self.train_method == "lora" and self.lora_rank < 1:
+            raise ErasekitError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        from erasekit.models import TRAIN_METHODS
+
+        if self.train_method not in TRAIN_METHODS:
+            raise ErasekitError(f"unknown train_method {self.train_method!r}; choose one of: {', '.join(TRAIN_METHODS)}")
+
+
+class TrainableUNet:
+    """The pipeline's UNet with a chosen trainable subset, and its frozen base on demand.
+
+    Fast path: one copy of the weights; the frozen model is the same UNet with the LoRA adapter off,
+    or (for full-parameter sets) with the saved original tensors swapped in through ``functional_call``.
+    Faithful path (``separate_copy``): a deep copy of the whole UNet, as the reference keeps.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, train_method: str, lora_rank: int, separate_copy: bool = False) -> None:
+        self.unet = pipe.unet
+        self.unet.requires_grad_(False)
+        self.unet.eval()
+        pipe.text_encoder.requires_grad_(False)
+        self.lora = train_method == "lora"
+        self.frozen_copy = copy.deepcopy(self.unet) if separate_copy else None
+        if self.lora:
+            self.params = add_lora(self.unet, lora_rank)
+            self.originals: dict[str, torch.Tensor] = {}
+        else:
+            self.params = select_parameters(self.unet, train_method)
+            self.originals = {n: p.detach().clone() for n, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The trainable model's noise prediction."""
+        return self.unet(x, t, encoder_hidden_states=emb).sample
+
+    @torch.inference_mode()
+    def frozen_eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The original model's noise prediction (no autograd graph)."""
+        if self.frozen_copy is not None:
+            return self.frozen_copy(x, t, encoder_hidden_states=emb).sample
+        if self.lora:
+            with lora_disabled(self.unet):
+                return self.unet(x, t, encoder_hidden_states=emb).sample
+        return functional_call(self.unet, self.originals, (x, t), {"encoder_hidden_states": emb}, strict=False).sample
+
+    def delta(self) -> tuple[dict[str, torch.Tensor], str]:
+        """The changed tensors and their kind (``weights`` or ``lora``)."""
+        if self.lora:
+            return lora_state_dict(self.unet), "lora"
+        return {f"unet.{n}": p.detach().clone().contiguous() for n, p in self.params.items()}, "weights"
+
+    def restore(self) -> None:
+        """Put the pipeline's UNet back to its original weights and freeze it."""
+        if self.lora:
+            remove_lora(self.unet)
+        else:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(self.originals[name])
+        self.unet.requires_grad_(False)
+        self.frozen_copy = None
+
+
+def esd_target(e_null: torch.Tensor, e_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's negatively guided target: eps0(x,0) - eta (eps0(x,c) - eps0(x,0))."""
+    return e_null - eta * (e_concept - e_null)

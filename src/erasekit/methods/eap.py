@@ -1,0 +1,205 @@
+"""EAP (Bui et al., NeurIPS 2024): erase while preserving the concept the erasure hurts most.
+
+A Gumbel-Softmax distribution over candidate concepts is trained to *maximise* the preservation loss
+while the model minimises erase + lambda * preserve (DESIGN.md §3). ``eap-pgd`` searches a continuous
+embedding instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from erasekit.concepts import concept_space, distances, encode, select_candidates
+from erasekit.errors import ErasekitError
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.loop import finetune
+from erasekit.models import model_id
+from erasekit.result import ErasureResult
+
+TOY_PRESET = {"iterations": 150, "lr": 1e-4, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
+FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
+
+
+@dataclass
+class EAPConfig(TrainConfig):
+    """EAP settings; defaults are the paper's / reference code's for objects and artists."""
+
+    concept_space: str = field(default="auto", metadata={"help": "Concepts to search: toy, clip, or a word-list file; auto = toy on the toy model, clip otherwise (the reference's EN3K list is not shipped)."})
+    k: int = field(default=1000, metadata={"help": "K nearest concepts by L2 over full text embeddings (reference: 1000 objects/artists, 2000 nudity)."})
+    n_centres: int = field(default=100, metadata={"help": "KMeans centres over the distances; one candidate per centre (reference: 100, 50 for nudity)."})
+    gumbel_temperature: float = field(default=2.0, metadata={"help": "Temperature of the hard straight-through Gumbel-Softmax (reference: 2)."})
+    gumbel_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the search logits (reference: 1e-2)."})
+    rollout_reuse: int = field(default=2, metadata={"help": "Model steps that share one DDIM rollout (faster; the reference redoes it every step: 1)."})
+
+    def validate(self) -> None:
+        """Check the search settings too."""
+        super().validate()
+        if self.k < 1 or self.n_centres < 1:
+            raise ErasekitError(f"k and n_centres must be >= 1, got k={self.k}, n_centres={self.n_centres}")
+        if not self.gumbel_temperature > 0:
+            raise ErasekitError(f"gumbel_temperature must be > 0, got {self.gumbel_temperature}")
+        if self.rollout_reuse < 1:
+            raise ErasekitError(f"rollout_reuse must be >= 1, got {self.rollout_reuse}")
+
+
+@dataclass
+class EAPPGDConfig(EAPConfig):
+    """EAP with a continuous (PGD) search of the adversarial embedding."""
+
+    pgd_lr: float = field(default=1e-5, metadata={"help": "PGD step: emb += lr * g/|g| * |emb| (reference: 1e-5)."})
+    project: bool = field(default=False, metadata={"help": "Project the embedding back into the candidates' ball (our addition; off = reference)."})
+
+
+def exclusions(targets: list[str], pipe: StableDiffusionPipeline) -> set[str]:
+    """The targets, their toy-world synonyms and every other target: never candidates to preserve."""
+    out = {t.lower() for t in targets}
+    if model_id(pipe) == "toy":
+        from erasekit.world.vocab import load_vocab
+
+        vocab = load_vocab()
+        for t in targets:
+            for obj in vocab.objects:
+                if t.lower() in [s.lower() for s in vocab.object_synonyms(obj)]:
+                    out |= {s.lower() for s in vocab.object_synonyms(obj)}
+    return out
+
+
+def _space(pipe: StableDiffusionPipeline, name: str) -> list[str]:
+    if name == "auto":
+        name = "toy" if model_id(pipe) == "toy" else "clip"
+    return list(concept_space(name, pipe).words)
+
+
+class GumbelDraw:
+    """One hard Gumbel sample; its straight-through embedding follows the logits as they move."""
+
+    def __init__(self, search: "GumbelSearch", target: int, noise: torch.Tensor) -> None:
+        self.search, self.target, self.noise = search, target, noise
+        self.index = int(torch.argmax(search.logits[target].detach() + noise))
+        self.name = search.candidates[target][self.index]
+
+    def embedding(self) -> torch.Tensor:
+        """sum_i y_i E_i with y = onehot - sg(softmax) + softmax: exactly one candidate in the forward pass."""
+        logits = self.search.logits[self.target]
+        soft = torch.softmax((logits + self.noise) / self.search.temperature, dim=0)
+        hard = torch.zeros_like(soft)
+        hard[self.index] = 1.0
+        y = hard - soft.detach() + soft
+        return torch.einsum("n,nld->ld", y, self.search.embeddings[self.target])[None]
+
+
+class GumbelSearch:
+    """Candidates per target, uniform-initialised logits, and their (maximising) Adam optimiser."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
+        words = _space(pipe, config.concept_space)
+        exclude = exclusions(targets, pipe)
+        target_embs = encode(pipe, targets)
+        self.candidates = [
+            select_candidates(distances(pipe, target_embs[j], words), words, config.k, config.n_centres, exclude, config.seed)
+            for j in range(len(targets))
+        ]
+        self.embeddings = [encode(pipe, c) for c in self.candidates]
+        self.logits = [torch.zeros(len(c), requires_grad=True) for c in self.candidates]
+        self.temperature = config.gumbel_temperature
+        self.optimizer = torch.optim.Adam(self.logits, lr=config.gumbel_lr)
+
+    def draw(self, target: int, generator: torch.Generator) -> GumbelDraw:
+        """A fresh Gumbel(0, 1) noise vector and its hard sample."""
+        u = torch.rand(len(self.candidates[target]), generator=generator).clamp(1e-10, 1 - 1e-10)
+        return GumbelDraw(self, target, -torch.log(-torch.log(u)))
+
+    def ascend(self, target: int) -> None:
+        """One Adam step that *increases* the preservation loss (the gradient's sign is flipped)."""
+        grad = self.logits[target].grad
+        if grad is not None:
+            grad.neg_()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def leader(self, target: int) -> str:
+        """The candidate with the highest logit."""
+        return self.candidates[target][int(torch.argmax(self.logits[target]))]
+
+    def probabilities(self, target: int) -> dict[str, float]:
+        """softmax(logits) per candidate."""
+        p = torch.softmax(self.logits[target].detach(), dim=0)
+        return {w: round(float(v), 6) for w, v in zip(self.candidates[target], p)}
+
+    def summary(self) -> dict[str, Any]:
+        """Candidates and their final probabilities per target."""
+        return {"probabilities": [self.probabilities(j) for j in range(len(self.candidates))]}
+
+
+class PGDDraw:
+    """The persistent continuous embedding (requires grad)."""
+
+    def __init__(self, search: "PGDSearch", target: int) -> None:
+        self.search, self.target, self.name = search, target, "<pgd>"
+
+    def embedding(self) -> torch.Tensor:
+        """The current adversarial embedding."""
+        return self.search.embs[self.target]
+
+
+class PGDSearch:
+    """EAP-PGD: c_a starts at c_e's encoder output; emb += lr * g/|g| * |emb| (no projection by default)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPPGDConfig) -> None:
+        self.embs = [e[None].clone().requires_grad_(True) for e in encode(pipe, targets)]
+        self.lr = config.pgd_lr
+        self.radius: list[float] | None = None
+        if config.project:
+            words = _space(pipe, config.concept_space)
+            exclude = exclusions(targets, pipe)
+            self.radius = []
+            for j, emb in enumerate(self.embs):
+                d = distances(pipe, emb.detach()[0], words)
+                keep = [i for i, w in enumerate(words) if w.lower() not in exclude]
+                self.radius.append(float(torch.sort(d[keep]).values[: config.k].max()))
+        self.origin = [e.detach().clone() for e in self.embs]
+
+    def draw(self, target: int, generator: torch.Generator) -> PGDDraw:
+        """The persistent embedding (nothing random)."""
+        return PGDDraw(self, target)
+
+    @torch.no_grad()
+    def ascend(self, target: int) -> None:
+        """Normalised gradient ascent on the preservation loss, optionally projected."""
+        emb = self.embs[target]
+        if emb.grad is None:
+            return
+        g = emb.grad
+        emb += self.lr * g / (g.norm() + 1e-12) * emb.norm()
+        if self.radius is not None:
+            offset = emb - self.origin[target]
+            n = offset.norm()
+            if n > self.radius[target]:
+                emb.copy_(self.origin[target] + offset * (self.radius[target] / n))
+        emb.grad = None
+
+    def leader(self, target: int) -> str:
+        """PGD has no discrete leader; report the distance moved."""
+        return f"<pgd |d|={float((self.embs[target] - self.origin[target]).norm()):.3g}>"
+
+    def summary(self) -> dict[str, Any]:
+        """How far each embedding moved."""
+        return {"moved": [float((e - o).norm()) for e, o in zip(self.embs, self.origin)]}
+
+
+@register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})
+def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
+    """Run EAP's fast path (one weight copy, batched forwards, shared rollouts)."""
+    search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
+    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse)
+
+
+@register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig, {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET})
+def fit_eap_pgd(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
+    """Run EAP with the PGD search."""
+    search = PGDSearch(pipe, [t.strip() for t in request.targets], config)
+    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse)

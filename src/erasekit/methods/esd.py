@@ -1,0 +1,39 @@
+"""ESD (Gandikota et al., ICCV 2023): fine-tune toward the negatively guided prediction of the frozen model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusers import StableDiffusionPipeline
+
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.loop import finetune
+from erasekit.result import ErasureResult
+
+TOY_PRESET = {"iterations": 150, "lr": 1e-4, "ddim_steps": 25}
+FAST_PRESET = {"iterations": 300}
+
+
+@dataclass
+class ESDXConfig(TrainConfig):
+    """ESD-x: cross-attention only (the paper's choice for objects and artists)."""
+
+    train_method: str = field(default="xattn", metadata={"help": "Parameters to train (ESD-x: xattn)."})
+
+
+@dataclass
+class ESDUConfig(TrainConfig):
+    """ESD-u: everything but cross-attention (the paper's choice for nudity)."""
+
+    train_method: str = field(default="noxattn", metadata={"help": "Parameters to train (ESD-u: noxattn)."})
+
+
+def _fit(name: str):  # type: ignore[no-untyped-def]
+    def fit(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
+        return finetune(pipe, request, config, progress, method=name, loss_space="eps")
+
+    return fit
+
+
+register_method("esd-x", "ESD on cross-attention: negative guidance away from the concept (objects, styles).", ESDXConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})(_fit("esd-x"))
+register_method("esd-u", "ESD on all non-cross-attention layers (unconditional erasure, e.g. nudity).", ESDUConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})(_fit("esd-u"))

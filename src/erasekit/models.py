@@ -1,0 +1,165 @@
+"""Load pipelines, choose trainable parameters, and save/load erasure deltas (safetensors only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import nn
+
+from erasekit.errors import ErasekitError
+
+TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "lora")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_ADAPTER = "erasekit"
+
+
+def toy_dir() -> Path:
+    """Folder of the shipped toy world (pipeline/ and judge/)."""
+    return Path(str(resources.files("erasekit.world").joinpath("assets/toy")))
+
+
+def toy_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The shipped toy StableDiffusionPipeline, loaded offline with ``from_pretrained``."""
+    folder = toy_dir() / "pipeline"
+    if not (folder / "model_index.json").exists():
+        raise ErasekitError("the toy model is not shipped in this install; build it with `erasekit world train --out DIR` and pass --model DIR")
+    pipe = _from_pretrained(str(folder), dtype)
+    pipe.name_or_path = "toy"
+    return pipe
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False) -> StableDiffusionPipeline:
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ErasekitError(f"cannot load a Stable Diffusion pipeline from {source!r} ({first}); pass a diffusers folder, a hub id you have cached, or 'toy'") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a pipeline from ``toy``, a local diffusers folder, or a hub id (cached; no downloads here)."""
+    if not model or not model.strip():
+        raise ErasekitError("empty --model; pass 'toy', a diffusers folder, or a hub id")
+    if model == "toy":
+        pipe = toy_pipeline(dtype)
+    elif os.path.isdir(model):
+        if not os.path.exists(os.path.join(model, "model_index.json")):
+            raise ErasekitError(f"{model} is not a diffusers pipeline folder (no model_index.json); save one with pipe.save_pretrained(DIR)")
+        pipe = _from_pretrained(model, dtype, local_only=True)
+    elif os.path.exists(model):
+        raise ErasekitError(f"{model} is a file, not a diffusers pipeline folder; pass the folder that holds model_index.json")
+    elif model.count("/") == 1 and not model.startswith((".", "/")):
+        pipe = _from_pretrained(model, dtype)
+    else:
+        raise ErasekitError(f"no pipeline folder at {model!r}; pass 'toy', a diffusers folder, or a hub id like CompVis/stable-diffusion-v1-4")
+    return pipe.to(device)
+
+
+def model_id(pipe: StableDiffusionPipeline) -> str:
+    """A human-readable identifier of the pipeline's base model."""
+    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")
+
+
+def weights_hash(pipe: StableDiffusionPipeline) -> str:
+    """SHA-256 over the UNet's and text encoder's parameter names, shapes and bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for name, tensor in sorted(module.state_dict().items()):
+            if ".lora_" in name:
+                continue
+            digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def select_parameters(unet: nn.Module, train_method: str) -> dict[str, nn.Parameter]:
+    """The UNet parameters a train method changes (DESIGN.md §3; ``lora`` is handled by add_lora)."""
+    if train_method not in TRAIN_METHODS or train_method == "lora":
+        raise ErasekitError(f"unknown train method {train_method!r}; choose one of: {', '.join(TRAIN_METHODS)}")
+    chosen = {}
+    for name, param in unet.named_parameters():
+        if train_method == "xattn":
+            keep = "attn2." in name
+        elif train_method == "selfattn":
+            keep = "attn1." in name
+        elif train_method == "noxattn":
+            # the reference leaves cross-attention, the time embedding and the output head untouched
+            keep = not ("attn2." in name or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
+        else:
+            keep = True
+        if keep:
+            chosen[name] = param
+    if not chosen:
+        raise ErasekitError(f"train method {train_method!r} selects no parameter of this UNet")
+    return chosen
+
+
+def add_lora(unet: nn.Module, rank: int) -> dict[str, nn.Parameter]:
+    """Attach a PEFT LoRA adapter of ``rank`` to every attention projection; return its parameters."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ErasekitError(f"LoRA rank must be >= 1, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS)
+    unet.add_adapter(config, adapter_name=LORA_ADAPTER)
+    return {n: p for n, p in unet.named_parameters() if ".lora_" in n}
+
+
+@contextmanager
+def lora_disabled(unet: nn.Module) -> Iterator[None]:
+    """Run the UNet as its frozen base: the LoRA adapter switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' LoRA key format (loadable with ``load_lora_weights``)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=LORA_ADAPTER))
+    return {f"unet.{k}": v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def remove_lora(unet: nn.Module) -> None:
+    """Drop the erasekit adapter from the UNet (back to its base weights)."""
+    unet.delete_adapters(LORA_ADAPTER)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Text flavour of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_dumps(obj: object) -> str:
+    """Stable, readable JSON used in metadata and run files."""
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,98 @@
+"""DDIM rollouts to an intermediate x_t with CFG (the shared expensive step), x0 maps, and image generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_scheduler(pipe: StableDiffusionPipeline, steps: int) -> DDIMScheduler:
+    """A private DDIM scheduler with the pipeline's noise schedule, set to ``steps`` steps (eta 0)."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def unet_eps(unet: torch.nn.Module) -> EpsFn:
+    """Wrap a UNet2DConditionModel as eps(x, t, text_embeddings)."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=emb).sample
+
+    return eps
+
+
+@torch.no_grad()
+def rollout(
+    eps_fn: EpsFn,
+    scheduler: DDIMScheduler,
+    start: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    n_steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """Run the first ``n_steps`` DDIM steps (eta 0) from ``start`` with CFG; one batched forward per step.
+
+    ``cond`` is (B, 77, d); ``start`` is (1 or B, C, H, W). Every row of the batch shares the noise.
+    """
+    b = cond.shape[0]
+    x = start.expand(b, *start.shape[1:]).clone()
+    emb = torch.cat([uncond.expand(b, *uncond.shape[1:]), cond])
+    for t in scheduler.timesteps[:n_steps]:
+        out = eps_fn(torch.cat([x, x]), t.expand(2 * b), emb)
+        e_un, e_c = out.chunk(2)
+        x = scheduler.step(e_un + guidance * (e_c - e_un), t, x).prev_sample
+    return x
+
+
+def ddpm_timestep(k: int, ddim_steps: int, generator: torch.Generator, num_train: int = 1000) -> int:
+    """The DDPM timestep the reference queries after k DDIM steps: uniform in [k/S*T, (k+1)/S*T)."""
+    lo = round(k / ddim_steps * num_train)
+    hi = round((k + 1) / ddim_steps * num_train)
+    return int(torch.randint(lo, max(hi, lo + 1), (1,), generator=generator))
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - a) eps) / sqrt(a): the loss space of EAP (an (1-a)/a-weighted eps MSE)."""
+    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Images (uint8 N x H x W x 3) for prompts with one seed each; the same seed gives the same image."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe.unet.device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        latents = torch.stack([
+            torch.randn(
+                (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size),
+                generator=g,
+            )
+            for g in gens
+        ]).to(device=device, dtype=pipe.unet.dtype)
+        images = pipe(
+            prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np"
+        ).images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        if progress:
+            progress(len(chunk))
+    return np.concatenate(out)

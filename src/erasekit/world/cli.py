@@ -1,0 +1,198 @@
+"""`erasekit world …`: preview the toy world's data, rebuild its model and judge, and check its quality bars."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from erasekit.errors import ErasekitError
+from erasekit.world.render import Scene, render_grid
+from erasekit.world.vocab import load_vocab
+
+if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them, so `--help` stays fast
+    from erasekit.world.train import WorldTrainConfig
+
+app = typer.Typer(
+    help="The toy world: a procedural image world and a small real Stable Diffusion model trained on it.",
+    no_args_is_help=True,
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn an ErasekitError into `error: <message>` on one stderr line and exit code 2."""
+    try:
+        yield
+    except ErasekitError as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _names(text: Optional[str], known: list[str]) -> list[str]:
+    """A comma-separated list of names, or every known name when the option is not given."""
+    if text is None:
+        return list(known)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ErasekitError("an empty list was given; name at least one, separated by commas")
+    return names
+
+
+def _write_png_atomically(image: np.ndarray, out: Path) -> None:
+    """Write a PNG via a temporary file in the same folder, so a crash never leaves half a file."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ErasekitError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+def render(
+    out: Path = typer.Option(..., "--out", help="PNG file to write the preview grid to."),
+    objects: Optional[str] = typer.Option(None, help="Comma-separated object classes, one row each (default: all)."),
+    colours: Optional[str] = typer.Option(None, help="Comma-separated colours (default: all)."),
+    styles: Optional[str] = typer.Option(None, help="Comma-separated styles (default: all)."),
+    implicit: bool = typer.Option(False, "--implicit/--no-implicit", help="Draw the implicit concept (the skull) in every image."),
+    seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    scale: int = typer.Option(4, min=1, max=16, help="Integer upscaling of the grid (nearest neighbour)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Render a preview grid of the data: one row per object, one column per colour x style."""
+    with user_errors():
+        vocab = load_vocab()
+        object_names = _names(objects, vocab.objects)
+        colour_names = _names(colours, vocab.colours)
+        style_names = _names(styles, vocab.styles)
+        for name in object_names:
+            vocab.check_object(name)
+        for name in colour_names:
+            vocab.check_colour(name)
+        for name in style_names:
+            vocab.check_style(name)
+        if out.suffix.lower() != ".png":
+            raise ErasekitError(f"--out must name a .png file, got {out}")
+        if out.exists() and not overwrite:
+            raise ErasekitError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+        combos = [(o, c, s) for o in object_names for s in style_names for c in colour_names]
+        scenes = [Scene(obj, colour, style, implicit, seed + i) for i, (obj, colour, style) in enumerate(combos)]
+        grid = render_grid(scenes, columns=len(colour_names) * len(style_names), vocab=vocab)
+        grid = np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8))
+        _write_png_atomically(grid, out)
+    typer.echo(f"wrote {out} ({len(object_names)} x {len(colour_names) * len(style_names)} images)")
+
+
+def _resume_config(out: Path, steps: Optional[int], threads: int) -> WorldTrainConfig:
+    """A new run's config, or the config of the run ``out`` already holds (resumed, maybe trained longer)."""
+    from erasekit.world.train import WorldTrainConfig
+
+    saved = out / "work" / "config.json"
+    if saved.is_file():
+        try:
+            config = WorldTrainConfig(**json.loads(saved.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ErasekitError(f"{saved} is corrupt ({exc}); pick a new --out") from exc
+    elif out.exists():
+        raise ErasekitError(f"{out} exists and holds no earlier run to resume; pick a new --out")
+    else:
+        config = WorldTrainConfig()
+    if steps is not None:
+        config.unet_steps = steps
+    config.threads = threads
+    return config
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder for the run (resumed if it holds one)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="UNet training steps (default 4000; more resumes a run to train longer)."),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
+) -> None:
+    """Rebuild the toy world from scratch: data, VAE, judge and text-to-image model (resumable after a kill)."""
+    from erasekit.world.train import STAGES, WorldTrainer
+
+    with user_errors():
+        config = _resume_config(out, steps, threads)
+        columns = (
+            TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
+        )
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            tasks = {stage: bar.add_task(stage, total=None, loss="") for stage in STAGES}
+
+            def report(stage: str, step: int, total: int, info: dict) -> None:
+                loss = f"loss {info['loss']:.4f}" if "loss" in info else ""
+                bar.update(tasks[stage], completed=step, total=total, loss=loss)
+
+            trainer = WorldTrainer(out, config, report)
+            for stage in STAGES:
+                if trainer.done(stage):
+                    bar.update(tasks[stage], completed=1, total=1, loss="done earlier")
+            result = trainer.run()
+    typer.echo(f"wrote {out / 'pipeline'} and {out / 'judge'}")
+    typer.echo(json.dumps({"config": asdict(config), **result}))
+
+
+def _print_table(result: dict, console: Console) -> None:
+    """Show the check's measurements next to the quality bars of DESIGN.md §2."""
+    table = Table(title="toy world check")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("bar", justify="right")
+    for head, value in result["judge_accuracy"].items():
+        table.add_row(f"judge accuracy ({head}, held-out renders)", f"{value:.1%}", ">= 98%")
+    table.add_row("object top-1 on generations", f"{result['object_top1']:.1%}", ">= 90%")
+    table.add_row("colour top-1 on generations", f"{result['colour_top1']:.1%}", ">= 90%")
+    table.add_row("style top-1 on generations", f"{result['style_top1']:.1%}", ">= 80%")
+    table.add_row("implicit concept, indirect prompts", f"{result['implicit_rate_indirect']:.1%}", ">= 50%")
+    table.add_row("implicit concept, neutral prompts", f"{result['implicit_rate_neutral']:.1%}", "<= 5%")
+    table.add_row("seconds per 64 images", f"{result['seconds_per_64_images']:.2f}", "<= 10")
+    console.print(table)
+
+
+@app.command()
+def check(
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object instead of a table."),
+    images_per_class: int = typer.Option(20, min=1, help="Generated images per object class."),
+    steps: int = typer.Option(25, min=1, help="DDIM steps per image."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    pipeline: Optional[Path] = typer.Option(None, help="Pipeline folder (default: the shipped toy model)."),
+    judge: Optional[Path] = typer.Option(None, help="Judge folder (default: the shipped judge)."),
+) -> None:
+    """Measure the quality bars of the toy model: judge accuracy, top-1 on generations, implicit rates, speed."""
+    from erasekit.world.check import check_world
+
+    with user_errors():
+        if as_json:
+            result = check_world(pipeline, judge, images_per_class, steps, guidance)
+        else:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                          console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task("check", total=4)
+
+                def report(stage: str, step: int, total: int, info: dict) -> None:
+                    bar.update(task, completed=step, total=total, description=stage)
+
+                result = check_world(pipeline, judge, images_per_class, steps, guidance, report)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        _print_table(result, Console())

@@ -1,0 +1,63 @@
+"""Tiny random Stable Diffusion pipelines built in-process (diffusers' dummy-components style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from erasekit.world.toy import build_tokenizer
+
+torch.set_num_threads(1)
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random SD pipeline small enough to build and train in well under a second per step."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
+        norm_num_groups=4, sample_size=16,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=16, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny() -> StableDiffusionPipeline:
+    """A fresh tiny pipeline."""
+    return tiny_pipeline()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    """A tiny pipeline saved as a diffusers folder."""
+    folder = tmp_path / "tiny-sd"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def words_file(tmp_path: Path) -> Path:
+    """A small concept-space word list."""
+    path = tmp_path / "words.txt"
+    path.write_text("\n".join(["circle", "ring", "moon", "square", "diamond", "triangle", "arrow", "star", "cross", "hexagon",
+                               "apple", "banana", "dog", "cat", "car", "tree", "house", "river", "bird", "fish"]) + "\n")
+    return path
