@@ -1,35 +1,32 @@
-"""erasekit: erase concepts from text-to-image diffusion models without breaking their neighbours."""
+"""erasekit: erase concepts from text-to-image diffusion models without breaking their neighbours.
+
+The public API is imported lazily, so `erasekit --help` and `import erasekit` stay fast.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-from erasekit.errors import ErasekitError  # noqa: E402
-from erasekit.models import load_pipeline, toy_pipeline  # noqa: E402
-from erasekit.result import ErasureResult, load, load_result  # noqa: E402
+_LAZY = {
+    "ErasekitError": "erasekit.errors",
+    "ErasureResult": "erasekit.result",
+    "load": "erasekit.result",
+    "load_result": "erasekit.result",
+    "load_pipeline": "erasekit.models",
+    "toy_pipeline": "erasekit.models",
+    "erase": "erasekit.api",
+    "available_methods": "erasekit.api",
+}
 
-__all__ = [
-    "ErasekitError",
-    "ErasureResult",
-    "__version__",
-    "erase",
-    "load",
-    "load_pipeline",
-    "load_result",
-    "toy_pipeline",
-    "available_methods",
-]
+__all__ = ["__version__", *_LAZY]
 
 
-def erase(pipe, concepts, method: str = "eap", config=None, **kwargs):  # type: ignore[no-untyped-def]
-    """Erase ``concepts`` from ``pipe`` with a registered method; returns an :class:`ErasureResult`."""
-    from erasekit.api import erase as _erase
+def __getattr__(name: str) -> Any:
+    """Import public names on first use."""
+    if name in _LAZY:
+        import importlib
 
-    return _erase(pipe, concepts, method=method, config=config, **kwargs)
-
-
-def available_methods() -> dict[str, str]:
-    """Registered method names and their one-line summaries."""
-    from erasekit.methods import registry
-
-    return {name: spec.summary for name, spec in registry().items()}
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'erasekit' has no attribute {name!r}")

@@ -33,3 +33,10 @@ def erase(
     elif overrides or budget:
         raise ErasekitError("pass either a config object or keyword settings, not both")
     return spec.fit(pipe, ErasureRequest(targets=targets, preserve=tuple(preserve)), config, progress)
+
+
+def available_methods() -> dict[str, str]:
+    """Registered method names and their one-line summaries."""
+    from erasekit.methods import registry
+
+    return {name: spec.summary for name, spec in registry().items()}

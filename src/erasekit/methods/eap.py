@@ -184,11 +184,11 @@ class PGDSearch:
 
     def leader(self, target: int) -> str:
         """PGD has no discrete leader; report the distance moved."""
-        return f"<pgd |d|={float((self.embs[target] - self.origin[target]).norm()):.3g}>"
+        return f"<pgd |d|={(self.embs[target].detach() - self.origin[target]).norm().item():.3g}>"
 
     def summary(self) -> dict[str, Any]:
         """How far each embedding moved."""
-        return {"moved": [float((e - o).norm()) for e, o in zip(self.embs, self.origin)]}
+        return {"moved": [(e.detach() - o).norm().item() for e, o in zip(self.embs, self.origin)]}
 
 
 @register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})

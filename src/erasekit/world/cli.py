@@ -135,18 +135,22 @@ def train(
             TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
         )
-        with Progress(*columns, console=Console(stderr=True)) as bar:
-            tasks = {stage: bar.add_task(stage, total=None, loss="") for stage in STAGES}
+        bar = Progress(*columns, console=Console(stderr=True))
+        tasks = {stage: bar.add_task(stage, total=None, loss="") for stage in STAGES}
 
-            def report(stage: str, step: int, total: int, info: dict) -> None:
-                loss = f"loss {info['loss']:.4f}" if "loss" in info else ""
-                bar.update(tasks[stage], completed=step, total=total, loss=loss)
+        def report(stage: str, step: int, total: int, info: dict) -> None:
+            loss = f"loss {info['loss']:.4f}" if "loss" in info else ""
+            bar.update(tasks[stage], completed=step, total=total, loss=loss)
 
-            trainer = WorldTrainer(out, config, report)
-            for stage in STAGES:
-                if trainer.done(stage):
-                    bar.update(tasks[stage], completed=1, total=1, loss="done earlier")
+        trainer = WorldTrainer(out, config, report)  # may refuse the folder: before the bar draws anything
+        for stage in STAGES:
+            if trainer.done(stage):
+                bar.update(tasks[stage], completed=1, total=1, loss="done earlier")
+        with bar:
             result = trainer.run()
+            for task in bar.tasks:
+                if task.total is None:  # stages that report no steps (export)
+                    bar.update(task.id, completed=1, total=1)
     typer.echo(f"wrote {out / 'pipeline'} and {out / 'judge'}")
     typer.echo(json.dumps({"config": asdict(config), **result}))
 
@@ -180,12 +184,13 @@ def check(
     """Measure the quality bars of the toy model: judge accuracy, top-1 on generations, implicit rates, speed."""
     from erasekit.world.check import check_world
 
+    status = Console(stderr=True)
     with user_errors():
-        if as_json:
+        if as_json or not status.is_terminal:  # a progress bar only where someone watches it
             result = check_world(pipeline, judge, images_per_class, steps, guidance)
         else:
-            with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                          console=Console(stderr=True), transient=True) as bar:
+            columns = (TextColumn("{task.description:<8}"), BarColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=status, transient=True) as bar:
                 task = bar.add_task("check", total=4)
 
                 def report(stage: str, step: int, total: int, info: dict) -> None:

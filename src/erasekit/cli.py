@@ -1,0 +1,311 @@
+"""The `erasekit` command line: erase, generate, methods, world (typer + rich)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+# HF libraries print notices at import time (e.g. about torchvision); keep the CLI's output to erasekit's own
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from erasekit import __version__
+from erasekit.errors import ErasekitError
+from erasekit.world.cli import app as world_app
+from erasekit.world.cli import user_errors
+
+app = typer.Typer(help="Erase concepts from text-to-image diffusion models, and measure what it costs.", no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(world_app, name="world")
+console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"erasekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """erasekit: erase a concept without breaking its neighbours (EAP and baselines)."""
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to erasekit's own progress: no per-component bars or notices from HF libraries."""
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+@app.command()
+def methods() -> None:
+    """List the registered erasure methods, one line each."""
+    from erasekit.methods import registry
+
+    for name, spec in sorted(registry().items()):
+        typer.echo(f"{name:10s} {spec.summary}")
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    """Convert a flag or TOML value to the config field's type, or raise a one-line error."""
+    origin = kind if isinstance(kind, type) else typing.get_origin(kind) or kind
+    try:
+        if origin is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if origin is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
+        if origin is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if isinstance(raw, (dict, list)):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ErasekitError(f"--{name.replace('_', '-')} expects {getattr(origin, '__name__', origin)}, got {raw!r}") from None
+
+
+def parse_method_flags(config_class: type, args: list[str]) -> dict[str, Any]:
+    """Parse `--field value`, `--field=value`, `--flag`/`--no-flag` for a method config dataclass."""
+    hints = typing.get_type_hints(config_class)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise ErasekitError(f"unexpected argument {token!r}; method settings look like --iterations 100")
+        key, _, value = token[2:].partition("=")
+        name = key.replace("-", "_")
+        if name.startswith("no_") and name[3:] in fields and fields[name[3:]] is bool and not value:
+            out[name[3:]] = False
+            i += 1
+            continue
+        if name not in fields:
+            known = ", ".join("--" + f.replace("_", "-") for f in fields)
+            raise ErasekitError(f"unknown option --{key} for this method; its settings are: {known}")
+        if not value:
+            if fields[name] is bool and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(args):
+                value = args[i + 1]
+                i += 1
+            else:
+                raise ErasekitError(f"--{key} needs a value")
+        out[name] = _coerce(name, fields[name], value)
+        i += 1
+    return out
+
+
+def read_toml_config(path: Path, method: str, config_class: type) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys, or a table named after the method."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ErasekitError(f"cannot read config file {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ErasekitError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get(method, data) if isinstance(data.get(method), dict) else data
+    hints = typing.get_type_hints(config_class)
+    names = {f.name for f in dataclasses.fields(config_class)}
+    out = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict):
+            continue
+        if name not in names:
+            raise ErasekitError(f"config file {path}: unknown key {key!r} for {method}; known keys: {', '.join(sorted(names))}")
+        out[name] = _coerce(name, hints[name], value)
+    return out
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=False,
+    )
+
+
+def _describe(record: dict[str, Any]) -> str:
+    text = f"erase {record['erase_loss']:.4g} preserve {record['preserve_loss']:.4g}"
+    if record.get("most_sensitive"):
+        text += f" most sensitive: {record['most_sensitive']}"
+    return text
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def erase(
+    ctx: typer.Context,
+    concept: list[str] = typer.Option(..., "--concept", "-c", help="Concept to erase (repeat for several)."),
+    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
+    method: str = typer.Option("eap", "--method", help="Registered method (see `erasekit methods`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (delta.safetensors, history.json, run.json)."),
+    preserve: list[str] = typer.Option([], "--preserve", help="Concept to keep, in addition to the adversarial one (repeatable)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Preset: paper (defaults), fast, toy (default on --model toy)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of method settings."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print the method's settings and exit."),
+) -> None:
+    """Erase concept(s) from a model; method settings are flags too (e.g. --iterations 200 --k 40)."""
+    with user_errors():
+        from erasekit.methods import get_method, make_config
+
+        spec = get_method(method)
+        concept = [c.strip() for c in concept]
+        if any(not c for c in concept):
+            raise ErasekitError("empty concept; give a word or phrase such as 'circle'")
+        if show_settings:
+            for f in dataclasses.fields(spec.config_class):
+                typer.echo(f"--{f.name.replace('_', '-'):20s} {f.default!r:10} {f.metadata.get('help', '')}")
+            return
+        settings = read_toml_config(config, method, spec.config_class) if config else {}
+        settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
+        if budget is None and model == "toy":
+            budget = "toy"
+        cfg = make_config(spec, budget, **settings)
+        if out.exists():
+            raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
+        if not out.parent.exists():
+            raise ErasekitError(f"folder {out.parent} does not exist; create it first")
+        from erasekit.api import erase as run_erase
+        from erasekit.models import load_pipeline
+
+        pipe = load_pipeline(model, device=device)
+        total = getattr(cfg, "iterations", 1)
+        with _progress_bar() as bar:
+            task = bar.add_task(f"{method} ✕ {', '.join(concept)}", total=total, info="preparing")
+            result = run_erase(
+                pipe, concept, method=method, config=cfg, preserve=preserve,
+                progress=lambda step, n, rec: bar.update(task, completed=step, info=_describe(rec)),
+            )
+        write_run(out, result, model, sys.argv)
+        console.print(f"wrote {out / 'delta.safetensors'} ({result.timings.get('total_s', 0):.1f} s)")
+
+
+def write_run(out: Path, result: Any, model: str, argv: list[str]) -> None:
+    """Write delta, history and run record into a temp folder, then rename it to ``out`` (all or nothing)."""
+    import diffusers
+    import torch
+    import transformers
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        result.save(tmp / "delta.safetensors")
+        steps = [h for h in result.history if "step" in h]
+        search = [h["search"] for h in result.history if "search" in h]
+        (tmp / "history.json").write_text(json.dumps({"steps": steps, "search": search[0] if search else None}, indent=1))
+        record = {
+            "command": " ".join(shlex.quote(a) for a in ["erasekit", *argv[1:]]),
+            "model": model,
+            "method": result.method,
+            "concepts": list(result.concepts),
+            "preserve": list(result.preserve),
+            "config": result.config,
+            "base_hash": result.base_hash,
+            "timings": result.timings,
+            "versions": {"erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+        }
+        (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _resolve_delta(delta: Path) -> Path:
+    return delta / "delta.safetensors" if delta.is_dir() else delta
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Text file, one prompt per line."),
+    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
+    delta: Optional[Path] = typer.Option(None, "--delta", help="Erasure delta (file or run folder): base and erased side by side."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG grid to write."),
+    images: int = typer.Option(4, "--images", help="Images per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + 1000 i + j."),
+    steps: int = typer.Option(25, "--steps", help="DDIM steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """Generate a PNG grid (rows: prompts; with --delta, base | erased side by side)."""
+    with user_errors():
+        from erasekit.grid import prompt_grid, save_png
+
+        prompts = [p.strip() for p in prompt]
+        if prompts_file is not None:
+            if not prompts_file.is_file():
+                raise ErasekitError(f"no prompts file at {prompts_file}")
+            prompts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts or any(not p for p in prompts):
+            raise ErasekitError("no prompt given (or an empty one); pass --prompt TEXT or --prompts-file FILE")
+        if not 1 <= images <= 64:
+            raise ErasekitError(f"--images must be between 1 and 64, got {images}")
+        if not 1 <= steps <= 1000:
+            raise ErasekitError(f"--steps must be between 1 and 1000, got {steps}")
+        if out.exists() and not overwrite:
+            raise ErasekitError(f"{out} already exists; pass --overwrite or choose another --out")
+        if out.suffix.lower() != ".png":
+            raise ErasekitError(f"--out must end in .png, got {out.name}")
+        from erasekit.concepts import check_prompt
+        from erasekit.models import load_pipeline
+        from erasekit.result import load_result
+        from erasekit.sampling import generate as gen_images
+
+        pipe = load_pipeline(model, device=device)
+        for p in prompts:
+            check_prompt(pipe, p, "prompt")
+        result = load_result(_resolve_delta(delta)) if delta is not None else None
+        all_prompts = [p for p in prompts for _ in range(images)]
+        seeds = [seed + 1000 * i + j for i in range(len(prompts)) for j in range(images)]
+        panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance))]
+        if result is not None:
+            result.apply(pipe, check_base=not force)
+            panels.append((f"{result.method}: erased {', '.join(result.concepts)}", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance)))
+        save_png(prompt_grid(prompts, images, panels), out)
+        console.print(f"wrote {out}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,53 @@
+"""Labelled image grids (PNG) for prompts × seeds, with base and erased panels side by side."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from erasekit.errors import ErasekitError
+
+
+def _upscale(images: np.ndarray, min_side: int = 96) -> np.ndarray:
+    """Nearest-neighbour upscale of small images so a 32x32 toy image stays readable."""
+    factor = max(1, int(np.ceil(min_side / images.shape[1])))
+    return images.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else images
+
+
+def prompt_grid(prompts: list[str], per_prompt: int, panels: list[tuple[str, np.ndarray]], pad: int = 4) -> Image.Image:
+    """Rows = prompts; for each panel (title, images N x H x W x 3) a block of ``per_prompt`` columns."""
+    panels = [(title, _upscale(imgs)) for title, imgs in panels]
+    h, w = panels[0][1].shape[1:3]
+    label_w, head_h = 260, 22
+    block_w = per_prompt * (w + pad)
+    width = label_w + len(panels) * (block_w + 3 * pad)
+    height = head_h + len(prompts) * (h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for b, (title, imgs) in enumerate(panels):
+        x0 = label_w + b * (block_w + 3 * pad)
+        draw.text((x0, 4), title, fill="black")
+        for i in range(len(prompts)):
+            for j in range(per_prompt):
+                tile = Image.fromarray(imgs[i * per_prompt + j])
+                canvas.paste(tile, (x0 + j * (w + pad), head_h + i * (h + pad)))
+    for i, prompt in enumerate(prompts):
+        text = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        draw.text((4, head_h + i * (h + pad) + h // 2 - 6), text, fill="black")
+    return canvas
+
+
+def save_png(image: Image.Image, out: Path) -> None:
+    """Save a PNG through a temporary file and a rename."""
+    if not out.parent.exists():
+        raise ErasekitError(f"folder {out.parent} does not exist; create it first")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ErasekitError(f"cannot write {out}: {exc.strerror or exc}") from None

@@ -1,0 +1,189 @@
+"""One table over every registered method, plus the behaviours ESD and EAP promise."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import erasekit
+from erasekit.concepts import encode
+from erasekit.errors import ErasekitError
+from erasekit.methods import get_method, registry
+from erasekit.methods.base import TrainableUNet, esd_target
+from erasekit.methods.eap import GumbelSearch
+from erasekit.models import select_parameters
+from erasekit.sampling import generate
+
+from conftest import tiny_pipeline
+
+FAST = {"iterations": 3, "ddim_steps": 3, "lr": 1e-3}
+
+
+def settings_for(name: str, words: Path) -> dict:
+    """Small settings every method accepts."""
+    fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
+    extra = {"concept_space": str(words), "k": 8, "n_centres": 3} if "k" in fields else {}
+    return {**{k: v for k, v in FAST.items() if k in fields}, **extra}
+
+
+def _unet_state(pipe) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_method_changes_only_its_parameters_and_leaves_pipeline_unchanged(name: str, tiny, words_file: Path) -> None:
+    before = _unet_state(tiny)
+    result = erasekit.erase(tiny, "circle", method=name, **settings_for(name, words_file))
+    after_fit = _unet_state(tiny)
+    assert all(torch.equal(before[k], after_fit[k]) for k in before), "erase() must leave the pipeline as it was"
+    assert result.delta and result.base_hash and result.method == name
+    result.apply(tiny)
+    applied = _unet_state(tiny)
+    changed = {k for k in before if not torch.equal(before[k], applied[k])}
+    allowed = set(select_parameters(tiny.unet, get_method(name).config_class().train_method))
+    assert changed, "the erasure changed nothing"
+    assert changed <= allowed, f"changed parameters outside the declared set: {sorted(changed - allowed)[:3]}"
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_method_is_deterministic(name: str, words_file: Path) -> None:
+    first = erasekit.erase(tiny_pipeline(), "circle", method=name, **settings_for(name, words_file))
+    second = erasekit.erase(tiny_pipeline(), "circle", method=name, **settings_for(name, words_file))
+    assert first.delta.keys() == second.delta.keys()
+    assert all(torch.equal(first.delta[k], second.delta[k]) for k in first.delta)
+
+
+def _esd_gap(pipe, concept: str, x: torch.Tensor, t: torch.Tensor) -> float:
+    """|eps_theta(x, c) - ESD target| on fixed inputs: what ESD trains to zero."""
+    with torch.no_grad():
+        emb_c, emb_0 = encode(pipe, [concept] * len(x)), encode(pipe, [""] * len(x))
+        e_c = pipe.unet(x, t, encoder_hidden_states=emb_c).sample
+        e_0 = pipe.unet(x, t, encoder_hidden_states=emb_0).sample
+        return float((e_c - esd_target(e_0, e_c, 1.0)).norm())
+
+
+def test_esd_shrinks_the_negative_guidance_gap(tiny) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 300, 500, 700])
+    base = tiny_pipeline()
+    gap_before = _esd_gap(base, "circle", x, t)
+    result = erasekit.erase(tiny, "circle", method="esd-x", iterations=40, ddim_steps=3, lr=3e-3)
+    result.apply(base)
+    # the trained model moves toward the frozen model's negatively guided target, not away
+    with torch.no_grad():
+        emb_c, emb_0 = encode(base, ["circle"] * len(x)), encode(base, [""] * len(x))
+        ref = tiny_pipeline()
+        e0_c = ref.unet(x, t, encoder_hidden_states=emb_c).sample
+        e0_0 = ref.unet(x, t, encoder_hidden_states=emb_0).sample
+        target = esd_target(e0_0, e0_c, 1.0)
+        after = float((base.unet(x, t, encoder_hidden_states=emb_c).sample - target).norm())
+    assert after < 0.8 * gap_before, (after, gap_before)
+
+
+def test_gumbel_search_moves_toward_the_most_damaging_candidate(tiny, words_file: Path) -> None:
+    from erasekit.methods.eap import EAPConfig
+
+    config = EAPConfig(concept_space=str(words_file), k=8, n_centres=4, gumbel_lr=0.1)
+    search = GumbelSearch(tiny, ["circle"], config)
+    n = len(search.candidates[0])
+    # a stand-in preservation loss whose value is known for every candidate: the search must climb it
+    damage = torch.linspace(0.0, 1.0, n)
+    probe = torch.randn(search.embeddings[0].shape[1:])
+    per_candidate = (search.embeddings[0] * probe).sum(dim=(1, 2))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        draw = search.draw(0, gen)
+        emb = draw.embedding()
+        loss = (emb * probe).sum() / per_candidate[draw.index] * damage[draw.index]
+        loss.backward()
+        search.ascend(0)
+    probs = torch.softmax(search.logits[0].detach(), 0)
+    assert int(torch.argmax(probs)) == n - 1
+    assert float(probs[-1]) > 2.0 / n
+
+
+def test_eap_search_leaves_uniform_and_records_history(tiny, words_file: Path) -> None:
+    result = erasekit.erase(tiny, "circle", method="eap", concept_space=str(words_file), k=8, n_centres=3,
+                            iterations=6, ddim_steps=3, lr=1e-3, gumbel_lr=0.5)
+    steps = [h for h in result.history if "step" in h]
+    assert len(steps) == 6 and all(h["adversarial"] and h["most_sensitive"] for h in steps)
+    probs = [h["search"] for h in result.history if "search" in h][0]["probabilities"][0]
+    assert "circle" not in probs, "the target must never be its own preserved candidate"
+    assert max(probs.values()) - min(probs.values()) > 1e-3
+
+
+def test_lora_frozen_switch_reproduces_the_base_model(tiny) -> None:
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    emb = encode(tiny, ["a circle", "a star"])
+    with torch.no_grad():
+        base = tiny.unet(x, t, encoder_hidden_states=emb).sample
+    trainable = TrainableUNet(tiny, "lora", 2)
+    with torch.no_grad():
+        for p in trainable.params.values():
+            p.add_(0.5)
+        live = trainable.eps(x, t, emb)
+    frozen = trainable.frozen_eps(x, t, emb)
+    assert not torch.allclose(live, base)
+    assert torch.allclose(frozen, base, atol=1e-6)
+    trainable.restore()
+
+
+def test_full_parameter_frozen_switch_reproduces_the_base_model(tiny) -> None:
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    emb = encode(tiny, ["a circle", "a star"])
+    with torch.no_grad():
+        base = tiny.unet(x, t, encoder_hidden_states=emb).sample
+    trainable = TrainableUNet(tiny, "xattn", 0)
+    with torch.no_grad():
+        for p in trainable.params.values():
+            p.add_(0.1)
+    assert torch.equal(trainable.frozen_eps(x, t, emb), base)
+    trainable.restore()
+    with torch.no_grad():
+        assert torch.equal(tiny.unet(x, t, encoder_hidden_states=emb).sample, base)
+
+
+def test_multi_concept_and_explicit_preserve(tiny, words_file: Path) -> None:
+    result = erasekit.erase(tiny, ["circle", "star"], method="eap", preserve=["ring"], concept_space=str(words_file),
+                            k=8, n_centres=3, iterations=4, ddim_steps=3)
+    steps = [h for h in result.history if "step" in h]
+    assert {h["target"] for h in steps} <= {"circle", "star"}
+    assert all(h["preserve_loss"] >= 0 for h in steps)
+    assert result.concepts == ("circle", "star") and result.preserve == ("ring",)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"concepts": "   "}, "empty concept"),
+        ({"concepts": "word " * 80}, "tokens long"),
+        ({"method": "nope"}, "unknown method"),
+        ({"k": 500}, "K=500"),
+        ({"iterations": 0}, "iterations"),
+        ({"train_method": "bogus"}, "train_method"),
+    ],
+)
+def test_bad_erase_requests_raise_one_line_errors(tiny, words_file: Path, kwargs: dict, message: str) -> None:
+    args = {"concepts": "circle", "method": "eap", "concept_space": str(words_file), "k": 8, "n_centres": 3, "iterations": 2, "ddim_steps": 2}
+    args.update(kwargs)
+    if args["method"] == "nope":
+        args = {"concepts": "circle", "method": "nope"}
+    with pytest.raises(ErasekitError, match=message) as info:
+        erasekit.erase(tiny, **args)
+    assert "\n" not in str(info.value)
+
+
+def test_generate_is_deterministic_per_seed_and_batch_independent(tiny) -> None:
+    a = generate(tiny, ["a circle", "a star", "a moon"], [1, 2, 3], steps=3, batch_size=3)
+    b = generate(tiny, ["a circle", "a star", "a moon"], [1, 2, 3], steps=3, batch_size=1)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    c = generate(tiny, ["a circle"], [1], steps=3)
+    assert np.array_equal(a[:1], c)
