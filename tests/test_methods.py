@@ -187,3 +187,46 @@ def test_generate_is_deterministic_per_seed_and_batch_independent(tiny) -> None:
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     c = generate(tiny, ["a circle"], [1], steps=3)
     assert np.array_equal(a[:1], c)
+
+
+def test_fast_and_faithful_paths_compute_the_same_losses(words_file: Path) -> None:
+    from erasekit.methods.loop import erasure_losses
+
+    pipe = tiny_pipeline()
+    fast = TrainableUNet(pipe, "xattn", 0)
+    with torch.no_grad():
+        for p in fast.params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    faithful = TrainableUNet(tiny_pipeline(), "xattn", 0, separate_copy=True)
+    with torch.no_grad():
+        for name, p in faithful.params.items():
+            p.copy_(fast.params[name])
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(2, 4, 8, 8, generator=g)
+    conds = encode(pipe, ["circle", "ring"])
+    null = encode(pipe, [""])
+    t = torch.full((3,), 400)
+    alpha = pipe.scheduler.alphas_cumprod[400]
+    # fast: one batched frozen forward and one batched trainable forward
+    frozen_b = fast.frozen_eps(torch.cat([xs[:1], xs]), t, torch.cat([null, conds]))
+    pred_b = fast.eps(xs, t[:2], conds)
+    # faithful: one forward per term, frozen from the separate copy
+    one = t[:1]
+    frozen_s = torch.cat([faithful.frozen_eps(xs[:1], one, null), faithful.frozen_eps(xs[:1], one, conds[:1]), faithful.frozen_eps(xs[1:], one, conds[1:])])
+    pred_s = torch.cat([faithful.eps(xs[:1], one, conds[:1]), faithful.eps(xs[1:], one, conds[1:])])
+    for space in ("x0", "eps"):
+        a = erasure_losses(pred_b, frozen_b, xs, alpha, 1.0, space)
+        b = erasure_losses(pred_s, frozen_s, xs, alpha, 1.0, space)
+        assert torch.allclose(a[0], b[0], rtol=1e-4, atol=1e-7) and torch.allclose(a[1], b[1], rtol=1e-4, atol=1e-7)
+        assert a[0] > 0 and a[1] > 0
+
+
+@pytest.mark.parametrize("faithful, reuse", [(True, 1), (False, 3)])
+def test_eap_paths_are_deterministic_and_change_only_cross_attention(faithful: bool, reuse: int, words_file: Path) -> None:
+    kwargs = dict(method="eap", concept_space=str(words_file), k=8, n_centres=3, iterations=4, ddim_steps=3, lr=1e-3,
+                  faithful=faithful, rollout_reuse=reuse)
+    first = erasekit.erase(tiny_pipeline(), "circle", **kwargs)
+    second = erasekit.erase(tiny_pipeline(), "circle", **kwargs)
+    assert all(torch.equal(first.delta[k], second.delta[k]) for k in first.delta)
+    assert all(".attn2." in k for k in first.delta)
+    assert len([h for h in first.history if "step" in h]) == 4

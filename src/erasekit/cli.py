@@ -306,6 +306,25 @@ def generate(
         console.print(f"wrote {out}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder to create (run files, grid.png, report.html)."),
+    concept: str = typer.Option("circle", "--concept", "-c", help="Toy object class to erase."),
+) -> None:
+    """Erase a toy concept with EAP and write a before/after grid and a report (a few minutes on 2 cores)."""
+    with user_errors():
+        from erasekit.demo import run_demo
+
+        if not out.parent.exists():
+            out.parent.mkdir(parents=True)
+        with _progress_bar() as bar:
+            task = bar.add_task(f"eap ✕ {concept}", total=None, info="preparing")
+            summary = run_demo(out, concept, progress=lambda step, n, rec: bar.update(task, total=n, completed=step, info=_describe(rec)))
+        for row in summary["rows"]:
+            typer.echo(f"{row['prompt']:28s} {row['role']:10s} object top-1: base {100 * row['base']:5.1f} %  erased {100 * row['erased']:5.1f} %")
+        typer.echo(f"wrote {out}/report.html, {out}/grid.png and the run files (delta.safetensors, history.json, run.json)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -153,15 +153,18 @@ class TrainableUNet:
         """The trainable model's noise prediction."""
         return self.unet(x, t, encoder_hidden_states=emb).sample
 
-    @torch.inference_mode()
     def frozen_eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The original model's noise prediction (no autograd graph)."""
-        if self.frozen_copy is not None:
-            return self.frozen_copy(x, t, encoder_hidden_states=emb).sample
-        if self.lora:
-            with lora_disabled(self.unet):
-                return self.unet(x, t, encoder_hidden_states=emb).sample
-        return functional_call(self.unet, self.originals, (x, t), {"encoder_hidden_states": emb}, strict=False).sample
+        """The original model's noise prediction (computed under inference mode; a plain constant tensor)."""
+        with torch.inference_mode():
+            if self.frozen_copy is not None:
+                out = self.frozen_copy(x, t, encoder_hidden_states=emb).sample
+            elif self.lora:
+                with lora_disabled(self.unet):
+                    out = self.unet(x, t, encoder_hidden_states=emb).sample
+            else:
+                out = functional_call(self.unet, self.originals, (x, t), {"encoder_hidden_states": emb}, strict=False).sample
+        # a clone made outside inference mode can enter the autograd graph as a constant
+        return out.clone()
 
     def delta(self) -> tuple[dict[str, torch.Tensor], str]:
         """The changed tensors and their kind (``weights`` or ``lora``)."""

@@ -33,7 +33,8 @@ class EAPConfig(TrainConfig):
     n_centres: int = field(default=100, metadata={"help": "KMeans centres over the distances; one candidate per centre (reference: 100, 50 for nudity)."})
     gumbel_temperature: float = field(default=2.0, metadata={"help": "Temperature of the hard straight-through Gumbel-Softmax (reference: 2)."})
     gumbel_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the search logits (reference: 1e-2)."})
-    rollout_reuse: int = field(default=2, metadata={"help": "Model steps that share one DDIM rollout (faster; the reference redoes it every step: 1)."})
+    rollout_reuse: int = field(default=2, metadata={"help": "Model steps that share one DDIM rollout (fast path; the reference redoes it every iteration)."})
+    faithful: bool = field(default=False, metadata={"help": "Follow the reference's cost structure: a frozen second copy, fresh rollouts every iteration, alternating model/search steps (the yardstick)."})
 
     def validate(self) -> None:
         """Check the search settings too."""
@@ -195,11 +196,11 @@ class PGDSearch:
 def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP's fast path (one weight copy, batched forwards, shared rollouts)."""
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
-    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse)
+    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful)
 
 
 @register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig, {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET})
 def fit_eap_pgd(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP with the PGD search."""
     search = PGDSearch(pipe, [t.strip() for t in request.targets], config)
-    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse)
+    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse, config.faithful)

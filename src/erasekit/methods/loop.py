@@ -1,14 +1,19 @@
-"""The shared fine-tuning loop of ESD and EAP (fast path: batched forwards, reused rollouts)."""
+"""The fine-tuning loops of ESD and EAP: the fast path and the reference-shaped ``faithful`` path.
+
+Both compute the same losses (:func:`erasure_losses`); they differ only in *how*: the fast path keeps
+one copy of the weights, batches every forward and shares rollouts; the faithful path keeps a second
+frozen copy, redoes both rollouts every iteration and alternates model and search steps (DESIGN.md §3).
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from erasekit.concepts import check_prompt, encode
 from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target
@@ -29,7 +34,7 @@ class Draw(Protocol):
 class Search(Protocol):
     """An adversarial search over concepts to preserve (EAP's Gumbel-Softmax, or PGD)."""
 
-    def draw(self, target: int, generator: torch.Generator) -> "Draw":
+    def draw(self, target: int, generator: torch.Generator) -> Draw:
         """Draw the adversarial concept for ``target`` (one hard sample)."""
 
     def ascend(self, target: int) -> None:
@@ -42,10 +47,161 @@ class Search(Protocol):
         """Final state (for the history file)."""
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, space: str) -> torch.Tensor:
+def term_loss(pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, space: str) -> torch.Tensor:
+    """MSE between two noise predictions, in eps space (ESD) or mapped to x0 (EAP)."""
     if space == "x0":
         return F.mse_loss(predict_x0(x_t, pred, alpha_bar), predict_x0(x_t, target, alpha_bar))
     return F.mse_loss(pred, target)
+
+
+def erasure_losses(
+    pred: torch.Tensor, frozen: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, eta: float, space: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(erase_loss, preserve_loss) from stacked predictions.
+
+    ``x``/``pred``: rows [x_t, x'_1, ...] and eps_theta on them with [c_e, c_1, ...];
+    ``frozen``: [eps0(x_t, 0), eps0(x_t, c_e), eps0(x'_1, c_1), ...]. preserve_loss sums over the x'_i.
+    """
+    erase = term_loss(pred[:1], esd_target(frozen[:1], frozen[1:2], eta), x[:1], alpha_bar, space)
+    terms = [term_loss(pred[i : i + 1], frozen[i + 1 : i + 2], x[i : i + 1], alpha_bar, space) for i in range(1, len(x))]
+    preserve = torch.stack(terms).sum() if terms else torch.zeros((), device=pred.device)
+    return erase, preserve
+
+
+@dataclass
+class Setup:
+    """Everything a loop needs, prepared once: embeddings, schedules, the trainable model."""
+
+    pipe: StableDiffusionPipeline
+    config: TrainConfig
+    targets: list[str]
+    preserve: list[str]
+    emb_null: torch.Tensor
+    emb_targets: torch.Tensor
+    emb_preserve: torch.Tensor | None
+    scheduler: DDIMScheduler
+    alphas: torch.Tensor
+    trainable: TrainableUNet
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    base_hash: str
+    started: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one start noise."""
+        c = self.pipe.unet.config
+        return (1, c.in_channels, c.sample_size, c.sample_size)
+
+    def draw_rollout_point(self) -> tuple[int, int, torch.Tensor]:
+        """k ~ U{0..S-1} DDIM steps, the DDPM timestep queried after them, and a start noise."""
+        k = int(torch.randint(self.config.ddim_steps, (1,), generator=self.generator))
+        t = ddpm_timestep(k, self.config.ddim_steps, self.generator, self.pipe.scheduler.config.num_train_timesteps)
+        return k, t, torch.randn(self.latent_shape, generator=self.generator).to(self.pipe.unet.device)
+
+
+def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
+    """Validate the request and build the shared state of a run."""
+    started = time.perf_counter()
+    targets = [check_prompt(pipe, t, "concept") for t in request.targets]
+    preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
+    base_hash = weights_hash(pipe)
+    trainable = TrainableUNet(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy)
+    return Setup(
+        pipe=pipe, config=config, targets=targets, preserve=preserve,
+        emb_null=encode(pipe, [""]), emb_targets=encode(pipe, targets),
+        emb_preserve=encode(pipe, preserve) if preserve else None,
+        scheduler=ddim_scheduler(pipe, config.ddim_steps), alphas=pipe.scheduler.alphas_cumprod.to(pipe.unet.device),
+        trainable=trainable, optimizer=torch.optim.Adam(list(trainable.params.values()), lr=config.lr),
+        generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started,
+    )
+
+
+def _record(s: Setup, step: int, j: int, erase: torch.Tensor, preserve: torch.Tensor, draw: Draw | None, search: Search | None, progress: Progress | None) -> None:
+    record: dict[str, Any] = {"step": step, "target": s.targets[j], "erase_loss": round(erase.item(), 6), "preserve_loss": round(preserve.item(), 6)}
+    if draw is not None and search is not None:
+        record["adversarial"] = draw.name
+        record["most_sensitive"] = search.leader(j)
+    s.history.append(record)
+    if progress:
+        progress(step, s.config.iterations, record)
+
+
+def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: int, progress: Progress | None) -> None:
+    """One weight copy; per step one batched trainable forward and one batched frozen forward.
+
+    The model step and the search step share one forward and one backward: theta descends
+    erase + lambda * preserve while the logits ascend preserve (their gradient's sign is flipped).
+    """
+    cfg, tr = s.config, s.trainable
+    for step in range(cfg.iterations):
+        if step % rollout_reuse == 0:
+            j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
+            k, t_int, start = s.draw_rollout_point()
+            draw = search.draw(j, s.generator) if search else None
+            conds = [s.emb_targets[j : j + 1]]
+            if draw is not None:
+                conds.append(draw.embedding().detach())
+            if s.emb_preserve is not None:
+                p = step % len(s.preserve)
+                conds.append(s.emb_preserve[p : p + 1])
+            x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, k, cfg.start_guidance)
+            t = torch.full((len(x) + 1,), t_int, device=x.device)
+            frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, torch.cat([s.emb_null, *conds]))
+        # the straight-through embedding is rebuilt every step: the logits moved since the rollout
+        live = list(conds)
+        if draw is not None:
+            live[1] = draw.embedding()
+        pred = tr.eps(x, t[: len(x)], torch.cat(live))
+        erase, preserve = erasure_losses(pred, frozen, x, s.alphas[t_int], cfg.negative_guidance, loss_space)
+        s.optimizer.zero_grad(set_to_none=True)
+        (erase + cfg.preserve_weight * preserve).backward()
+        s.optimizer.step()
+        if search:
+            search.ascend(j)
+        _record(s, step + 1, j, erase, preserve, draw, search, progress)
+
+
+def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Progress | None) -> None:
+    """The reference's cost structure: 2 x iterations, even = model step, odd = search step; each
+    iteration redoes one rollout per concept (CFG at batch 2) and one forward per loss term."""
+    cfg, tr = s.config, s.trainable
+    rounds = 2 * cfg.iterations if search else cfg.iterations
+    for it in range(rounds):
+        model_step = search is None or it % 2 == 0
+        j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
+        k, t_int, start = s.draw_rollout_point()
+        draw = search.draw(j, s.generator) if search else None
+        conds = [s.emb_targets[j : j + 1]]
+        if draw is not None:
+            conds.append(draw.embedding().detach())
+        if s.emb_preserve is not None:
+            p = (it // (2 if search else 1)) % len(s.preserve)
+            conds.append(s.emb_preserve[p : p + 1])
+        xs = [rollout(tr.eps, s.scheduler, start, c, s.emb_null, k, cfg.start_guidance) for c in conds]
+        t = torch.full((1,), t_int, device=start.device)
+        frozen = [tr.frozen_eps(xs[0], t, s.emb_null), tr.frozen_eps(xs[0], t, conds[0])]
+        frozen += [tr.frozen_eps(xi, t, ci) for xi, ci in zip(xs[1:], conds[1:])]
+        live = list(conds)
+        if draw is not None:
+            live[1] = draw.embedding()
+        preds = [tr.eps(xi, t, ci) for xi, ci in zip(xs, live)]
+        erase, preserve = erasure_losses(torch.cat(preds), torch.cat(frozen), torch.cat(xs), s.alphas[t_int], cfg.negative_guidance, loss_space)
+        s.optimizer.zero_grad(set_to_none=True)
+        if model_step:
+            (erase + cfg.preserve_weight * preserve).backward()
+            s.optimizer.step()
+            if search:
+                for logits in getattr(search, "logits", []):
+                    logits.grad = None
+                for emb in getattr(search, "embs", []):
+                    emb.grad = None
+            _record(s, it // (2 if search else 1) + 1, j, erase, preserve, draw, search, progress)
+        else:
+            preserve.backward()
+            s.optimizer.zero_grad(set_to_none=True)
+            search.ascend(j)  # type: ignore[union-attr]
 
 
 def finetune(
@@ -57,86 +213,23 @@ def finetune(
     loss_space: str,
     search: Search | None = None,
     rollout_reuse: int = 1,
-    trainable: TrainableUNet | None = None,
+    faithful: bool = False,
+    setup: Setup | None = None,
 ) -> ErasureResult:
-    """Erase ``request.targets`` with the ESD objective, plus adversarial/explicit preservation terms."""
-    started = time.perf_counter()
-    targets = [check_prompt(pipe, t, "concept") for t in request.targets]
-    preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
-    base_hash = weights_hash(pipe)
-    device = pipe.unet.device
-    gen = torch.Generator().manual_seed(config.seed)
-    emb_null = encode(pipe, [""])
-    emb_targets = encode(pipe, targets)
-    emb_preserve = encode(pipe, preserve) if preserve else None
-    scheduler = ddim_scheduler(pipe, config.ddim_steps)
-    alphas = pipe.scheduler.alphas_cumprod.to(device)
-    trainable = trainable or TrainableUNet(pipe, config.train_method, config.lora_rank)
-    optimizer = torch.optim.Adam(list(trainable.params.values()), lr=config.lr)
-    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    history: list[dict[str, Any]] = []
-    setup_s = time.perf_counter() - started
+    """Erase ``request.targets`` with the ESD objective plus adversarial/explicit preservation terms."""
+    s = setup or prepare(pipe, request, config, separate_copy=faithful)
+    setup_s = time.perf_counter() - s.started
     try:
-        for step in range(config.iterations):
-            if step % rollout_reuse == 0:
-                j = int(torch.randint(len(targets), (1,), generator=gen))
-                k = int(torch.randint(config.ddim_steps, (1,), generator=gen))
-                t_int = ddpm_timestep(k, config.ddim_steps, gen, pipe.scheduler.config.num_train_timesteps)
-                start = torch.randn(shape, generator=gen).to(device)
-                draw = search.draw(j, gen) if search else None
-                conds = [emb_targets[j : j + 1]]
-                if draw is not None:
-                    conds.append(draw.embedding().detach())
-                p_idx = step % len(preserve) if preserve else -1
-                if emb_preserve is not None:
-                    conds.append(emb_preserve[p_idx : p_idx + 1])
-                x_all = rollout(trainable.eps, scheduler, start, torch.cat(conds), emb_null, k, config.start_guidance)
-            # the straight-through embedding is rebuilt every step: the logits moved since the rollout
-            adv_emb = draw.embedding() if draw is not None else None
-            t = torch.full((1,), t_int, device=device)
-            a = alphas[t_int]
-            x_e = x_all[:1]
-            # frozen forwards in one batch: eps0(x_t, 0), eps0(x_t, c_e), then eps0 on each preserved x_t'
-            frozen_x = torch.cat([x_e, x_e, x_all[1:]])
-            frozen_emb = torch.cat([emb_null, emb_targets[j : j + 1]] + [c.detach() for c in conds[1:]])
-            frozen = trainable.frozen_eps(frozen_x, t.expand(len(frozen_x)), frozen_emb).clone()
-            live_emb = torch.cat([emb_targets[j : j + 1]] + ([adv_emb] if adv_emb is not None else []) + conds[1 + (adv_emb is not None) :])
-            pred = trainable.eps(x_all, t.expand(len(x_all)), live_emb)
-            erase_loss = _loss(pred[:1], esd_target(frozen[:1], frozen[1:2], config.negative_guidance), x_e, a, loss_space)
-            preserve_terms = [_loss(pred[i : i + 1], frozen[i + 1 : i + 2], x_all[i : i + 1], a, loss_space) for i in range(1, len(x_all))]
-            preserve_loss = torch.stack(preserve_terms).sum() if preserve_terms else torch.zeros((), device=device)
-            loss = erase_loss + config.preserve_weight * preserve_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if search:
-                search.ascend(j)
-            record = {
-                "step": step + 1,
-                "target": targets[j],
-                "erase_loss": round(erase_loss.item(), 6),
-                "preserve_loss": round(preserve_loss.item(), 6),
-            }
-            if search:
-                record["adversarial"] = draw.name
-                record["most_sensitive"] = search.leader(j)
-            history.append(record)
-            if progress:
-                progress(step + 1, config.iterations, record)
-        delta, kind = trainable.delta()
+        if faithful:
+            faithful_loop(s, loss_space, search, progress)
+        else:
+            fast_loop(s, loss_space, search, rollout_reuse, progress)
+        delta, kind = s.trainable.delta()
     finally:
-        trainable.restore()
-    total = time.perf_counter() - started
-    extra = {"search": search.summary()} if search else {}
+        s.trainable.restore()
+    history = list(s.history) + ([{"search": search.summary()}] if search else [])
     return ErasureResult(
-        method=method,
-        concepts=tuple(targets),
-        preserve=tuple(preserve),
-        delta=delta,
-        kind=kind,
-        config={**asdict(config), **extra.get("config", {})},
-        base_model_id=model_id(pipe),
-        base_hash=base_hash,
-        history=tuple(history + ([{"search": extra["search"]}] if extra else [])),
-        timings={"setup_s": round(setup_s, 3), "total_s": round(total, 3)},
+        method=method, concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind,
+        config=asdict(config), base_model_id=model_id(pipe), base_hash=s.base_hash, history=tuple(history),
+        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)},
     )

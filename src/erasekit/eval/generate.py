@@ -1,0 +1,153 @@
+"""Cached generation: every image is stored as a PNG keyed by (model hash, prompt, seed, sampler settings).
+
+A second evaluation of the same model regenerates nothing; the per-image seed makes every image
+reproducible on its own. Files are written through a uniquely named temporary file and a rename, so
+several processes may fill the same cache at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from erasekit.errors import ErasekitError
+from erasekit.models import weights_hash
+from erasekit.sampling import generate
+
+CACHE_ENV = "ERASEKIT_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$ERASEKIT_CACHE``, else ``~/.cache/erasekit/generations``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "erasekit" / "generations"
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything besides the prompt and seed that decides an image."""
+
+    steps: int
+    guidance: float
+    height: int
+    width: int
+
+
+def image_key(model_hash: str, prompt: str, seed: int, settings: SamplerSettings) -> str:
+    """SHA-256 of the model's weights hash, the prompt, the seed and the sampler settings."""
+    record = {
+        "model": model_hash, "prompt": prompt, "seed": int(seed), "steps": int(settings.steps),
+        "guidance": float(settings.guidance), "height": int(settings.height), "width": int(settings.width), "sampler": "ddim",
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class GenerationCache:
+    """A folder of PNGs named by their key (two-level fan-out, like git's objects)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        """Where the image with ``key`` lives (whether or not it exists yet)."""
+        return self.folder / key[:2] / f"{key}.png"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached image (uint8 H x W x 3), or None if absent or unreadable."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        except OSError:
+            return None  # a damaged file is regenerated and replaced
+
+    def put(self, key: str, image: np.ndarray) -> Path:
+        """Store ``image`` under ``key`` atomically; returns its path."""
+        path = self.path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ErasekitError(f"cannot create the generation cache {self.folder}: {exc.strerror or exc}; pass another --cache-dir") from None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ErasekitError(f"cannot write to the generation cache {self.folder}: {exc.strerror or exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+
+def sampler_settings(pipe: StableDiffusionPipeline, steps: int, guidance: float) -> SamplerSettings:
+    """The settings of images this pipeline generates (size from its UNet and VAE)."""
+    side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    return SamplerSettings(steps=int(steps), guidance=float(guidance), height=side, width=side)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Images in request order, their cache paths, and how many had to be generated."""
+
+    images: np.ndarray
+    paths: list[Path]
+    generated: int
+
+
+def generate_cached(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    cache: GenerationCache,
+    steps: int = 25,
+    guidance: float | Sequence[float] = 7.5,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    model_hash: str | None = None,
+) -> Generated:
+    """Images for (prompt, seed) pairs, generating only those the cache lacks; ``guidance`` may be one per prompt."""
+    if len(prompts) != len(seeds):
+        raise ErasekitError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    scales = [float(guidance)] * len(prompts) if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
+    if len(scales) != len(prompts):
+        raise ErasekitError(f"{len(prompts)} prompts but {len(scales)} guidance scales")
+    if batch_size < 1:
+        raise ErasekitError(f"batch size must be at least 1, got {batch_size}")
+    model_hash = model_hash or weights_hash(pipe)
+    keys = [image_key(model_hash, p, s, sampler_settings(pipe, steps, g)) for p, s, g in zip(prompts, seeds, scales)]
+    counts = Counter(keys)
+    found = {key: cache.get(key) for key in counts}
+    if progress and (cached := sum(found[k] is not None for k in keys)):
+        progress(cached)
+    # one job per missing key (a duplicated request is generated once), grouped by guidance scale
+    todo: dict[float, dict[str, int]] = {}
+    for i, key in enumerate(keys):
+        if found[key] is None:
+            todo.setdefault(scales[i], {}).setdefault(key, i)
+    generated = 0
+    for scale, jobs in todo.items():
+        order = list(jobs.items())
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            out = generate(pipe, [prompts[i] for _, i in chunk], [int(seeds[i]) for _, i in chunk], steps=steps, guidance=scale, batch_size=batch_size)
+            for (key, _), img in zip(chunk, out):
+                cache.put(key, img)
+                found[key] = img
+            generated += len(chunk)
+            if progress:
+                progress(sum(counts[key] for key, _ in chunk))
+    return Generated(images=np.stack([found[k] for k in keys]), paths=[cache.path(k) for k in keys], generated=generated)  # type: ignore[misc]
