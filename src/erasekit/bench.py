@@ -1,0 +1,89 @@
+"""Benchmarks of EAP's fast path against the reference-shaped faithful path (and ESD-x), measured side by side.
+
+Every measured configuration runs in its own subprocess, so its wall time and peak RSS are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SD14_NOTE = "SD-1.4 UNet and text encoder with random weights; latent reduced to 16x16 (CPU), DDIM rollout of 10 steps"
+
+
+def sd14_pipeline(latent: int = 16):  # type: ignore[no-untyped-def]
+    """A StableDiffusionPipeline with SD 1.4's UNet and text-encoder architecture (random weights)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasekit.world.toy import build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.name_or_path = "sd14-architecture-random"
+    return pipe
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration (in this process) and return its timings; called by the subprocess."""
+    import torch
+
+    from erasekit.api import erase
+    from erasekit.models import toy_pipeline
+
+    torch.manual_seed(0)
+    if spec["model"] == "sd14":
+        pipe = sd14_pipeline()
+        words = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        words.write("\n".join(["ring", "moon", "square", "star", "dog", "cat", "tree", "car", "bird", "fish", "house", "river"]))
+        words.close()
+        spec["settings"]["concept_space"] = words.name
+    else:
+        pipe = toy_pipeline()
+    started = time.perf_counter()
+    steps: list[float] = []
+    result = erase(pipe, spec["concept"], method=spec["method"], budget=spec.get("budget"), progress=lambda s, n, r: steps.append(time.perf_counter()), **spec["settings"])
+    wall = time.perf_counter() - started
+    if spec.get("delta"):
+        result.save(spec["delta"], overwrite=True)
+    per_step = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else wall
+    return {"wall_s": wall, "setup_s": result.timings.get("setup_s", 0.0), "seconds_per_step": per_step, "steps": len(steps)}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``spec`` in a fresh subprocess; return its result plus its peak RSS (MiB)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.Popen([sys.executable, "-m", "erasekit.bench", json.dumps(spec), str(out)])
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0 or not out.exists():
+            raise RuntimeError(f"benchmark worker failed for {spec}")
+        result = json.loads(out.read_text())
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024.0
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    res = worker(json.loads(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(res))
