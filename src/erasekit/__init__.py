@@ -18,6 +18,7 @@ _LAZY = {
     "toy_pipeline": "erasekit.models",
     "erase": "erasekit.api",
     "available_methods": "erasekit.api",
+    "evaluate": "erasekit.eval.runner",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -24,11 +24,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from erasekit import __version__
 from erasekit.errors import ErasekitError
+from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
 
 app = typer.Typer(help="Erase concepts from text-to-image diffusion models, and measure what it costs.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(world_app, name="world")
+app.command()(evaluate)
+app.command()(report)
+app.command()(spectrum)
 console = Console(stderr=True)
 
 

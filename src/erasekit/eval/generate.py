@@ -93,6 +93,16 @@ class GenerationCache:
         return path
 
 
+def distributed(cpu: bool = True) -> tuple[int, int, Callable[[], None]]:
+    """(rank, world size, barrier) under `accelerate launch` with several processes; (0, 1, no-op) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu)  # cpu: join over gloo (MULTI_CPU) rather than look for accelerators
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
 def sampler_settings(pipe: StableDiffusionPipeline, steps: int, guidance: float) -> SamplerSettings:
     """The settings of images this pipeline generates (size from its UNet and VAE)."""
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
@@ -119,7 +129,11 @@ def generate_cached(
     progress: Callable[[int], None] | None = None,
     model_hash: str | None = None,
 ) -> Generated:
-    """Images for (prompt, seed) pairs, generating only those the cache lacks; ``guidance`` may be one per prompt."""
+    """Images for (prompt, seed) pairs, generating only those the cache lacks; ``guidance`` may be one per prompt.
+
+    Under `accelerate launch` the missing images are split across processes (data-parallel), which share the
+    cache folder; every process returns all images. ``generated`` counts this process's share.
+    """
     if len(prompts) != len(seeds):
         raise ErasekitError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     scales = [float(guidance)] * len(prompts) if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -130,7 +144,9 @@ def generate_cached(
     model_hash = model_hash or weights_hash(pipe)
     keys = [image_key(model_hash, p, s, sampler_settings(pipe, steps, g)) for p, s, g in zip(prompts, seeds, scales)]
     counts = Counter(keys)
+    rank, world, barrier = distributed(cpu=pipe.unet.device.type == "cpu")
     found = {key: cache.get(key) for key in counts}
+    barrier()  # every process splits the work from the same view of the cache
     if progress and (cached := sum(found[k] is not None for k in keys)):
         progress(cached)
     # one job per missing key (a duplicated request is generated once), grouped by guidance scale
@@ -140,7 +156,7 @@ def generate_cached(
             todo.setdefault(scales[i], {}).setdefault(key, i)
     generated = 0
     for scale, jobs in todo.items():
-        order = list(jobs.items())
+        order = list(jobs.items())[rank::world]
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             out = generate(pipe, [prompts[i] for _, i in chunk], [int(seeds[i]) for _, i in chunk], steps=steps, guidance=scale, batch_size=batch_size)
@@ -150,4 +166,9 @@ def generate_cached(
             generated += len(chunk)
             if progress:
                 progress(sum(counts[key] for key, _ in chunk))
+    barrier()
+    for key in [k for k, img in found.items() if img is None]:
+        found[key] = cache.get(key)  # written by another process
+        if found[key] is None:
+            raise ErasekitError(f"image {key[:12]} is missing from the cache {cache.folder} after generation; is it shared by every process?")
     return Generated(images=np.stack([found[k] for k in keys]), paths=[cache.path(k) for k in keys], generated=generated)  # type: ignore[misc]

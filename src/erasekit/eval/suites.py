@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,8 @@ def resolve_settings(suite: Suite, **given: Any) -> Settings:
     for key in ("images_per_class", "steps", "batch_size"):
         if getattr(settings, key) < 1:
             raise ErasekitError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(settings, key)}")
+    if settings.images_per_class > SEED_STRIDE:  # seeds of one group must not run into the next group's
+        raise ErasekitError(f"--images-per-class must be at most {SEED_STRIDE}, got {settings.images_per_class}")
     return settings
 
 
@@ -169,14 +172,14 @@ def measure_toy_objects(plan: Plan, scores: Scores) -> dict:
     return _classification(plan, scores["object"], plan.labels, dict(enumerate(plan.extra["classes"])))
 
 
-def compare_features(plan: Plan, base: Scores, erased: Scores, label: str = "judge features") -> dict:
-    """FID of the erased model's images against the base model's, over all images and per erased/preserved side."""
-    sides = {"all": np.ones(len(plan.groups), bool), "erased": np.isin(plan.groups, plan.erased), "preserved": ~np.isin(plan.groups, plan.erased)}
-    headline = {}
-    for side, mask in sides.items():
-        if mask.sum() >= 2:
-            headline[f"FID {side} vs base ({label})"] = fid(base["features"][mask], erased["features"][mask])
-    return {"headline": headline, "lpips": None, "lpips_note": "LPIPS not computed: no LPIPS model is available offline"}
+def compare_features(plan: Plan, base: Scores, erased: Scores, features: str = "judge") -> dict:
+    """FID of the erased model's images against the base model's: over all images, and per erased/preserved side."""
+    is_erased = np.isin(plan.groups, plan.erased)
+    sides = {"FID vs base": np.ones(len(plan.groups), bool)}
+    if is_erased.any() and not is_erased.all():
+        sides.update({"FID vs base, erased": is_erased, "FID vs base, preserved": ~is_erased})
+    headline = {name: fid(base["features"][mask], erased["features"][mask]) for name, mask in sides.items() if mask.sum() >= 2}
+    return {"headline": headline, "features": features, "lpips": None, "lpips_note": "LPIPS not computed: no LPIPS model is available offline"}
 
 
 # ---- toy-styles: the artist protocol ----
@@ -288,8 +291,6 @@ def read_i2p(text: str, source: str) -> list[dict[str, str]]:
 def plan_i2p(settings: Settings, concepts: Sequence[str], rows: list[dict[str, str]] | None = None) -> Plan:
     """One image per I2P row (its own seed and guidance), or N with seeds evaluation_seed + j."""
     if rows is None:
-        from pathlib import Path
-
         path = Path(str(settings.prompts))
         if not path.is_file():
             raise ErasekitError(f"no prompt CSV at {path}; pass --prompts with a CSV in the I2P layout")
@@ -331,7 +332,7 @@ def _compare_real(plan: Plan, base: Scores, erased: Scores) -> dict:
     if "features" not in base:
         return {"headline": {}, "fid_note": "FID not computed: pass --clip DIR for image features", "lpips": None,
                 "lpips_note": "LPIPS not computed: no LPIPS model is available offline"}
-    return compare_features(plan, base, erased, "CLIP features")
+    return compare_features(plan, base, erased, "CLIP image embeddings")
 
 
 _TOY = {"steps": 25, "guidance": 7.5, "batch_size": 32, "seed": 0}

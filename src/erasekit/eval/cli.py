@@ -1,0 +1,162 @@
+"""Typer commands `evaluate`, `report` and `spectrum` (registered into the main app with ``app.command()(f)``)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from erasekit.world.cli import user_errors
+
+status = Console(stderr=True)
+
+
+def _command() -> str:
+    return " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]])
+
+
+@contextmanager
+def _image_bar() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar over images, one line per model (base, erased)."""
+    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=status, transient=False, disable=not status.is_terminal) as bar:
+        tasks: dict[str, Any] = {}
+
+        def tick(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.advance(tasks[name], done)
+
+        yield tick
+
+
+def metrics_table(result: dict[str, Any]) -> Table:
+    """The headline metrics of an evaluation: one row per metric (its threshold in its name), one column per model."""
+    from erasekit.eval.report import fmt
+
+    columns = {model: dict(m.get("headline", {})) for model, m in result["metrics"].items()}
+    if "erased" in columns:
+        columns["erased"].update(result.get("comparison", {}).get("headline", {}))
+    keys = list(dict.fromkeys(k for values in columns.values() for k in values))
+    title = f"{result['suite']}: {result['target']}" + (f" (erased: {', '.join(result['erased'])})" if result.get("erased") else "")
+    table = Table(title=title)
+    table.add_column("metric", no_wrap=True)
+    for model in columns:
+        table.add_column(model, justify="right", no_wrap=True)
+    for key in keys:
+        table.add_row(key, *(fmt(key, values.get(key)) for values in columns.values()))
+    return table
+
+
+def per_class_table(result: dict[str, Any]) -> Table | None:
+    """Top-1 rate per class and model (ESR-1 for an erased class, PSR-1 for a preserved one), when the suite has classes."""
+    per = {model: m["per_class"]["top-1"] for model, m in result["metrics"].items() if "top-1" in m.get("per_class", {})}
+    if not per:
+        return None
+    table = Table(title="per class, top-1 (ESR-1 for erased classes, PSR-1 for the rest)")
+    table.add_column("class")
+    for model in per:
+        table.add_column(model, justify="right")
+    for name in next(iter(per.values())):
+        mark = " (erased)" if name in result.get("erased", []) else ""
+        table.add_row(name + mark, *(f"{rates.get(name, float('nan')):.1f}" for rates in per.values()))
+    return table
+
+
+def evaluate(
+    target: str = typer.Argument(..., help="A base model ('toy', a diffusers folder), a delta file, or a run folder from `erasekit erase`."),
+    suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-styles, toy-implicit, imagenette, i2p or artists."),
+    out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the result here (a run folder always gets eval-<suite>.json)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Images per class / style / prompt (default: the suite's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: the suite's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default: the suite's; i2p uses each row's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generation batch (results do not depend on it)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed: image j of group g uses seed + 10000 g + j."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Local transformers image classifier folder (imagenette)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Local transformers CLIPModel folder (artists; FID features on real models)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt CSV in the I2P layout (i2p)."),
+    erased: list[str] = typer.Option([], "--erased", help="Erased concept, for a base model alone or to override the delta's (repeatable)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Generation cache (default: $ERASEKIT_CACHE or ~/.cache/erasekit/generations)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
+) -> None:
+    """Evaluate a model or an erasure with a suite (base and erased in the same run); print the metrics table."""
+    with user_errors():
+        from erasekit.eval.runner import evaluate as run_evaluate
+
+        with _image_bar() as tick:
+            result = run_evaluate(
+                target, suite, model=model, out_json=out_json, images_per_class=images_per_class, cache_dir=cache_dir, steps=steps,
+                guidance=guidance, batch_size=batch_size, seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts,
+                erased=erased or None, device=device, force=force, command=_command(), progress=tick,
+            )
+    out = Console()
+    out.print(metrics_table(result))
+    if (classes := per_class_table(result)) is not None:
+        out.print(classes)
+    if result.get("scorer", {}).get("detector_version"):
+        typer.echo(f"detector: {result['scorer']['detector_version']}")
+    generated = ", ".join(f"{k} {v}" for k, v in result["generated"].items())
+    status.print(f"generated {generated} new images (cache: {result['cache']})")
+    if Path(target).is_dir() and (Path(target) / "delta.safetensors").is_file():
+        status.print(f"wrote {Path(target) / f'eval-{suite}.json'}")
+    if out_json is not None:
+        status.print(f"wrote {out_json}")
+
+
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (evaluated with `erasekit evaluate`) or evaluation JSON files."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write (a Markdown table goes beside it, .md)."),
+) -> None:
+    """Write one self-contained HTML report (tables, image grids, plots, commands) comparing runs, plus a Markdown table."""
+    with user_errors():
+        from erasekit.eval.report import write_report
+
+        html_path, md_path = write_report(list(runs), out)
+    status.print(f"wrote {html_path} and {md_path}")
+
+
+def spectrum(
+    target: str = typer.Argument(..., help="A run folder or a delta file (the erased model)."),
+    concepts: str = typer.Option(..., "--concepts", help="File with one concept per line, or 'toy' for every word of the toy world."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for spectrum.csv/.png/.json (default: the run folder)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one it names)."),
+    images_per_concept: int = typer.Option(8, "--images-per-concept", help="Images per concept and model."),
+    steps: int = typer.Option(25, "--steps", help="DDIM steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per generation batch."),
+    seed: int = typer.Option(0, "--seed", help="Base seed."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Local CLIPModel folder: score concepts by CLIP score instead of the judge."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Generation cache."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
+) -> None:
+    """The sensitivity spectrum (Fig. 2) and score-difference analysis (Fig. 1): every concept's score drop, sorted."""
+    with user_errors():
+        from erasekit.eval.spectrum import spectrum as run_spectrum
+
+        with _image_bar() as tick:
+            result = run_spectrum(target, concepts, model=model, out_dir=out, images_per_concept=images_per_concept, steps=steps,
+                                  guidance=guidance, batch_size=batch_size, seed=seed, judge=judge, clip=clip, cache_dir=cache_dir,
+                                  device=device, force=force, progress=tick)
+    table = Table(title=f"score drop ({result['score']}), {result['method']} erasing {', '.join(result['concepts_erased'])}")
+    for col in ("concept", "base", "erased", "drop", "distance to target"):
+        table.add_column(col, justify="left" if col == "concept" else "right")
+    for r in result["rows"]:
+        dist = "–" if r["distance_to_target"] is None else f"{r['distance_to_target']:.3g}"
+        table.add_row(r["concept"], f"{r['base']:.1f}", f"{r['erased']:.1f}", f"{r['drop']:+.1f}", dist)
+    Console().print(table)
+    if result["spearman_drop_vs_distance"] is not None:
+        typer.echo(f"Spearman correlation of drop vs distance to target: {result['spearman_drop_vs_distance']:.3f}")
+    folder = out or Path(target)
+    status.print(f"wrote {folder / 'spectrum.csv'}, {folder / 'spectrum.png'}, {folder / 'spectrum.json'}")

@@ -1,0 +1,121 @@
+"""Real-model suites (imagenette, artists, i2p) on tiny random transformers models saved to a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, ResNetConfig, ResNetForImageClassification
+from transformers.models.clip import CLIPImageProcessorPil
+from transformers.models.convnext import ConvNextImageProcessorPil
+
+from erasekit.errors import ErasekitError
+from erasekit.eval.runner import evaluate
+from erasekit.eval.scorers import detector_scorer, nudenet_version
+from erasekit.eval.suites import IMAGENETTE
+from erasekit.world.toy import build_tokenizer
+from test_eval import FAST, erased_copy, one_thread  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def resnet_dir(tmp_path: Path) -> Path:
+    """A tiny random ResNet with ImageNet's 1000 classes and its image processor."""
+    torch.manual_seed(0)
+    folder = tmp_path / "resnet"
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], layer_type="basic", num_labels=1000))
+    model.save_pretrained(folder)
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def clip_dir(tmp_path: Path) -> Path:
+    """A tiny random CLIP with the real tokenizer."""
+    torch.manual_seed(0)
+    folder = tmp_path / "clip"
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, vocab_size=49408)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=build_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_delta(tiny_dir: Path, tmp_path: Path) -> Path:
+    """A delta file for the tiny base that names the base folder."""
+    from erasekit.models import load_pipeline
+    from erasekit.result import ErasureResult
+
+    fake = erased_copy(load_pipeline(str(tiny_dir)), "chain saw")
+    path = tmp_path / "delta.safetensors"
+    ErasureResult(fake.method, fake.concepts, fake.delta, base_model_id=str(tiny_dir), base_hash=fake.base_hash).save(path)
+    return path
+
+
+def test_imagenette_with_a_local_classifier(tiny_delta: Path, resnet_dir: Path, clip_dir: Path, tmp_path: Path) -> None:
+    out = evaluate(str(tiny_delta), "imagenette", images_per_class=1, classifier=str(resnet_dir), clip=str(clip_dir), cache_dir=tmp_path / "c", **FAST)
+    assert out["erased"] == ["chain saw"] and out["images"][0]["prompt"] == "an image of a tench"
+    assert set(out["metrics"]["erased"]["headline"]) == {"ESR-1", "ESR-5", "PSR-1", "PSR-5"}
+    assert set(out["metrics"]["base"]["per_class"]["top-1"]) == set(IMAGENETTE)
+    assert "FID vs base" in out["comparison"]["headline"]  # CLIP image embeddings as FID features
+
+
+def test_imagenette_refuses_a_classifier_without_imagenet_classes(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "small"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic", num_labels=10)).save_pretrained(folder)
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}).save_pretrained(folder)
+    with pytest.raises(ErasekitError, match="has 10 classes; imagenette needs an ImageNet-1k classifier"):
+        evaluate(str(tiny_dir), "imagenette", images_per_class=1, classifier=str(folder), cache_dir=tmp_path / "c", **FAST)
+
+
+def test_missing_classifier_folder_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ErasekitError, match="pass --classifier DIR"):
+        evaluate(str(tiny_dir), "imagenette", classifier=str(tmp_path / "nope"), cache_dir=tmp_path / "c", **FAST)
+
+
+def test_artists_clip_score_erased_vs_retained(tiny_delta: Path, clip_dir: Path, tmp_path: Path) -> None:
+    out = evaluate(str(tiny_delta), "artists", images_per_class=1, clip=str(clip_dir), erased=["Van Gogh"], cache_dir=tmp_path / "c", **FAST)
+    assert out["erased"] == ["Van Gogh"] and "a painting in the style of Van Gogh" in [i["prompt"] for i in out["images"]]
+    head = out["metrics"]["erased"]["headline"]
+    assert set(head) == {"CLIP score erased", "CLIP score retained"} and all(0 <= v <= 100 for v in head.values())
+
+
+def test_i2p_with_a_detector_reports_ner_at_every_threshold(tiny_delta: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    csv = tmp_path / "i2p.csv"
+    csv.write_text("prompt,categories,evaluation_seed,evaluation_guidance\na beach,sexual,3,7\na forest,violence,4,5\n")
+    seen: list[str] = []
+    fake = detector_scorer(lambda path: seen.append(path) or [{"class": "BUTTOCKS_EXPOSED", "score": 0.6}], {"detector_version": "nudenet fake"})
+    monkeypatch.setattr("erasekit.eval.scorers.nudenet_scorer", lambda: fake)
+    out = evaluate(str(tiny_delta), "i2p", prompts=str(csv), cache_dir=tmp_path / "c", **FAST)
+    assert out["metrics"]["base"]["headline"] == {"NER@0.3": 100.0, "NER@0.5": 100.0, "NER@0.7": 0.0, "NER@0.8": 0.0}
+    assert out["scorer"]["detector_version"] == "nudenet fake" and [i["guidance"] for i in out["images"]] == [7.0, 5.0]
+    assert len(seen) == 4 and all(Path(p).is_file() for p in seen)  # the detector reads the cached PNGs, base then erased
+
+
+def test_i2p_without_nudenet_says_how_to_install_it(tiny_dir: Path, tmp_path: Path) -> None:
+    try:
+        nudenet_version()
+    except ErasekitError as exc:
+        assert "pip install 'erasekit[nudenet]'" in str(exc)
+    else:
+        pytest.skip("nudenet is installed here")
+
+
+def test_i2p_csv_missing_column_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "bad.csv"
+    csv.write_text("prompt,evaluation_seed\na beach,3\n")
+    with pytest.raises(ErasekitError, match="lacks the I2P column.s. evaluation_guidance"):
+        evaluate(str(tiny_dir), "i2p", prompts=str(csv), cache_dir=tmp_path / "c", **FAST)
+
+
+def test_clip_scores_do_not_depend_on_batch_size(clip_dir: Path) -> None:
+    from erasekit.eval.scorers import clip_scorer
+    from erasekit.eval.suites import Plan
+
+    images = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    plan = Plan([f"prompt {i}" for i in range(5)], list(range(5)), [7.5] * 5, ["g"] * 5, [0] * 5, [])
+    one, many = clip_scorer(str(clip_dir), batch_size=1)(images, [], plan), clip_scorer(str(clip_dir), batch_size=4)(images, [], plan)
+    assert np.allclose(one["clip"], many["clip"], atol=1e-4) and np.allclose(one["features"], many["features"], atol=1e-5)
