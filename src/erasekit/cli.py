@@ -167,7 +167,7 @@ def _progress_bar() -> Progress:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    text = f"erase {record['erase_loss']:.4g} preserve {record['preserve_loss']:.4g}"
+    text = f"erase {record.get('erase_loss', 0.0):.4g} preserve {record.get('preserve_loss', 0.0):.4g}"
     if record.get("most_sensitive"):
         text += f" most sensitive: {record['most_sensitive']}"
     return text
@@ -231,6 +231,8 @@ def plan_line(method: str, cfg: Any) -> str:
     steps = getattr(cfg, "iterations", 0)
     if not steps:
         return f"{method}: closed form"
+    if not hasattr(cfg, "start_guidance"):  # no rollouts (e.g. CA trains on pre-generated anchor images)
+        return f"{method}: {steps} training steps"
     reuse = getattr(cfg, "rollout_reuse", 1)
     if getattr(cfg, "faithful", False):
         rollouts, how = 4 * steps, "faithful: 2 iterations per model step, 2 rollouts each"
@@ -361,9 +363,16 @@ def demo(
             out.parent.mkdir(parents=True)
         with _progress_bar() as bar:
             task = bar.add_task(f"eap ✕ {concept}", total=None, info="preparing")
-            summary = run_demo(out, concept, progress=lambda step, n, rec: bar.update(task, total=n, completed=step, info=_describe(rec)))
-        for row in summary["rows"]:
-            typer.echo(f"{row['prompt']:28s} {row['role']:10s} object top-1: base {100 * row['base']:5.1f} %  erased {100 * row['erased']:5.1f} %")
+            images = bar.add_task("evaluation images", total=None, info="", visible=False)
+
+            def on_image(name: str, done: int, total: int) -> None:
+                bar.update(images, visible=True, completed=done, total=total, info=name)
+
+            record = run_demo(out, concept, progress=lambda step, n, rec: bar.update(task, total=n, completed=step, info=_describe(rec)),
+                              eval_progress=on_image)
+        from erasekit.eval.cli import metrics_table
+
+        Console().print(metrics_table(record))
         typer.echo(f"wrote {out}/report.html, {out}/grid.png and the run files (delta.safetensors, history.json, run.json)")
 
 

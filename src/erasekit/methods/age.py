@@ -1,0 +1,171 @@
+"""AGE, Adaptive Guided Erasure (Bui et al., ICLR 2025): ESD whose anchor is an adaptively chosen concept.
+
+The empty-prompt anchor of ESD is replaced by c_t = GumbelSoftmax(pi) . T, a mixture of the K candidates'
+whole-prompt embeddings, and the same c_t is the preserved concept (DESIGN.md §3b). In x0 space:
+  model step: MSE(x0_theta(z, c_e), x0_0(z, c_t) - eta [x0_0(z, c_e) - x0_0(z, c_t)]) + lambda MSE(x0_theta(z', c_t), x0_0(z', c_t)),
+  pi step: maximise the preservation term (the only term that reaches pi, as in the reference's train_age.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from erasekit.errors import ErasekitError
+from erasekit.methods.base import ErasureRequest, Progress, register_method
+from erasekit.methods.eap import EAPConfig, GumbelSearch
+from erasekit.methods.loop import Setup, erasure_losses, prepare
+from erasekit.models import model_id
+from erasekit.result import ErasureResult
+from erasekit.sampling import rollout
+
+TOY_PRESET = {"iterations": 150, "lr": 1e-4, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
+FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
+
+
+@dataclass
+class AGEConfig(EAPConfig):
+    """AGE settings; defaults are the reference's for objects (K = 100 candidates, temperature 0.1, hard)."""
+
+    k: int = field(default=100, metadata={"help": "K nearest concepts by L2 over full text embeddings (AGE: 100 for objects and nudity, 1000 for art)."})
+    n_centres: int = field(default=100, metadata={"help": "KMeans centres over the distances; = k keeps all K (AGE: 100)."})
+    gumbel_temperature: float = field(default=0.1, metadata={"help": "Gumbel-Softmax temperature (AGE: 0.1 objects, 2 nudity)."})
+    gumbel_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the logits pi (AGE code: 1e-3)."})
+    gumbel_hard: bool = field(default=True, metadata={"help": "Hard straight-through one-hot sample (AGE: objects, nudity); off = soft top-k mixture (art)."})
+    gumbel_topk: int = field(default=2, metadata={"help": "Candidates kept in the soft mixture when gumbel_hard is off (AGE: 2 objects, 5 art)."})
+    faithful: bool = field(default=False, metadata={"help": "Follow the reference: a frozen second copy, 2 x iterations alternating model and pi steps, fresh rollouts each time."})
+
+    def validate(self) -> None:
+        """Check the mixture settings too."""
+        super().validate()
+        if self.gumbel_topk < 1:
+            raise ErasekitError(f"gumbel_topk must be >= 1, got {self.gumbel_topk}")
+
+
+class AdaptiveAnchor:
+    """c_t = y(pi) . T per target: the candidates, their embeddings T and logits pi (from EAP's search)."""
+
+    def __init__(self, search: GumbelSearch, config: AGEConfig) -> None:
+        self.search, self.hard, self.topk = search, config.gumbel_hard, config.gumbel_topk
+
+    def noise(self, target: int, generator: torch.Generator) -> torch.Tensor:
+        """A fresh Gumbel(0, 1) vector for ``target``'s candidates."""
+        u = torch.rand(len(self.search.candidates[target]), generator=generator).clamp(1e-10, 1 - 1e-10)
+        return -torch.log(-torch.log(u))
+
+    def weights(self, target: int, noise: torch.Tensor) -> torch.Tensor:
+        """y = softmax((pi + g) / tau): straight-through one-hot when hard, else renormalised over its top-k."""
+        logits = self.search.logits[target]
+        soft = torch.softmax((logits + noise) / self.search.temperature, dim=0)
+        if self.hard:
+            hard = torch.zeros_like(soft)
+            hard[int(torch.argmax(soft.detach()))] = 1.0
+            return hard - soft.detach() + soft
+        k = min(self.topk, len(soft))
+        mask = soft >= torch.topk(soft.detach(), k).values[-1]
+        kept = soft * mask
+        return kept / kept.sum()
+
+    def embedding(self, target: int, noise: torch.Tensor) -> torch.Tensor:
+        """The mixture of whole-prompt embeddings (1 x 77 x d), differentiable in pi."""
+        return torch.einsum("n,nld->ld", self.weights(target, noise), self.search.embeddings[target])[None]
+
+    def name(self, target: int, noise: torch.Tensor) -> str:
+        """The candidate with the largest weight in this draw."""
+        return self.search.candidates[target][int(torch.argmax(self.weights(target, noise).detach()))]
+
+
+def age_step(s: Setup, anchor: AdaptiveAnchor, cache: dict[str, Any] | None, fresh: bool, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(erase_loss, preserve_loss) of one step and the rollout state it used (reused while ``fresh`` is False).
+
+    Rows of the batch: z from c_e and z' from c_t (plus any explicit preserve concept); the frozen model gives
+    [eps0(z, c_t), eps0(z, c_e), eps0(z', c_t), ...], i.e. EAP's layout with c_t in place of the empty prompt.
+    """
+    cfg, tr = s.config, s.trainable
+    if fresh or cache is None:
+        j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
+        k, t_int, start = s.draw_rollout_point()
+        noise = anchor.noise(j, s.generator)
+        c_t = anchor.embedding(j, noise).detach()
+        conds = [s.emb_targets[j : j + 1], c_t]
+        if s.emb_preserve is not None:
+            p = step % len(s.preserve)
+            conds.append(s.emb_preserve[p : p + 1])
+        x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, k, cfg.start_guidance)
+        t = torch.full((len(x) + 1,), t_int, device=x.device)
+        frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, torch.cat([c_t, *conds]))
+        cache = {"j": j, "t_int": t_int, "noise": noise, "conds": conds, "x": x, "t": t, "frozen": frozen}
+    live = list(cache["conds"])
+    # rebuilt every step: the logits moved since the rollout
+    live[1] = anchor.embedding(cache["j"], cache["noise"])
+    x = cache["x"]
+    pred = tr.eps(x, cache["t"][: len(x)], torch.cat(live))
+    erase, preserve = erasure_losses(pred, cache["frozen"], x, s.alphas[cache["t_int"]], cfg.negative_guidance, "x0")
+    return erase, preserve, cache
+
+
+def _clear(search: GumbelSearch) -> None:
+    for logits in search.logits:
+        logits.grad = None
+
+
+def _record(s: Setup, step: int, cache: dict[str, Any], erase: torch.Tensor, preserve: torch.Tensor, anchor: AdaptiveAnchor, progress: Progress | None) -> None:
+    j = cache["j"]
+    record = {
+        "step": step, "target": s.targets[j], "erase_loss": round(erase.item(), 6), "preserve_loss": round(preserve.item(), 6),
+        "anchor": anchor.name(j, cache["noise"]), "most_sensitive": anchor.search.leader(j),
+    }
+    s.history.append(record)
+    if progress:
+        progress(step, s.config.iterations, record)
+
+
+def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Progress | None) -> None:
+    """Fast path: one backward serves both players (theta descends erase + lambda preserve, pi ascends preserve).
+
+    Faithful path: 2 x iterations, even = model step, odd = pi step, with fresh rollouts every iteration.
+    """
+    search, cache = anchor.search, None
+    if config.faithful:
+        for it in range(2 * config.iterations):
+            erase, preserve, cache = age_step(s, anchor, None, True, it // 2)
+            s.optimizer.zero_grad(set_to_none=True)
+            if it % 2 == 0:
+                (erase + config.preserve_weight * preserve).backward()
+                s.optimizer.step()
+                _clear(search)
+                _record(s, it // 2 + 1, cache, erase, preserve, anchor, progress)
+            else:
+                (config.preserve_weight * preserve).backward()
+                s.optimizer.zero_grad(set_to_none=True)
+                search.ascend(cache["j"])
+        return
+    for step in range(config.iterations):
+        erase, preserve, cache = age_step(s, anchor, cache, step % config.rollout_reuse == 0, step)
+        s.optimizer.zero_grad(set_to_none=True)
+        (erase + config.preserve_weight * preserve).backward()
+        s.optimizer.step()
+        search.ascend(cache["j"])
+        _record(s, step + 1, cache, erase, preserve, anchor, progress)
+
+
+@register_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).", AGEConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})
+def fit_age(pipe: StableDiffusionPipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:
+    """Run AGE; the pipeline is left as it was."""
+    search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
+    s = prepare(pipe, request, config, separate_copy=config.faithful)
+    setup_s = time.perf_counter() - s.started
+    try:
+        age_loop(s, AdaptiveAnchor(search, config), config, progress)
+        delta, kind = s.trainable.delta()
+    finally:
+        s.trainable.restore()
+    return ErasureResult(
+        method="age", concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind, config=asdict(config),
+        base_model_id=model_id(pipe), base_hash=s.base_hash, history=tuple([*s.history, {"search": search.summary()}]),
+        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)},
+    )

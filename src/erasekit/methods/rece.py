@@ -1,0 +1,109 @@
+"""RECE (Gong et al., ECCV 2024): UCE, then rounds that find the embedding still regenerating the concept and erase it too.
+
+Each round derives c' = (reg I + sum_l W'_lᵀW'_l)⁻¹ (sum_l W'_lᵀW0_l) c over every to_k/to_v matrix (W' current,
+W0 original) for all 77 rows of the concept's encoder output, then UCE-erases c' on the *current* weights, so
+edits accumulate (DESIGN.md §3b; reference: train_object.py, close_form_emb_regzero, edit_model_adversarial).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from erasekit.errors import ErasekitError
+from erasekit.methods.base import ErasureRequest, Progress, register_method
+from erasekit.methods.closed_form import EditRows, applied, derive_embedding, edit_rows, encoder_rows, relative_change, residuals, uce_edit, weights_of
+from erasekit.methods.uce import UCEConfig, resolve_prompts, result
+from erasekit.models import weights_hash
+from erasekit.result import ErasureResult
+
+RoundSelector = Callable[[StableDiffusionPipeline, int], float]
+
+
+@dataclass
+class RECEConfig(UCEConfig):
+    """RECE settings; defaults are the reference's for objects and art (train_object.py / train_uce.py)."""
+
+    lam: float = field(default=0.1, metadata={"help": "lambda of the UCE start and of every round's edit (RECE: 0.1)."})
+    preserve_scale: float = field(default=0.1, metadata={"help": "s_p of the UCE start and of every round (RECE: 0.1); negative = max(0.1, 1/|retain|)."})
+    key_rows: str = field(default="through-eos", metadata={"help": "Key rows of the starting UCE edit (RECE starts from the old UCE code: through-eos); rounds always use all 77 rows."})
+    retain_empty: bool = field(default=True, metadata={"help": "Preserve '' in the UCE start (old UCE code: yes); rounds always retain '' as the reference does."})
+    reg_scale: float = field(default=1e-3, metadata={"help": "Regulariser of c' (RECE: 1e-3 for art and hard objects, 0.1 for nudity)."})
+    rounds: int = field(default=1, metadata={"help": "Rounds after the UCE start (RECE: 1 for art and hard objects, 3 for nudity)."})
+    round_selector: RoundSelector | None = field(default=None, metadata={"help": "Library only: f(pipe, round) -> score (lower = better erased), called with each round's weights applied; the lowest wins (the reference's validation detector). None = the last round."})
+
+    def validate(self) -> None:
+        """Check the round settings too."""
+        super().validate()
+        if self.rounds < 1:
+            raise ErasekitError(f"rounds must be >= 1, got {self.rounds}")
+        if not self.reg_scale > 0:
+            raise ErasekitError(f"reg_scale must be > 0 (it keeps c' well posed), got {self.reg_scale}")
+        if self.round_selector is not None and not callable(self.round_selector):
+            raise ErasekitError("round_selector must be a function f(pipe, round) -> score")
+
+
+def rece_round(
+    current: dict[str, torch.Tensor], original: dict[str, torch.Tensor], concepts: torch.Tensor, guide: torch.Tensor,
+    retained: torch.Tensor, config: RECEConfig, preserve_scale: float,
+) -> tuple[dict[str, torch.Tensor], EditRows]:
+    """One round: c' for each concept (N x 77 x d), then UCE maps every row of c' to the guide's row on the current weights."""
+    adversarial = torch.stack([derive_embedding(current, original, c, config.reg_scale).cpu() for c in concepts])
+    rows = EditRows(adversarial.flatten(0, 1), guide.expand(len(concepts), -1, -1).flatten(0, 1), retained)
+    return uce_edit(current, rows, config.lam, config.erase_scale, preserve_scale), rows
+
+
+def _select(pipe: StableDiffusionPipeline, snapshots: list[dict[str, torch.Tensor]], selector: RoundSelector | None) -> tuple[int, list[float]]:
+    """The chosen round (1-based) and every round's score."""
+    if selector is None:
+        return len(snapshots), []
+    scores = []
+    for r, weights in enumerate(snapshots, start=1):
+        previous = applied(pipe.unet, weights)
+        try:
+            scores.append(float(selector(pipe, r)))
+        finally:
+            applied(pipe.unet, previous)
+    return 1 + min(range(len(scores)), key=lambda i: scores[i]), scores
+
+
+@register_method(
+    "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
+    RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}},
+)
+def fit_rece(pipe: StableDiffusionPipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
+    """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""
+    started = time.perf_counter()
+    prompts = resolve_prompts(pipe, request, config)
+    base_hash = weights_hash(pipe)
+    original = weights_of(pipe.unet, config.edit_keys)
+    start_rows = edit_rows(pipe, prompts.erase, prompts.guides, prompts.retain, config.key_rows)
+    current = uce_edit(original, start_rows, config.lam, config.erase_scale, prompts.preserve_scale)
+    concepts = encoder_rows(pipe, prompts.targets)
+    guide = encoder_rows(pipe, [prompts.guide])[0]
+    # the reference's rounds retain '' plus the preserve list, every one of their 77 rows
+    retain = list(dict.fromkeys(["", *prompts.retain]))
+    retained = encoder_rows(pipe, retain).flatten(0, 1)
+    history: list[dict[str, Any]] = [{"round": 0, "stage": "uce", "relative_change": relative_change(current, original)}]
+    snapshots = []
+    for r in range(1, config.rounds + 1):
+        previous = current
+        current, rows = rece_round(previous, original, concepts, guide, retained, config, prompts.preserve_scale)
+        snapshots.append(current)
+        shift = float((rows.erase_keys.view_as(concepts) - concepts).norm() / concepts.norm())
+        erase_loss, preserve_loss = residuals(current, previous, rows)
+        record = {
+            "step": r, "round": r, "stage": "rece", "erase_loss": round(erase_loss, 8), "preserve_loss": round(preserve_loss, 8),
+            "embedding_shift": round(shift, 6), "relative_change": relative_change(current, original),
+        }
+        history.append(record)
+        if progress:
+            progress(r, config.rounds, record)
+    chosen, scores = _select(pipe, snapshots, config.round_selector)
+    history.append({"chosen_round": chosen, "scores": [round(s, 6) for s in scores]})
+    return result(pipe, "rece", prompts, request, snapshots[chosen - 1], config, base_hash, history, started)
