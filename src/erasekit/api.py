@@ -21,9 +21,13 @@ def erase(
     preserve: Sequence[str] = (),
     budget: str | None = None,
     progress: Progress | None = None,
+    checkpoint: Any = None,
     **overrides: Any,
 ) -> ErasureResult:
-    """Erase ``concepts`` from ``pipe``; the pipeline is left unchanged, apply the result with ``result.apply(pipe)``."""
+    """Erase ``concepts`` from ``pipe``; the pipeline is left unchanged, apply the result with ``result.apply(pipe)``.
+
+    ``checkpoint`` (a :class:`erasekit.methods.checkpoint.CheckpointSpec`) saves the run there and resumes from it.
+    """
     spec = get_method(method)
     targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
     if not targets:
@@ -32,7 +36,7 @@ def erase(
         config = make_config(spec, budget, **overrides)
     elif overrides or budget:
         raise ErasekitError("pass either a config object or keyword settings, not both")
-    return spec.fit(pipe, ErasureRequest(targets=targets, preserve=tuple(preserve)), config, progress)
+    return spec.fit(pipe, ErasureRequest(targets=targets, preserve=tuple(preserve), checkpoint=checkpoint), config, progress)
 
 
 def available_methods() -> dict[str, str]:

@@ -176,41 +176,63 @@ def _describe(record: dict[str, Any]) -> str:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def erase(
     ctx: typer.Context,
-    concept: list[str] = typer.Option(..., "--concept", "-c", help="Concept to erase (repeat for several)."),
+    concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to erase (repeat for several)."),
     model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
     method: str = typer.Option("eap", "--method", help="Registered method (see `erasekit methods`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (delta.safetensors, history.json, run.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to create (delta.safetensors, history.json, run.json)."),
     preserve: list[str] = typer.Option([], "--preserve", help="Concept to keep, in addition to the adversarial one (repeatable)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Preset: paper (defaults), fast, toy (default on --model toy)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of method settings."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Model steps between checkpoints in OUT.partial/ (0: only on Ctrl-C)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run whose --out was this folder."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print the method's settings and exit."),
 ) -> None:
     """Erase concept(s) from a model; method settings are flags too (e.g. --iterations 200 --k 40)."""
     with user_errors():
         from erasekit.methods import get_method, make_config
+        from erasekit.methods.checkpoint import CheckpointSpec
 
-        spec = get_method(method)
-        concept = [c.strip() for c in concept]
-        if any(not c for c in concept):
-            raise ErasekitError("empty concept; give a word or phrase such as 'circle'")
-        if show_settings:
-            for f in dataclasses.fields(spec.config_class):
-                typer.echo(f"--{f.name.replace('_', '-'):20s} {f.default!r:10} {f.metadata.get('help', '')}")
-            return
-        settings = read_toml_config(config, method, spec.config_class) if config else {}
-        settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
-        if budget is None and model == "toy":
-            budget = "toy"
-        cfg = make_config(spec, budget, **settings)
-        if out.exists():
-            raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
-        if not out.parent.exists():
-            raise ErasekitError(f"folder {out.parent} does not exist; create it first")
+        if resume is not None:
+            request = read_request(resume)
+            out, model, method, device = resume, request["model"], request["method"], request.get("device", device)
+            concept, preserve = request["concepts"], request["preserve"]
+            spec = get_method(method)
+            cfg = make_config(spec, None, **request["config"])
+            checkpoint_every = int(request["checkpoint_every"])
+        else:
+            spec = get_method(method)
+            concept = [c.strip() for c in concept]
+            if show_settings:
+                for f in dataclasses.fields(spec.config_class):
+                    typer.echo(f"--{f.name.replace('_', '-'):20s} {f.default!r:10} {f.metadata.get('help', '')}")
+                return
+            if not concept or any(not c for c in concept):
+                raise ErasekitError("empty concept (or none given); pass --concept WORD such as 'circle'")
+            if out is None:
+                raise ErasekitError("missing --out; name the run folder to create")
+            if checkpoint_every < 0:
+                raise ErasekitError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+            settings = read_toml_config(config, method, spec.config_class) if config else {}
+            settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
+            if budget is None and model == "toy":
+                budget = "toy"
+            cfg = make_config(spec, budget, **settings)
+            if out.exists():
+                raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
+            if not out.parent.exists():
+                raise ErasekitError(f"folder {out.parent} does not exist; create it first")
+            if partial_dir(out).exists():
+                raise ErasekitError(f"an interrupted run is in {partial_dir(out)}; continue it with `erasekit erase --resume {out}` or delete that folder")
         from erasekit.api import erase as run_erase
         from erasekit.models import load_pipeline
 
         pipe = load_pipeline(model, device=device)
+        work = partial_dir(out)
+        if resume is None:
+            work.mkdir()
+            write_request(work, {"model": model, "method": method, "concepts": concept, "preserve": list(preserve), "device": device,
+                                 "config": dataclasses.asdict(cfg), "checkpoint_every": checkpoint_every, "argv": sys.argv})
         total = getattr(cfg, "iterations", 1)
         console.print(plan_line(method, cfg))
         with _progress_bar() as bar:
@@ -221,9 +243,45 @@ def erase(
                 bar.update(task, completed=step, info=_describe(rec))
                 estimate.tick(step)
 
-            result = run_erase(pipe, concept, method=method, config=cfg, preserve=preserve, progress=report)
+            try:
+                result = run_erase(pipe, concept, method=method, config=cfg, preserve=preserve, progress=report,
+                                   checkpoint=CheckpointSpec(work, checkpoint_every))
+            except ErasekitError as exc:
+                if (work / "checkpoint.safetensors").exists():
+                    raise ErasekitError(f"{exc}; continue with `erasekit erase --resume {out}`") from None
+                if resume is None:  # nothing worth keeping: leave no trace of the failed start
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
         write_run(out, result, model, sys.argv)
+        shutil.rmtree(work, ignore_errors=True)
         console.print(f"wrote {out / 'delta.safetensors'} ({result.timings.get('total_s', 0):.1f} s)")
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run keeps its request and checkpoints until it finishes."""
+    return out.with_name(out.name + ".partial")
+
+
+def write_request(work: Path, request: dict[str, Any]) -> None:
+    """Record what the run was asked to do, so --resume can redo it exactly."""
+    from erasekit.models import atomic_write_text
+
+    atomic_write_text(work / "request.json", json.dumps(request, indent=1, default=str))
+
+
+def read_request(out: Path) -> dict[str, Any]:
+    """The request of an interrupted run, or a one-line error saying why it cannot resume."""
+    if out.exists() and (out / "delta.safetensors").exists():
+        raise ErasekitError(f"{out} already finished; nothing to resume")
+    path = partial_dir(out) / "request.json"
+    if not path.is_file():
+        raise ErasekitError(f"no interrupted run for {out} (no {path}); start it with `erasekit erase --out {out} ...`")
+    try:
+        request = json.loads(path.read_text(encoding="utf-8"))
+        request["config"], request["model"], request["method"]  # noqa: B018  (presence check)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ErasekitError(f"{path} is damaged ({exc}); delete {partial_dir(out)} and start again") from None
+    return request
 
 
 def plan_line(method: str, cfg: Any) -> str:

@@ -24,6 +24,7 @@ class ErasureRequest:
 
     targets: tuple[str, ...]
     preserve: tuple[str, ...] = ()
+    checkpoint: Any = None  # a methods.checkpoint.CheckpointSpec: save/resume the run there
 
 
 class Method(Protocol):
@@ -141,7 +142,9 @@ class TrainableUNet:
         self.lora = train_method == "lora"
         self.frozen_copy = copy.deepcopy(self.unet) if separate_copy else None
         if self.lora:
-            self.params = add_lora(self.unet, lora_rank)
+            with torch.random.fork_rng():  # LoRA's init draws from the global RNG: make it a function of nothing global
+                torch.manual_seed(0)
+                self.params = add_lora(self.unet, lora_rank)
             self.originals: dict[str, torch.Tensor] = {}
         else:
             self.params = select_parameters(self.unet, train_method)

@@ -131,6 +131,25 @@ class GumbelSearch:
         p = torch.softmax(self.logits[target].detach(), dim=0)
         return {w: round(float(v), 6) for w, v in zip(self.candidates[target], p)}
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Logits and optimiser state, for checkpoints."""
+        from erasekit.methods.checkpoint import optimizer_tensors
+
+        tensors, groups = optimizer_tensors(self.optimizer, "opt")
+        tensors.update({f"logits.{j}": l.detach() for j, l in enumerate(self.logits)})
+        return tensors, {"opt_groups": groups, "candidates": self.candidates}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state` (the candidates must be the same)."""
+        from erasekit.methods.checkpoint import load_optimizer_tensors
+
+        if meta.get("candidates") != self.candidates:
+            raise ErasekitError("the checkpoint's candidate concepts differ from this run's; resume with the same model and settings")
+        with torch.no_grad():
+            for j, logits in enumerate(self.logits):
+                logits.copy_(tensors[f"logits.{j}"])
+        load_optimizer_tensors(self.optimizer, tensors, "opt", meta["opt_groups"])
+
     def summary(self) -> dict[str, Any]:
         """Candidates and their final probabilities per target."""
         return {"probabilities": [self.probabilities(j) for j in range(len(self.candidates))]}
@@ -186,6 +205,16 @@ class PGDSearch:
     def leader(self, target: int) -> str:
         """PGD has no discrete leader; report the distance moved."""
         return f"<pgd |d|={(self.embs[target].detach() - self.origin[target]).norm().item():.3g}>"
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The current embeddings, for checkpoints."""
+        return {f"emb.{j}": e.detach() for j, e in enumerate(self.embs)}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+        with torch.no_grad():
+            for j, emb in enumerate(self.embs):
+                emb.copy_(tensors[f"emb.{j}"])
 
     def summary(self) -> dict[str, Any]:
         """How far each embedding moved."""

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from erasekit.concepts import check_prompt, encode
+from erasekit.errors import ErasekitError
+from erasekit.methods import checkpoint as ckpt
 from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target
 from erasekit.models import model_id, weights_hash
 from erasekit.result import ErasureResult
@@ -87,6 +89,24 @@ class Setup:
     base_hash: str
     started: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: ckpt.CheckpointSpec | None = None
+    done: int = 0  # completed model steps
+    saved: int = 0  # model steps in the newest checkpoint
+
+    def after_step(self, erase: torch.Tensor, preserve: torch.Tensor, search: Any, boundary: bool) -> None:
+        """Guard against NaN/inf and checkpoint at round boundaries every ``checkpoint.every`` steps."""
+        if not (torch.isfinite(erase) and torch.isfinite(preserve)):
+            where = f"; the last good checkpoint (step {self.saved}) is kept in {self.checkpoint.folder}" if self.checkpoint and self.saved else ""
+            raise ErasekitError(f"the loss became {erase.item():.3g}/{preserve.item():.3g} (erase/preserve) at step {self.done}{where}; lower --lr and run again")
+        spec = self.checkpoint
+        if spec and spec.every and boundary and self.done % spec.every == 0 and self.done < self.config.iterations:
+            self.save(search)
+
+    def save(self, search: Any) -> None:
+        """Write a checkpoint of the completed steps."""
+        if self.checkpoint is not None:
+            ckpt.save(self.checkpoint, self.done, self, search)
+            self.saved = self.done
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -135,7 +155,7 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
     erase + lambda * preserve while the logits ascend preserve (their gradient's sign is flipped).
     """
     cfg, tr = s.config, s.trainable
-    for step in range(cfg.iterations):
+    for step in range(s.done, cfg.iterations):
         if step % rollout_reuse == 0:
             j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
             k, t_int, start = s.draw_rollout_point()
@@ -160,15 +180,18 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
         s.optimizer.step()
         if search:
             search.ascend(j)
+        s.done = step + 1
         _record(s, step + 1, j, erase, preserve, draw, search, progress)
+        s.after_step(erase, preserve, search, boundary=s.done % rollout_reuse == 0)
 
 
 def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Progress | None) -> None:
     """The reference's cost structure: 2 x iterations, even = model step, odd = search step; each
     iteration redoes one rollout per concept (CFG at batch 2) and one forward per loss term."""
     cfg, tr = s.config, s.trainable
-    rounds = 2 * cfg.iterations if search else cfg.iterations
-    for it in range(rounds):
+    per_step = 2 if search else 1
+    rounds = per_step * cfg.iterations
+    for it in range(per_step * s.done, rounds):
         model_step = search is None or it % 2 == 0
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
         k, t_int, start = s.draw_rollout_point()
@@ -197,11 +220,14 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
                     logits.grad = None
                 for emb in getattr(search, "embs", []):
                     emb.grad = None
-            _record(s, it // (2 if search else 1) + 1, j, erase, preserve, draw, search, progress)
+            _record(s, it // per_step + 1, j, erase, preserve, draw, search, progress)
         else:
             preserve.backward()
             s.optimizer.zero_grad(set_to_none=True)
             search.ascend(j)  # type: ignore[union-attr]
+        if (it + 1) % per_step == 0:
+            s.done = (it + 1) // per_step
+            s.after_step(erase, preserve, search, boundary=True)
 
 
 def finetune(
@@ -218,12 +244,22 @@ def finetune(
 ) -> ErasureResult:
     """Erase ``request.targets`` with the ESD objective plus adversarial/explicit preservation terms."""
     s = setup or prepare(pipe, request, config, separate_copy=faithful)
+    if request.checkpoint is not None:
+        s.checkpoint = request.checkpoint
+        s.done = s.saved = ckpt.load(request.checkpoint, s, search)
     setup_s = time.perf_counter() - s.started
     try:
-        if faithful:
-            faithful_loop(s, loss_space, search, progress)
-        else:
-            fast_loop(s, loss_space, search, rollout_reuse, progress)
+        try:
+            if faithful:
+                faithful_loop(s, loss_space, search, progress)
+            else:
+                fast_loop(s, loss_space, search, rollout_reuse, progress)
+        except KeyboardInterrupt:
+            at_boundary = faithful or s.done % rollout_reuse == 0
+            if s.checkpoint is not None and at_boundary and s.done > s.saved:
+                s.save(search)
+            where = f"a checkpoint of step {s.saved} is in {s.checkpoint.folder}" if s.checkpoint and s.saved else "no checkpoint was written"
+            raise ErasekitError(f"interrupted after step {s.done}; {where}") from None
         delta, kind = s.trainable.delta()
     finally:
         s.trainable.restore()

@@ -1,0 +1,88 @@
+"""Checkpoints: a run killed with SIGKILL (or Ctrl-C) and resumed gives the uninterrupted run's delta, bitwise."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import erasekit
+from erasekit.errors import ErasekitError
+from erasekit.methods.checkpoint import CheckpointSpec
+from erasekit.result import load_result
+
+from conftest import tiny_pipeline
+
+ARGS = ["-c", "circle", "--method", "eap", "--k", "8", "--n-centres", "3", "--iterations", "40", "--ddim-steps", "20",
+        "--lr", "1e-3", "--checkpoint-every", "4"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from erasekit.cli import main; main()", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_sigkilled_run_resumes_to_the_same_delta(tiny_dir: Path, tmp_path: Path, words_file: Path) -> None:
+    common = ["erase", "--model", str(tiny_dir), "--concept-space", str(words_file), *ARGS]
+    full = subprocess.run(_cli(*common, "--out", str(tmp_path / "full")), env=_env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    killed_out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--out", str(killed_out)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed.partial" / "checkpoint.safetensors"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not killed_out.exists(), "the run must have been killed mid-way"
+
+    resumed = subprocess.run(_cli("erase", "--resume", str(killed_out)), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / "killed.partial").exists()
+    a = load_result(tmp_path / "full" / "delta.safetensors").delta
+    b = load_result(killed_out / "delta.safetensors").delta
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _settings(words: Path) -> dict:
+    return dict(method="eap", concept_space=str(words), k=8, n_centres=3, iterations=10, ddim_steps=3, lr=1e-3, rollout_reuse=2)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path: Path, words_file: Path) -> None:
+    reference = erasekit.erase(tiny_pipeline(), "circle", **_settings(words_file))
+    spec = CheckpointSpec(tmp_path / "work", every=0)
+
+    def interrupt(step: int, total: int, record: dict) -> None:
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ErasekitError, match="checkpoint of step 6"):
+        erasekit.erase(tiny_pipeline(), "circle", progress=interrupt, checkpoint=spec, **_settings(words_file))
+    resumed = erasekit.erase(tiny_pipeline(), "circle", checkpoint=spec, **_settings(words_file))
+    assert all(torch.equal(reference.delta[k], resumed.delta[k]) for k in reference.delta)
+    assert [h["step"] for h in resumed.history if "step" in h] == list(range(1, 11))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path: Path, words_file: Path) -> None:
+    spec = CheckpointSpec(tmp_path / "work", every=2)
+    settings = {**_settings(words_file), "lr": 1e12, "rollout_reuse": 1}
+    with pytest.raises(ErasekitError, match="the loss became") as info:
+        erasekit.erase(tiny_pipeline(), "circle", checkpoint=spec, **settings)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, words_file: Path) -> None:
+    spec = CheckpointSpec(tmp_path / "work", every=2)
+    erasekit.erase(tiny_pipeline(), "circle", checkpoint=CheckpointSpec(spec.folder, 2), **{**_settings(words_file), "iterations": 4})
+    with pytest.raises(ErasekitError, match="other settings"):
+        erasekit.erase(tiny_pipeline(), "circle", checkpoint=spec, **_settings(words_file))
