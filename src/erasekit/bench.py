@@ -87,3 +87,46 @@ if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     res = worker(json.loads(sys.argv[1]))
     Path(sys.argv[2]).write_text(json.dumps(res))
+
+
+def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = True, log: Any = print) -> dict[str, Any]:
+    """Issue 7's side-by-side: fast vs faithful EAP (and ESD-x) on the toy world, plus SD-1.4-architecture steps."""
+    import platform
+
+    from erasekit.eval.runner import evaluate
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs: dict[str, dict[str, Any]] = {}
+        for name, method, settings in (
+            ("fast", "eap", {}),
+            ("faithful", "eap", {"faithful": True}),
+            ("esd-x", "esd-x", {}),
+        ):
+            delta = str(Path(tmp) / f"{name}.safetensors")
+            runs[name] = measure({"model": "toy", "method": method, "concept": concept, "budget": "toy", "settings": settings, "delta": delta})
+            log(f"toy {name:9s}: {runs[name]['wall_s']:.1f} s wall, {runs[name]['seconds_per_step']:.3f} s/step, peak RSS {runs[name]['peak_rss_mib']:.0f} MiB")
+            if name != "esd-x":
+                metrics = evaluate(delta, "toy-objects", model="toy", images_per_class=images_per_class, cache_dir=Path(tmp) / "cache")
+                head = metrics["metrics"]["erased"]["headline"]
+                runs[name].update(esr1=head["ESR-1"], psr1=head["PSR-1"])
+                log(f"toy {name:9s}: ESR-1 {head['ESR-1']:.1f} %, PSR-1 {head['PSR-1']:.1f} % ({images_per_class} images per class)")
+        out.update(
+            time_ratio_fast_vs_faithful=runs["fast"]["wall_s"] / runs["faithful"]["wall_s"],
+            memory_ratio_fast_vs_faithful=runs["fast"]["peak_rss_mib"] / runs["faithful"]["peak_rss_mib"],
+            time_ratio_fast_vs_esd=runs["fast"]["wall_s"] / runs["esd-x"]["wall_s"],
+            esr1_fast=runs["fast"]["esr1"], esr1_faithful=runs["faithful"]["esr1"],
+            psr1_fast=runs["fast"]["psr1"], psr1_faithful=runs["faithful"]["psr1"],
+        )
+    if sd14:
+        sd: dict[str, dict[str, Any]] = {}
+        for name, extra in (("fast", {}), ("faithful", {"faithful": True})):
+            settings = {"iterations": 3, "ddim_steps": 10, "k": 8, "n_centres": 3, "rollout_reuse": 1, **extra}
+            sd[name] = measure({"model": "sd14", "method": "eap", "concept": "a cat", "settings": settings})
+            log(f"sd-1.4 arch {name:9s}: {sd[name]['seconds_per_step']:.1f} s/step, peak RSS {sd[name]['peak_rss_mib']:.0f} MiB ({SD14_NOTE})")
+        out.update(
+            sd14_step_ratio_fast_vs_faithful=sd["fast"]["seconds_per_step"] / sd["faithful"]["seconds_per_step"],
+            sd14_memory_ratio_fast_vs_faithful=sd["fast"]["peak_rss_mib"] / sd["faithful"]["peak_rss_mib"],
+        )
+    log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default")
+    return out

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from erasekit import __version__
 from erasekit.errors import ErasekitError
+from erasekit.compare import compare  # noqa: E402
 from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
@@ -33,6 +34,7 @@ app.add_typer(world_app, name="world")
 app.command()(evaluate)
 app.command()(report)
 app.command()(spectrum)
+app.command()(compare)
 console = Console(stderr=True)
 
 

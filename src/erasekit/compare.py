@@ -1,0 +1,382 @@
+"""`erasekit compare`: erase one concept with several methods under the same seeds, evaluate each, and tabulate.
+
+Every method's erasure runs in its own subprocess (``python -m erasekit.compare``), so its wall time and
+peak memory are its own: peak RSS is the child's ``ru_maxrss`` read with ``os.wait4``, which counts the
+imports and the loaded pipeline (the same for every method) plus what the method itself needs. ``wall s``
+is the ``erase()`` call alone (no imports, no model load, no saving). In-process mode (``isolate=False``,
+for tests and debugging) reports the process's high-water RSS instead, which includes earlier work.
+Evaluation runs in the calling process with one generation cache (OUT/cache): the base model's images are
+generated once and reused by every method's evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from erasekit.errors import ErasekitError
+from erasekit.world.cli import user_errors
+
+# progress(task label, completed, total or None, info)
+CompareProgress = Callable[[str, int, Optional[int], str], None]
+MARK = "@erasekit-progress "  # prefix of the child's progress lines on its stdout
+SKIPPED_KEYS = ("FID",)  # image-distance columns stay in report.html; the table holds rates
+
+
+def default_suites(concepts: Sequence[str]) -> list[str]:
+    """The toy suites that fit: objects -> toy-objects, styles -> toy-styles, the implicit concept -> toy-implicit.
+
+    For the implicit concept toy-objects is added too: nothing is erased there, so its PSR measures what the erasure broke.
+    """
+    from erasekit.eval.suites import _norm, match_names, object_aliases, style_aliases
+    from erasekit.world.vocab import load_vocab
+
+    vocab = load_vocab()
+    implicit = {_norm(vocab.implicit_name), *(_norm(p) for p in vocab.raw["implicit"].get("named_phrases", []))}
+    chosen = []
+    if match_names(concepts, object_aliases(vocab)):
+        chosen.append("toy-objects")
+    if match_names(concepts, style_aliases(vocab)):
+        chosen.append("toy-styles")
+    if any(_norm(c) in implicit or _norm(vocab.implicit_name) in _norm(c).split() for c in concepts):
+        chosen += ["toy-implicit"] + ([] if "toy-objects" in chosen else ["toy-objects"])
+    if not chosen:
+        raise ErasekitError(f"no evaluation suite fits {', '.join(map(repr, concepts))} (not a toy object, style or '{vocab.implicit_name}'); pass --suite")
+    return chosen
+
+
+def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`METHOD.KEY=VALUE` strings -> {method: {key: value}}, converted to each config field's type."""
+    from erasekit.cli import parse_method_flags
+    from erasekit.methods import get_method
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, eq, value = item.partition("=")
+        method, dot, key = head.partition(".")
+        if not (eq and dot and method and key):
+            raise ErasekitError(f"--set expects METHOD.KEY=VALUE (e.g. eap.iterations=20), got {item!r}")
+        if method not in methods:
+            raise ErasekitError(f"--set {item!r} names {method!r}, which is not being compared; compared: {', '.join(methods)}")
+        out.setdefault(method, {}).update(parse_method_flags(get_method(method).config_class, [f"--{key}={value}"]))
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one table cell: the message of an ErasekitError, else its type and message."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, ErasekitError) else f"{type(exc).__name__}: {text}"
+
+
+def _mib(maxrss: int) -> float:
+    return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0  # bytes on macOS, KiB on Linux
+
+
+def erase_argv(spec: Mapping[str, Any]) -> list[str]:
+    """The `erasekit erase` command equivalent to one method's run (recorded in its run.json)."""
+    argv = ["erasekit", "erase", "--model", spec["model"], *[a for c in spec["concepts"] for a in ("-c", c)], "--method", spec["method"],
+            "--out", spec["out"], *[a for p in spec["preserve"] for a in ("--preserve", p)]]
+    argv += ["--budget", spec["budget"]] if spec["budget"] else []
+    return argv + [f"--{k.replace('_', '-')}={v}" for k, v in spec["settings"].items()]
+
+
+def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Load the model, erase with one method, write the run folder; returns the erase time and the RSS before erasing."""
+    import resource
+
+    import torch
+
+    from erasekit.api import erase
+    from erasekit.cli import write_run
+    from erasekit.methods import get_method, make_config
+    from erasekit.models import load_pipeline
+
+    pipe = load_pipeline(spec["model"], device=spec["device"])
+    loaded = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    config = make_config(get_method(spec["method"]), spec["budget"], **spec["settings"])
+    torch.manual_seed(spec["seed"])
+
+    def report(step: int, total: int, record: dict[str, Any]) -> None:
+        if progress:
+            losses = " ".join(f"{k.removesuffix('_loss')} {record[k]:.3g}" for k in ("erase_loss", "preserve_loss") if isinstance(record.get(k), float))
+            progress(step, total, losses)
+
+    started = time.perf_counter()
+    result = erase(pipe, spec["concepts"], method=spec["method"], config=config, preserve=spec["preserve"], progress=report)
+    erase_s = time.perf_counter() - started
+    write_run(Path(spec["out"]), result, spec["model"], erase_argv(spec))
+    out = {"erase_s": erase_s, "loaded_rss_mib": loaded, "timings": dict(result.timings)}
+    if spec["device"].startswith("cuda"):
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _run_isolated(spec: dict[str, Any], log: Path, progress: Callable[[int, int, str], None]) -> dict[str, Any]:
+    """Run :func:`erase_one` in a fresh interpreter; its stderr goes to ``log``; adds its peak RSS (os.wait4)."""
+    spec_file, result_file = log.with_suffix(".spec.json"), log.with_suffix(".result.json")
+    spec_file.write_text(json.dumps(spec, indent=1))
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "erasekit.compare", str(spec_file), str(result_file)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(MARK):
+                step, total, info = json.loads(line[len(MARK):])
+                progress(step, total, info)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    record = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if proc.returncode != 0 or "error" in record or "erase_s" not in record:
+        last = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        raise ErasekitError(record.get("error") or (last[-1] if last else f"the worker exited with status {proc.returncode}"))
+    return {**record, "peak_rss_mib": _mib(usage.ru_maxrss), "process_s": time.perf_counter() - started,
+            "memory": "peak RSS of the method's own process (os.wait4 ru_maxrss)"}
+
+
+def _run_in_process(spec: dict[str, Any], progress: Callable[[int, int, str], None]) -> dict[str, Any]:
+    import resource
+
+    started = time.perf_counter()
+    record = erase_one(spec, progress)
+    return {**record, "peak_rss_mib": _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), "process_s": time.perf_counter() - started,
+            "memory": "high-water RSS of the calling process (in-process mode; includes earlier work)"}
+
+
+def _headline(record: dict[str, Any], model: str) -> dict[str, Any]:
+    values = dict(record["metrics"].get(model, {}).get("headline", {}))
+    return {k: v for k, v in values.items() if not any(s in k for s in SKIPPED_KEYS)}
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The comparison as a Markdown table: a base row, then one row per method (errors in the note column)."""
+    keys = list(dict.fromkeys(k for row in [summary["base"], *summary["rows"]] for values in row["metrics"].values() for k in values))
+    failed = any(row.get("error") for row in summary["rows"])
+    columns = ["method", *keys, "wall s", "peak MiB", *(["note"] if failed else [])]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    def metrics(row: dict[str, Any]) -> list[str]:
+        merged = {k: v for values in row["metrics"].values() for k, v in values.items()}
+        return [_cell(merged.get(k)) for k in keys]
+
+    rows = [line(["base (no erasure)", *metrics(summary["base"]), "–", "–", *([""] if failed else [])])]
+    for row in summary["rows"]:
+        note = [f"failed: {row['error']}" if row.get("error") else ""] if failed else []
+        rows.append(line([row["method"], *metrics(row), _cell(row.get("wall_s")), _cell(row.get("peak_rss_mib")), *note]))
+    title = f"{', '.join(summary['concepts'])} erased from {summary['model']}; suites: {', '.join(summary['suites'])}; seed {summary['seed']}"
+    align = ["---", *["---:"] * (len(keys) + 2), *(["---"] if failed else [])]
+    return "\n".join([f"### {title}", "", line(columns), line(align), *rows]) + "\n"
+
+
+def _save(out: Path, summary: dict[str, Any]) -> None:
+    from erasekit.models import atomic_write_text, json_dumps
+
+    atomic_write_text(out / "compare.json", json_dumps(summary))
+    atomic_write_text(out / "compare.md", markdown(summary))
+
+
+def compare_methods(
+    model: str,
+    concepts: str | Sequence[str],
+    out: str | Path,
+    methods: Sequence[str] | None = None,
+    budget: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    suites: Sequence[str] | None = None,
+    preserve: Sequence[str] = (),
+    images_per_class: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    judge: str | None = None,
+    device: str = "cpu",
+    isolate: bool = True,
+    progress: CompareProgress | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Erase ``concepts`` with every method (default: all registered) under one seed; evaluate each; write OUT.
+
+    OUT gets one run folder per method (as `erasekit erase` writes it, plus its eval-<suite>.json), cache/,
+    logs/, compare.json, compare.md and report.html. ``budget`` defaults to each method's 'toy' preset on the
+    toy model; ``overrides`` maps a method to settings on top of it. A failing method is recorded and skipped.
+    """
+    import torch
+
+    from erasekit.eval.runner import evaluate
+    from erasekit.eval.scorers import find_judge
+    from erasekit.eval.suites import get_suite, resolve_settings
+    from erasekit.methods import get_method, make_config, registry
+
+    targets = [concepts] if isinstance(concepts, str) else list(concepts)
+    targets = [c.strip() for c in targets]
+    if not targets or any(not c for c in targets):
+        raise ErasekitError("empty concept; give a word or phrase such as 'circle'")
+    names = list(dict.fromkeys(methods)) if methods is not None else sorted(registry())
+    if not names:
+        raise ErasekitError(f"no method to compare; choose from: {', '.join(sorted(registry()))}")
+    specs = {name: get_method(name) for name in names}
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    if unknown := [m for m in overrides if m not in specs]:
+        raise ErasekitError(f"settings given for {', '.join(unknown)}, which is not being compared; compared: {', '.join(names)}")
+    out = Path(out)
+    if out.exists():
+        raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
+    if not out.parent.is_dir():
+        raise ErasekitError(f"folder {out.parent} does not exist; create it first")
+    if os.path.isdir(model):
+        model = str(Path(model).resolve())  # runs are evaluated (and re-run) from any working folder
+    budget = budget or ("toy" if model == "toy" else None)
+    settings: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        fields = {f.name for f in dataclasses.fields(spec.config_class)}
+        settings[name] = {**({"seed": seed} if "seed" in fields else {}), **overrides.get(name, {})}
+        make_config(spec, budget, **settings[name])  # refuse bad settings before anything runs
+    suite_names = list(dict.fromkeys(suites)) if suites else default_suites(targets)
+    for suite in suite_names:
+        resolved = resolve_settings(get_suite(suite), images_per_class=images_per_class, steps=steps, seed=seed, judge=judge)
+        if get_suite(suite).scorer == "judge":
+            find_judge(resolved.judge, model)
+    tell = progress or (lambda label, done, total, info: None)
+    eval_kwargs = {"images_per_class": images_per_class, "steps": steps, "seed": seed, "judge": judge, "device": device,
+                   "cache_dir": out / "cache", "command": command}
+
+    def images(label: str) -> Callable[[str, int, int], None]:
+        done: dict[str, int] = {}
+
+        def tick(name: str, n: int, total: int) -> None:
+            done[name] = done.get(name, 0) + n
+            tell(f"{label} {name}", done[name], total, "images")
+
+        return tick
+
+    out.mkdir()
+    (out / "logs").mkdir()
+    summary: dict[str, Any] = {
+        "model": model, "concepts": targets, "preserve": list(preserve), "methods": names, "budget": budget, "suites": suite_names,
+        "seed": seed, "images_per_class": images_per_class, "steps": steps, "judge": judge, "device": device, "isolate": isolate,
+        "threads": torch.get_num_threads(), "command": command,
+        "notes": {"wall_s": "the erase() call alone (no imports, model load or saving)", "peak_rss_mib": "see each row's 'memory'"},
+        "base": {"metrics": {}, "generated": {}}, "rows": [], "report": None,
+    }
+    try:  # the base model's images, generated once into the shared cache
+        for suite in suite_names:
+            record = evaluate(model, suite, erased=targets, progress=images(suite), **eval_kwargs)
+            summary["base"]["metrics"][suite] = _headline(record, "base")
+            summary["base"]["generated"][suite] = record["generated"]["base"]
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing ran yet: leave no half-made OUT behind
+        raise
+    _save(out, summary)
+    for name in names:
+        spec = {"model": model, "concepts": targets, "method": name, "out": str(out / name), "preserve": list(preserve), "budget": budget,
+                "settings": settings[name], "seed": seed, "device": device, "threads": torch.get_num_threads()}
+        row: dict[str, Any] = {"method": name, "run": name, "settings": settings[name], "metrics": {}, "generated": {}}
+        erase_progress = lambda step, total, info, name=name: tell(f"{name} erase", step, total, info)  # noqa: E731
+        try:
+            row.update(_run_isolated(spec, out / "logs" / f"{name}.log", erase_progress) if isolate else _run_in_process(spec, erase_progress))
+            row["wall_s"] = row.pop("erase_s")
+            for suite in suite_names:
+                record = evaluate(str(out / name), suite, progress=images(f"{name} {suite}"), **eval_kwargs)
+                row["metrics"][suite] = _headline(record, "erased")
+                row["generated"][suite] = record["generated"]
+        except Exception as exc:  # noqa: BLE001  one method's failure must not lose the others' results
+            row["error"] = one_line(exc)
+        summary["rows"].append(row)
+        _save(out, summary)
+    evaluated = [str(out / r["run"]) for r in summary["rows"] if not r.get("error")]
+    if evaluated:
+        from erasekit.eval.report import write_report
+
+        write_report(evaluated, out / "report.html")
+        summary["report"] = "report.html"
+    _save(out, summary)
+    return summary
+
+
+def compare(
+    concept: list[str] = typer.Option(..., "--concept", "-c", help="Concept to erase (repeat for several)."),
+    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
+    methods: list[str] = typer.Option([], "--methods", help="Methods to compare, comma-separated or repeated (default: every registered one)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to create: one run per method, compare.md/.json, report.html."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Preset for every method: paper, fast, toy (default on --model toy)."),
+    setting: list[str] = typer.Option([], "--set", help="A method's setting, METHOD.KEY=VALUE (repeatable), e.g. eap.iterations=50."),
+    suite: list[str] = typer.Option([], "--suite", "-s", help="Evaluation suite (repeatable; default: the toy suites that fit the concept)."),
+    preserve: list[str] = typer.Option([], "--preserve", help="Concept every method keeps (repeatable)."),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Evaluation images per class (default: the suite's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Evaluation DDIM steps (default: the suite's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every method's run and of the evaluation."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    isolate: bool = typer.Option(True, "--isolate/--in-process", help="Run each erasure in its own process (honest peak memory) or in this one."),
+) -> None:
+    """Erase a concept with several methods under the same seeds, evaluate each, and write one comparison table."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with user_errors():
+        names = [n.strip() for item in methods for n in item.split(",") if n.strip()] if methods else None
+        if methods and not names:
+            raise ErasekitError("--methods is empty; name at least one method, separated by commas")
+        from erasekit.methods import registry
+
+        overrides = parse_settings(setting, names or sorted(registry()))
+        console = Console(stderr=True)
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+            tasks: dict[str, Any] = {}
+
+            def tick(label: str, done: int, total: Optional[int], info: str) -> None:
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=total, info=info)
+                bar.update(tasks[label], completed=done, total=total, info=info)
+
+            summary = compare_methods(model, concept, out, names, budget, overrides, suite or None, preserve, images_per_class, steps, seed, judge,
+                              device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]))
+        typer.echo(markdown(summary))
+        written = ", ".join(str(out / f) for f in ("compare.md", "compare.json", *(["report.html"] if summary["report"] else [])))
+        console.print(f"wrote {written}")
+        failed = [r["method"] for r in summary["rows"] if r.get("error")]
+        if failed:
+            console.print(f"{len(failed)} of {len(summary['rows'])} methods failed ({', '.join(failed)}); their errors are in the table and in {out / 'logs'}")
+            raise typer.Exit(1)
+
+
+def _worker(spec_file: str, result_file: str) -> int:
+    """Child side of :func:`_run_isolated`: run one erasure, print progress lines, write the result JSON."""
+    import torch
+
+    spec = json.loads(Path(spec_file).read_text())
+    torch.set_num_threads(int(spec["threads"]))
+    try:
+        record = erase_one(spec, lambda step, total, info: print(MARK + json.dumps([step, total, info]), flush=True))
+        code = 0
+    except Exception as exc:  # noqa: BLE001  reported to the parent as one line; the traceback goes to the log
+        import traceback
+
+        traceback.print_exc()
+        record = {"error": one_line(exc)}
+        code = 1
+    Path(result_file).write_text(json.dumps(record))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1], sys.argv[2]))

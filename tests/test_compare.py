@@ -1,0 +1,142 @@
+"""`erasekit compare`: several methods on the same tiny model and seeds, one table, base images generated once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from erasekit.compare import compare, compare_methods, default_suites
+from erasekit.methods import base as method_base
+from erasekit.models import load_pipeline
+from erasekit.result import load_result
+from erasekit.world.judge import Judge
+from erasekit.world.vocab import load_vocab
+
+runner = CliRunner()
+TINY_TRAIN = ["iterations=2", "ddim_steps=2", "lr=1e-3"]
+EVAL = {"images_per_class": 1, "steps": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One CPU thread here and in every worker process (the workers inherit the parent's thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def judge_dir(tmp_path: Path) -> Path:
+    """An untrained judge with the toy world's head sizes, saved as a folder."""
+    torch.manual_seed(0)
+    vocab = load_vocab()
+    folder = tmp_path / "judge"
+    Judge(n_objects=len(vocab.objects), n_colours=len(vocab.colours), n_styles=len(vocab.styles)).eval().save(folder)
+    return folder
+
+
+def cli() -> typer.Typer:
+    """An app with `compare` registered the way cli.py registers it."""
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.command()(compare)
+
+    @app.callback()
+    def main() -> None:
+        """erasekit (test harness)."""
+
+    return app
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_compare_runs_every_method_on_the_same_seeds_and_generates_base_images_once(tiny_dir: Path, judge_dir: Path, words_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    settings = [f"--set=esd-x.{s}" for s in TINY_TRAIN] + [f"--set=eap.{s}" for s in TINY_TRAIN]
+    settings += [f"--set=eap.concept_space={words_file}", "--set=eap.k=8", "--set=eap.n_centres=3"]
+    res = runner.invoke(cli(), ["compare", "--model", str(tiny_dir), "-c", "circle", "--methods", "esd-x,uce", "--methods", "eap", "--out", str(out),
+                                "--judge", str(judge_dir), "--images-per-class", "1", "--steps", "2", "--seed", "3", *settings])
+    assert res.exit_code == 0, res.output
+    rows = _table_rows(res.stdout)
+    assert [r[0] for r in rows] == ["base (no erasure)", "esd-x", "uce", "eap"]
+    header = [c.strip() for c in res.stdout.splitlines()[2].strip("|").split("|")]
+    assert header == ["method", "ESR-1", "ESR-5", "PSR-1", "PSR-5", "wall s", "peak MiB"]
+    assert (out / "compare.md").read_text() == res.stdout.rstrip("\n") + "\n"
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["suites"] == ["toy-objects"] and summary["seed"] == 3
+    assert summary["base"]["generated"] == {"toy-objects": 10}  # 10 classes x 1 image, generated before any method ran
+    for row in summary["rows"]:
+        assert "error" not in row
+        assert row["generated"]["toy-objects"] == {"base": 0, "erased": 10}, "the base images come from the shared cache"
+        assert row["wall_s"] > 0 and row["peak_rss_mib"] >= row["loaded_rss_mib"] > 0
+        assert set(row["metrics"]["toy-objects"]) == {"ESR-1", "ESR-5", "PSR-1", "PSR-5"}
+        result = load_result(out / row["method"] / "delta.safetensors")
+        assert result.method == row["method"] and result.concepts == ("circle",)
+        result.apply(load_pipeline(str(tiny_dir)))  # a loadable delta made for this base
+        run = json.loads((out / row["method"] / "run.json").read_text())
+        assert run["command"].startswith("erasekit erase --model") and (out / row["method"] / "eval-toy-objects.json").is_file()
+    configs = {r["method"]: json.loads((out / r["method"] / "run.json").read_text())["config"] for r in summary["rows"]}
+    assert configs["esd-x"]["seed"] == configs["eap"]["seed"] == 3 and configs["eap"]["iterations"] == 2
+    assert (out / "report.html").is_file() and "esd-x" in (out / "report.html").read_text()
+
+
+@dataclass
+class BrokenConfig:
+    """A method that always fails."""
+
+    seed: int = 0
+
+
+def _broken(pipe, request, config, progress):  # noqa: ANN001, ANN202
+    raise RuntimeError("out of memory")
+
+
+def test_a_failing_method_is_recorded_and_the_others_kept(tiny_dir: Path, judge_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(method_base._REGISTRY, "broken", method_base.MethodSpec("broken", "fails", BrokenConfig, _broken, {}))
+    summary = compare_methods(str(tiny_dir), "circle", tmp_path / "cmp", methods=["broken", "uce"], judge=str(judge_dir), isolate=False, **EVAL)
+    broken, uce = summary["rows"]
+    assert broken["error"] == "RuntimeError: out of memory" and not broken["metrics"]
+    assert "error" not in uce and uce["metrics"]["toy-objects"]["ESR-1"] is not None
+    rows = _table_rows((tmp_path / "cmp" / "compare.md").read_text())
+    assert rows[1][0] == "broken" and rows[1][-1] == "failed: RuntimeError: out of memory" and rows[2][-1] == ""
+    assert summary["report"] == "report.html"
+
+
+def test_default_suites_follow_the_concept() -> None:
+    assert default_suites(["circle"]) == ["toy-objects"]
+    assert default_suites(["dotted"]) == ["toy-styles"]
+    assert default_suites(["skull"]) == ["toy-implicit", "toy-objects"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-c", " "], "empty concept"),
+    (["-c", "circle", "--methods", "esd-x,nope"], "unknown method 'nope'; choose one of:"),
+    (["-c", "circle", "--methods", ","], "--methods is empty"),
+    (["-c", "circle", "--set", "eap.iterations"], "METHOD.KEY=VALUE"),
+    (["-c", "circle", "--methods", "uce", "--set", "eap.k=3"], "not being compared"),
+    (["-c", "circle", "--methods", "esd-x", "--set", "esd-x.nope=1"], "unknown option --nope"),
+    (["-c", "circle", "--methods", "esd-x", "--set", "esd-x.iterations=0"], "iterations must be >= 1"),
+    (["-c", "a teapot", "--methods", "uce"], "no evaluation suite fits"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str, tiny_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    res = runner.invoke(cli(), ["compare", "--model", str(tiny_dir), "--judge", str(judge_dir), "--out", str(out), *args])
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and message in errors[0], res.output
+    assert not out.exists()
+
+
+def test_an_existing_out_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    res = runner.invoke(cli(), ["compare", "--model", str(tiny_dir), "-c", "circle", "--out", str(tmp_path / "taken")])
+    assert res.exit_code == 2 and "already exists" in res.output
