@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from erasekit import __version__
 from erasekit.errors import ErasekitError
+from erasekit.attack.cli import attack  # noqa: E402
 from erasekit.compare import compare  # noqa: E402
 from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
 from erasekit.world.cli import app as world_app
@@ -35,6 +36,7 @@ app.command()(evaluate)
 app.command()(report)
 app.command()(spectrum)
 app.command()(compare)
+app.command()(attack)
 console = Console(stderr=True)
 
 

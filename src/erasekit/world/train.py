@@ -258,7 +258,8 @@ class WorldTrainer:
         for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
             p.requires_grad_(False)
         params = list(unet.parameters()) + list(text.parameters())
-        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+        # foreach: the vectorised AdamW (torch's CPU default is a per-tensor loop, ~15% of a step here)
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0, foreach=True)
         modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
         step = self._resume("unet", modules, opt)
         scheduler = toy.build_scheduler()
@@ -303,8 +304,7 @@ class WorldTrainer:
             decay = min(c.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for ema, live in ((ema_unet, unet), (ema_text, text)):
-                    for pe, pl in zip(ema.parameters(), live.parameters()):
-                        pe.lerp_(pl, 1 - decay)
+                    torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
             self.progress("unet", step, c.unet_steps, {"loss": loss.item()})
             if step % c.checkpoint_every == 0 or step == c.unet_steps:
                 self._checkpoint("unet", step, modules, opt)

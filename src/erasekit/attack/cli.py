@@ -1,0 +1,82 @@
+"""Typer command `attack` (registered into the main app with ``app.command()(attack)``)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from erasekit.world.cli import user_errors
+
+status = Console(stderr=True)
+
+
+def attack(
+    target: str = typer.Argument(..., help="An erased model: a run folder from `erasekit erase`, or a delta file."),
+    concept: str = typer.Option(..., "--concept", "-c", help="The erased concept to bring back (toy: an object, a style or 'skull')."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for attack.json and attack.png (default: RUN/attack-<concept>)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
+    n_prompts: int = typer.Option(10, "--n-prompts", help="Prompts about the concept to attack (toy: built from the world's vocabulary)."),
+    tokens: int = typer.Option(5, "--tokens", help="Adversarial tokens prepended to each prompt (UnlearnDiffAtk: 5)."),
+    iterations: int = typer.Option(200, "--iterations", help="Search steps per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the search; prompt i's images use seed + i."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (needed on real models)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Real models: local transformers image classifier folder (with --label)."),
+    label: Optional[int] = typer.Option(None, "--label", help="The concept's class index in --classifier."),
+    nudenet: bool = typer.Option(False, "--nudenet", help="Real models: detect the concept with NudeNet (pip install 'erasekit[nudenet]')."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Detector score that counts as showing the concept (implicit head, NudeNet)."),
+    lr: float = typer.Option(0.1, "--lr", help="Search step size, relative to the spread of the token embeddings."),
+    noise_draws: int = typer.Option(3, "--noise-draws", help="Fixed (t, noise) draws per prompt that the denoising loss averages."),
+    steps: int = typer.Option(25, "--steps", help="DDIM steps of every generated image."),
+    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale of every generated image."),
+    vocabulary: str = typer.Option("clip", "--vocabulary", help="Candidate tokens: 'clip' (whole words of the tokenizer) or 'toy' (the world's words)."),
+    batch_size: int = typer.Option(10, "--batch-size", help="Prompts searched together (results do not depend on it; lower it to save memory)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    force: bool = typer.Option(False, "--force", help="Apply the delta even if its base hash differs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier attack.json in --out."),
+) -> None:
+    """Search adversarial prompts that bring an erased concept back (UnlearnDiffAtk style); print the attack success rate."""
+    with user_errors():
+        from erasekit.attack.run import attack as run_attack
+
+        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=status, transient=False, disable=not status.is_terminal) as bar:
+            tasks: dict[str, Any] = {}
+
+            def tick(phase: str, done: int, total: int, info: dict[str, float]) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total, info="")
+                text = f"loss {info['loss']:.4g} best {info['best_loss']:.4g}" if "loss" in info else ""
+                bar.update(tasks[phase], completed=done, total=total, info=text)
+
+            result = run_attack(
+                target, concept, model=model, n_prompts=n_prompts, tokens=tokens, iterations=iterations, seed=seed, judge=judge, out=out,
+                prompts=prompts, classifier=classifier, label=label, nudenet=nudenet, threshold=threshold, lr=lr, noise_draws=noise_draws,
+                steps=steps, guidance=guidance, vocabulary=vocabulary, batch_size=batch_size, device=device, force=force, overwrite=overwrite,
+                command=" ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), progress=tick,
+            )
+    console = Console()
+    console.print(attack_table(result))
+    best = sorted(result["prompts"], key=lambda p: p["best_loss"])[:3]
+    for p in best:
+        console.print(f"  {p['adversarial_prompt']!r}  (loss {p['initial_loss']:.4g} -> {p['best_loss']:.4g}, plain {p['plain_loss']:.4g})")
+    status.print(f"wrote {Path(result['out']) / 'attack.json'} and attack.png")
+
+
+def attack_table(result: dict[str, Any]) -> Table:
+    """The attack's rates: ASR beside the no-attack and base rates."""
+    m = result["metrics"]
+    table = Table(title=f"attack on {result['method']} (erased: {', '.join(result['erased'])}), concept {result['concept']!r}, "
+                        f"{len(result['prompts'])} prompts, detector: {result['detector'].get('rule', '')}")
+    for name in ("ASR %", "adversarial only %", "no attack %", "base model %"):
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{m[k]:.1f}" for k in ("asr", "adversarial_rate", "no_attack_rate", "base_rate")))
+    return table
