@@ -224,8 +224,6 @@ def erase(
             cfg = make_config(spec, budget, **settings)
             if out.exists():
                 raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
-            if not out.parent.exists():
-                raise ErasekitError(f"folder {out.parent} does not exist; create it first")
             if partial_dir(out).exists():
                 raise ErasekitError(f"an interrupted run is in {partial_dir(out)}; continue it with `erasekit erase --resume {out}` or delete that folder")
         from erasekit.api import erase as run_erase
@@ -234,7 +232,11 @@ def erase(
         pipe = load_pipeline(model, device=device)
         work = partial_dir(out)
         if resume is None:
-            work.mkdir()
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                work.mkdir()
+            except OSError as exc:
+                raise ErasekitError(f"cannot create {work}: {exc.strerror or exc}; choose a writable --out") from None
             write_request(work, {"model": model, "method": method, "concepts": concept, "preserve": list(preserve), "device": device,
                                  "config": dataclasses.asdict(cfg), "checkpoint_every": checkpoint_every, "argv": sys.argv})
         total = getattr(cfg, "iterations", 1)

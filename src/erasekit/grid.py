@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,8 @@ def prompt_grid(prompts: list[str], per_prompt: int, panels: list[tuple[str, np.
 
 def save_png(image: Image.Image, out: Path) -> None:
     """Save a PNG through a temporary file and a rename."""
+    from erasekit.atomic import save_png as _save
+
     if not out.parent.exists():
         raise ErasekitError(f"folder {out.parent} does not exist; create it first")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ErasekitError(f"cannot write {out}: {exc.strerror or exc}") from None
+    _save(image, out)

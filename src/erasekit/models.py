@@ -14,6 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from erasekit.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from erasekit.errors import ErasekitError
 
 TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "lora")
@@ -139,25 +140,6 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
 def remove_lora(unet: nn.Module) -> None:
     """Drop the erasekit adapter from the UNet (back to its base weights)."""
     unet.delete_adapters(LORA_ADAPTER)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text flavour of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def json_dumps(obj: object) -> str:

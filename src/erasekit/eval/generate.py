@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,16 +79,9 @@ class GenerationCache:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ErasekitError(f"cannot create the generation cache {self.folder}: {exc.strerror or exc}; pass another --cache-dir") from None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ErasekitError(f"cannot write to the generation cache {self.folder}: {exc.strerror or exc}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        from erasekit.atomic import save_png
+
+        save_png(Image.fromarray(np.asarray(image, dtype=np.uint8)), path, what=f"to the generation cache {self.folder}")
         return path
 
 

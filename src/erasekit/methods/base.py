@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -112,12 +113,15 @@ class TrainConfig:
         """Refuse values that cannot run, with one-line messages."""
         if self.iterations < 1:
             raise ErasekitError(f"iterations must be >= 1, got {self.iterations}")
-        if not self.lr > 0:
-            raise ErasekitError(f"lr must be > 0, got {self.lr}")
-        if self.ddim_steps < 1:
-            raise ErasekitError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
-        if self.preserve_weight < 0:
-            raise ErasekitError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        if not 0 < self.lr < math.inf:
+            raise ErasekitError(f"lr must be a positive finite number, got {self.lr}")
+        if not 1 <= self.ddim_steps <= 1000:
+            raise ErasekitError(f"ddim_steps must be between 1 and 1000 (the training timesteps), got {self.ddim_steps}")
+        if not 0 <= self.preserve_weight < math.inf:
+            raise ErasekitError(f"preserve_weight must be >= 0 and finite, got {self.preserve_weight}")
+        for name in ("start_guidance", "negative_guidance"):
+            if not math.isfinite(getattr(self, name)):
+                raise ErasekitError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.train_method == "lora" and self.lora_rank < 1:
             raise ErasekitError(f"lora_rank must be >= 1, got {self.lora_rank}")
         from erasekit.models import TRAIN_METHODS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -52,17 +51,13 @@ def _names(text: Optional[str], known: list[str]) -> list[str]:
 
 def _write_png_atomically(image: np.ndarray, out: Path) -> None:
     """Write a PNG via a temporary file in the same folder, so a crash never leaves half a file."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    from erasekit.atomic import save_png
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ErasekitError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise ErasekitError(f"cannot write {out}: {exc.strerror or exc}") from None
+    save_png(Image.fromarray(image), out)
 
 
 @app.command()
