@@ -156,7 +156,7 @@ def test_resumed_run_skips_finished_stages_and_completes(smoke_run: SmokeRun) ->
 
 
 def test_smoke_training_exports_a_pipeline_that_loads_and_generates(smoke_run: SmokeRun) -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(smoke_run.out / "pipeline", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(smoke_run.out / "pipeline", dtype=torch.float32)
     assert pipe.unet.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -277,7 +277,7 @@ needs_shipped_judge = pytest.mark.skipif(
 
 @needs_shipped_pipeline
 def test_shipped_pipeline_loads_with_from_pretrained_and_generates() -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED / "pipeline", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED / "pipeline", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
     images = pipe(["a red circle", "a blue star"], num_inference_steps=10, generator=generators, output_type="np").images

@@ -40,7 +40,7 @@ def sd14_pipeline(latent: int = 16):  # type: ignore[no-untyped-def]
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.name_or_path = "sd14-architecture-random"
+    pipe.register_to_config(_name_or_path="sd14-architecture-random")
     return pipe
 
 

@@ -33,14 +33,14 @@ def toy_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     if not (folder / "model_index.json").exists():
         raise ErasekitError("the toy model is not shipped in this install; build it with `erasekit world train --out DIR` and pass --model DIR")
     pipe = _from_pretrained(str(folder), dtype)
-    pipe.name_or_path = "toy"
+    pipe.register_to_config(_name_or_path="toy")
     return pipe
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False) -> StableDiffusionPipeline:
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
+            source, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
         )
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -39,7 +39,7 @@ def load_toy_pipeline(folder: Path) -> StableDiffusionPipeline:
     if not (folder / "model_index.json").is_file():
         raise ErasekitError(f"no pipeline at {folder} (model_index.json missing); build one with `erasekit world train`")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
     except Exception as exc:  # diffusers raises many types for a broken folder; the user needs one line
         reason = " ".join(str(exc).split())[:200]
         raise ErasekitError(f"cannot load the pipeline from {folder}: {reason}; rebuild it with `erasekit world train`") from exc
