@@ -23,7 +23,7 @@ from erasekit.models import model_id
 from erasekit.result import ErasureResult
 from erasekit.sampling import rollout
 
-TOY_PRESET = {"iterations": 150, "lr": 1e-4, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
+TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
 FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
 
 

@@ -20,7 +20,7 @@ from erasekit.methods.loop import finetune
 from erasekit.models import model_id
 from erasekit.result import ErasureResult
 
-TOY_PRESET = {"iterations": 150, "lr": 1e-4, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
+TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
 FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
 
 

@@ -10,7 +10,7 @@ from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, registe
 from erasekit.methods.loop import finetune
 from erasekit.result import ErasureResult
 
-TOY_PRESET = {"iterations": 150, "lr": 1e-4, "ddim_steps": 25}
+TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25}
 FAST_PRESET = {"iterations": 300}
 
 
