@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -30,7 +31,36 @@ from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
 
-app = typer.Typer(help="Erase concepts from text-to-image diffusion models, and measure what it costs.", no_args_is_help=True, pretty_exceptions_enable=False)
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad flag, a value of the wrong type) as one `error:` line and exit code 2, like ours."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the CLI; click's own errors become one line naming the command's --help."""
+        # typer vendors click; its exception classes live in typer.core._click
+        click_errors = typer.core._click.exceptions
+
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(0)
+        except click_errors.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "erasekit"
+            typer.echo(f"error: {' '.join(exc.format_message().split())} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=OneLineErrors, help="Erase concepts from text-to-image diffusion models, and measure what it costs.",
+    no_args_is_help=True, pretty_exceptions_enable=False,
+)
 app.add_typer(world_app, name="world")
 app.command()(evaluate)
 app.command()(report)
@@ -211,14 +241,14 @@ def erase(
                 for f in dataclasses.fields(spec.config_class):
                     typer.echo(f"--{f.name.replace('_', '-'):20s} {f.default!r:10} {f.metadata.get('help', '')}")
                 return
+            settings = read_toml_config(config, method, spec.config_class) if config else {}
+            settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
             if not concept or any(not c for c in concept):
                 raise ErasekitError("empty concept (or none given); pass --concept WORD such as 'circle'")
             if out is None:
                 raise ErasekitError("missing --out; name the run folder to create")
             if checkpoint_every < 0:
                 raise ErasekitError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-            settings = read_toml_config(config, method, spec.config_class) if config else {}
-            settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
             if budget is None and model == "toy":
                 budget = "toy"
             cfg = make_config(spec, budget, **settings)
