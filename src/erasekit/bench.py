@@ -67,7 +67,23 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("delta"):
         result.save(spec["delta"], overwrite=True)
     per_step = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else wall
-    return {"wall_s": wall, "setup_s": result.timings.get("setup_s", 0.0), "seconds_per_step": per_step, "steps": len(steps)}
+    return {"wall_s": wall, "setup_s": result.timings.get("setup_s", 0.0), "seconds_per_step": per_step, "steps": len(steps),
+            "peak_rss_mib": own_peak_rss_mib()}
+
+
+def own_peak_rss_mib() -> float | None:
+    """This process's own peak RSS (Linux VmHWM), in MiB; None where /proc is unavailable.
+
+    ``ru_maxrss`` is not used: on Linux exec keeps the parent's high-water mark, so a child started
+    by a large parent would report at least the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +95,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if status != 0 or not out.exists():
             raise RuntimeError(f"benchmark worker failed for {spec}")
         result = json.loads(out.read_text())
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024.0
+    if result.get("peak_rss_mib") is None:
+        result["peak_rss_mib"] = usage.ru_maxrss / 1024.0
     return result
 
 

@@ -1,7 +1,7 @@
 """`erasekit compare`: erase one concept with several methods under the same seeds, evaluate each, and tabulate.
 
 Every method's erasure runs in its own subprocess (``python -m erasekit.compare``), so its wall time and
-peak memory are its own: peak RSS is the child's ``ru_maxrss`` read with ``os.wait4``, which counts the
+peak memory are its own: peak RSS is the child's own VmHWM (``ru_maxrss`` would inherit the parent's), which counts the
 imports and the loaded pipeline (the same for every method) plus what the method itself needs. ``wall s``
 is the ``erase()`` call alone (no imports, no model load, no saving). In-process mode (``isolate=False``,
 for tests and debugging) reports the process's high-water RSS instead, which includes earlier work.
@@ -102,8 +102,10 @@ def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None]
     from erasekit.methods import get_method, make_config
     from erasekit.models import load_pipeline
 
+    from erasekit.bench import own_peak_rss_mib
+
     pipe = load_pipeline(spec["model"], device=spec["device"])
-    loaded = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    loaded = own_peak_rss_mib() or _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     config = make_config(get_method(spec["method"]), spec["budget"], **spec["settings"])
     torch.manual_seed(spec["seed"])
 
@@ -116,7 +118,7 @@ def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None]
     result = erase(pipe, spec["concepts"], method=spec["method"], config=config, preserve=spec["preserve"], progress=report)
     erase_s = time.perf_counter() - started
     write_run(Path(spec["out"]), result, spec["model"], erase_argv(spec))
-    out = {"erase_s": erase_s, "loaded_rss_mib": loaded, "timings": dict(result.timings)}
+    out = {"erase_s": erase_s, "loaded_rss_mib": loaded, "own_peak_rss_mib": own_peak_rss_mib(), "timings": dict(result.timings)}
     if spec["device"].startswith("cuda"):
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -142,8 +144,10 @@ def _run_isolated(spec: dict[str, Any], log: Path, progress: Callable[[int, int,
     if proc.returncode != 0 or "error" in record or "erase_s" not in record:
         last = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
         raise ErasekitError(record.get("error") or (last[-1] if last else f"the worker exited with status {proc.returncode}"))
-    return {**record, "peak_rss_mib": _mib(usage.ru_maxrss), "process_s": time.perf_counter() - started,
-            "memory": "peak RSS of the method's own process (os.wait4 ru_maxrss)"}
+    # VmHWM of the worker itself: Linux's ru_maxrss would carry over the parent's high-water mark through exec
+    own = record.get("own_peak_rss_mib")
+    return {**record, "peak_rss_mib": own if own is not None else _mib(usage.ru_maxrss), "process_s": time.perf_counter() - started,
+            "memory": "peak RSS of the method's own process (VmHWM)" if own is not None else "peak RSS (os.wait4 ru_maxrss)"}
 
 
 def _run_in_process(spec: dict[str, Any], progress: Callable[[int, int, str], None]) -> dict[str, Any]:
