@@ -316,17 +316,21 @@ def _app() -> "typer.Typer":
     return app
 
 
-def test_cli_evaluate_prints_the_table_and_report_writes_html(run_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
+def test_cli_evaluate_prints_the_table_and_report_writes_html(run_dir: Path, judge_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
     from typer.testing import CliRunner
 
     runner = CliRunner()
     args = ["evaluate", str(run_dir), "--suite", "toy-implicit", "--images-per-class", "1", "--steps", "2", "--judge", str(judge_dir),
             "--cache-dir", str(tmp_path / "c")]
+    # the recorded command comes from the process's argv, as it would from a shell
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/erasekit", *args])
     res = runner.invoke(_app(), args)
     assert res.exit_code == 0, res.output
     assert "implicit@0.3" in res.output and "implicit@0.8" in res.output and "erased" in res.output
     saved = json.loads((run_dir / "eval-toy-implicit.json").read_text())
-    assert saved["command"].startswith("erasekit ")
+    assert saved["command"].startswith("erasekit evaluate ") and "toy-implicit" in saved["command"]
     res = runner.invoke(_app(), ["report", str(run_dir), "--out", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r.html").is_file() and (tmp_path / "r.md").is_file()
