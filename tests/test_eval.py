@@ -352,7 +352,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> 
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "src/erasekit/world/assets/toy/pipeline/model_index.json").is_file(),
                     reason="the trained toy model is not shipped yet (erasekit/world/assets/toy)")
 def test_toy_base_model_keeps_every_class(tmp_path: Path) -> None:
