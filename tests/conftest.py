@@ -11,7 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from erasekit.world.toy import build_tokenizer
 
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # every test (and every worker process it starts) on one CPU thread: CI machines are small
 
 
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +21,6 @@ from erasekit.world.vocab import load_vocab
 runner = CliRunner()
 TINY_TRAIN = ["iterations=2", "ddim_steps=2", "lr=1e-3"]
 EVAL = {"images_per_class": 1, "steps": 2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One CPU thread here and in every worker process (the workers inherit the parent's thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

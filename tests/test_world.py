@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -29,15 +28,6 @@ CHECK_KEYS = {
     "implicit_rate_indirect", "implicit_rate_neutral", "seconds_per_64_images",
 }
 SHIPPED = default_toy_dir()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Keep every test on one CPU thread (CI machines are small and often busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- rendering ------------------------------------------------------------------------------

@@ -114,6 +114,16 @@ class Setup:
         c = self.pipe.unet.config
         return (1, c.in_channels, c.sample_size, c.sample_size)
 
+    def conditions(self, j: int, draw: Draw | None, step: int) -> list[torch.Tensor]:
+        """Rollout conditions: [c_e] + [hard adversarial c_a] + [the explicit preserve concept of this step]."""
+        conds = [self.emb_targets[j : j + 1]]
+        if draw is not None:
+            conds.append(draw.embedding().detach())
+        if self.emb_preserve is not None:
+            p = step % len(self.preserve)
+            conds.append(self.emb_preserve[p : p + 1])
+        return conds
+
     def draw_rollout_point(self) -> tuple[int, int, torch.Tensor]:
         """k ~ U{0..S-1} DDIM steps, the DDPM timestep queried after them, and a start noise."""
         k = int(torch.randint(self.config.ddim_steps, (1,), generator=self.generator))
@@ -160,12 +170,7 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
             j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
             k, t_int, start = s.draw_rollout_point()
             draw = search.draw(j, s.generator) if search else None
-            conds = [s.emb_targets[j : j + 1]]
-            if draw is not None:
-                conds.append(draw.embedding().detach())
-            if s.emb_preserve is not None:
-                p = step % len(s.preserve)
-                conds.append(s.emb_preserve[p : p + 1])
+            conds = s.conditions(j, draw, step)
             x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, k, cfg.start_guidance)
             t = torch.full((len(x) + 1,), t_int, device=x.device)
             frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, torch.cat([s.emb_null, *conds]))
@@ -196,12 +201,7 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
         k, t_int, start = s.draw_rollout_point()
         draw = search.draw(j, s.generator) if search else None
-        conds = [s.emb_targets[j : j + 1]]
-        if draw is not None:
-            conds.append(draw.embedding().detach())
-        if s.emb_preserve is not None:
-            p = (it // (2 if search else 1)) % len(s.preserve)
-            conds.append(s.emb_preserve[p : p + 1])
+        conds = s.conditions(j, draw, it // per_step)
         xs = [rollout(tr.eps, s.scheduler, start, c, s.emb_null, k, cfg.start_guidance) for c in conds]
         t = torch.full((1,), t_int, device=start.device)
         frozen = [tr.frozen_eps(xs[0], t, s.emb_null), tr.frozen_eps(xs[0], t, conds[0])]
