@@ -16,7 +16,7 @@ from erasekit.eval.runner import evaluate
 from erasekit.eval.scorers import detector_scorer, nudenet_version
 from erasekit.eval.suites import IMAGENETTE
 from erasekit.world.toy import build_tokenizer
-from test_eval import FAST, erased_copy, one_thread  # noqa: F401  (fixture)
+from test_eval import FAST, erased_copy  # noqa: F401  (fixture)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from PIL import Image
 from erasekit.errors import ErasekitError
 from erasekit.eval.report import history_plot, load_run, markdown_table, metrics_tables, write_report
 from erasekit.eval.runner import evaluate
-from test_eval import FAST, judge_dir, one_thread, run_dir  # noqa: F401  (fixtures)
+from test_eval import FAST, judge_dir, run_dir  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
