@@ -230,3 +230,16 @@ def test_eap_paths_are_deterministic_and_change_only_cross_attention(faithful: b
     assert all(torch.equal(first.delta[k], second.delta[k]) for k in first.delta)
     assert all(".attn2." in k for k in first.delta)
     assert len([h for h in first.history if "step" in h]) == 4
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_release_unused_gives_the_same_delta_and_frees_the_text_encoder(name: str, words_file: Path) -> None:
+    kept = erasekit.erase(tiny_pipeline(), "circle", method=name, **settings_for(name, words_file))
+    pipe = tiny_pipeline()
+    released = erasekit.erase(pipe, "circle", method=name, release_unused=True, **settings_for(name, words_file))
+    assert kept.delta.keys() == released.delta.keys()
+    assert all(torch.equal(kept.delta[k], released.delta[k]) for k in kept.delta)
+    if name in ("esd-x", "esd-u", "eap", "eap-pgd"):  # the fine-tuning loops free what they no longer need
+        assert all(p.device.type == "meta" for p in pipe.text_encoder.parameters())
+        with pytest.raises(ErasekitError, match="released"):
+            encode(pipe, ["circle"])

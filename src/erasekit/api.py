@@ -22,11 +22,14 @@ def erase(
     budget: str | None = None,
     progress: Progress | None = None,
     checkpoint: Any = None,
+    release_unused: bool = False,
     **overrides: Any,
 ) -> ErasureResult:
     """Erase ``concepts`` from ``pipe``; the pipeline is left unchanged, apply the result with ``result.apply(pipe)``.
 
     ``checkpoint`` (a :class:`erasekit.methods.checkpoint.CheckpointSpec`) saves the run there and resumes from it.
+    ``release_unused=True`` says the caller is done with ``pipe``: the fine-tuning methods then free its text
+    encoder and VAE once their embeddings are computed, so one model's weights stay in memory while training.
     """
     spec = get_method(method)
     targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
@@ -36,7 +39,7 @@ def erase(
         config = make_config(spec, budget, **overrides)
     elif overrides or budget:
         raise ErasekitError("pass either a config object or keyword settings, not both")
-    return spec.fit(pipe, ErasureRequest(targets=targets, preserve=tuple(preserve), checkpoint=checkpoint), config, progress)
+    return spec.fit(pipe, ErasureRequest(targets=targets, preserve=tuple(preserve), checkpoint=checkpoint, release_unused=release_unused), config, progress)
 
 
 def available_methods() -> dict[str, str]:

@@ -12,7 +12,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import typer
+
+from erasekit.errors import ErasekitError
 
 SD14_NOTE = "SD-1.4 UNet and text encoder with random weights; latent reduced to 16x16 (CPU), DDIM rollout of 10 steps"
 
@@ -62,7 +66,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         pipe = toy_pipeline()
     started = time.perf_counter()
     steps: list[float] = []
-    result = erase(pipe, spec["concept"], method=spec["method"], budget=spec.get("budget"), progress=lambda s, n, r: steps.append(time.perf_counter()), **spec["settings"])
+    result = erase(pipe, spec["concept"], method=spec["method"], budget=spec.get("budget"), release_unused=spec.get("release_unused", True),
+                   progress=lambda s, n, r: steps.append(time.perf_counter()), **spec["settings"])
     wall = time.perf_counter() - started
     if spec.get("delta"):
         result.save(spec["delta"], overwrite=True)
@@ -93,21 +98,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         proc = subprocess.Popen([sys.executable, "-m", "erasekit.bench", json.dumps(spec), str(out)])
         _, status, usage = os.wait4(proc.pid, 0)
         if status != 0 or not out.exists():
-            raise RuntimeError(f"benchmark worker failed for {spec}")
+            raise ErasekitError(f"the benchmark worker for {spec['method']} on {spec['model']} failed (exit status {status}); its error is printed above")
         result = json.loads(out.read_text())
     if result.get("peak_rss_mib") is None:
         result["peak_rss_mib"] = usage.ru_maxrss / 1024.0
     return result
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    res = worker(json.loads(sys.argv[1]))
-    Path(sys.argv[2]).write_text(json.dumps(res))
+def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = True, log: Any = print,
+              iterations: int | None = None, sd14_steps: int = 3) -> dict[str, Any]:
+    """Issue 7's side-by-side: fast vs faithful EAP (and ESD-x) on the toy world, plus SD-1.4-architecture steps.
 
-
-def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = True, log: Any = print) -> dict[str, Any]:
-    """Issue 7's side-by-side: fast vs faithful EAP (and ESD-x) on the toy world, plus SD-1.4-architecture steps."""
+    Every run uses the toy preset's step budget (or ``iterations`` for all of them), in its own subprocess.
+    """
     import platform
 
     from erasekit.eval.runner import evaluate
@@ -120,6 +123,8 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
             ("faithful", "eap", {"faithful": True}),
             ("esd-x", "esd-x", {}),
         ):
+            if iterations is not None:
+                settings = {**settings, "iterations": iterations}
             delta = str(Path(tmp) / f"{name}.safetensors")
             runs[name] = measure({"model": "toy", "method": method, "concept": concept, "budget": "toy", "settings": settings, "delta": delta})
             log(f"toy {name:9s}: {runs[name]['wall_s']:.1f} s wall, {runs[name]['seconds_per_step']:.3f} s/step, peak RSS {runs[name]['peak_rss_mib']:.0f} MiB")
@@ -138,7 +143,7 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
     if sd14:
         sd: dict[str, dict[str, Any]] = {}
         for name, extra in (("fast", {}), ("faithful", {"faithful": True})):
-            settings = {"iterations": 3, "ddim_steps": 10, "k": 8, "n_centres": 3, "rollout_reuse": 1, **extra}
+            settings = {"iterations": sd14_steps, "ddim_steps": 10, "k": 8, "n_centres": 3, "rollout_reuse": 1, **extra}
             sd[name] = measure({"model": "sd14", "method": "eap", "concept": "a cat", "settings": settings})
             log(f"sd-1.4 arch {name:9s}: {sd[name]['seconds_per_step']:.1f} s/step, peak RSS {sd[name]['peak_rss_mib']:.0f} MiB ({SD14_NOTE})")
         out.update(
@@ -147,3 +152,32 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
         )
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default")
     return out
+
+
+app = typer.Typer(help="Benchmarks, measured on this machine (each configuration in its own process).", no_args_is_help=True)
+
+
+@app.command("eap")
+def bench_eap(
+    images_per_class: int = typer.Option(20, "--images-per-class", help="Toy-objects images per class for ESR-1/PSR-1."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Model steps of every toy run (default: the toy preset's)."),
+    sd14: bool = typer.Option(True, "--sd14/--no-sd14", help="Also time training steps on an SD-1.4-architecture UNet and text encoder."),
+    sd14_steps: int = typer.Option(3, "--sd14-steps", help="Model steps timed per SD-1.4-architecture run."),
+) -> None:
+    """EAP fast vs faithful (and ESD-x): wall time, peak RSS, ESR-1/PSR-1; the last line is one JSON object."""
+    from erasekit.world.cli import user_errors
+
+    with user_errors():
+        for name, value in (("--images-per-class", images_per_class), ("--iterations", iterations), ("--sd14-steps", sd14_steps)):
+            if value is not None and value < 1:
+                raise ErasekitError(f"{name} must be >= 1, got {value}")
+        if sd14_steps < 2 and sd14:
+            raise ErasekitError("--sd14-steps must be >= 2 to time a step (the first one includes warm-up)")
+        result = eap_speed(images_per_class=images_per_class, sd14=sd14, log=typer.echo, iterations=iterations, sd14_steps=sd14_steps)
+        typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    res = worker(json.loads(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(res))

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from erasekit import __version__
 from erasekit.errors import ErasekitError
 from erasekit.attack.cli import attack  # noqa: E402
+from erasekit.bench import app as bench_app  # noqa: E402
 from erasekit.compare import compare  # noqa: E402
 from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
 from erasekit.world.cli import app as world_app
@@ -62,6 +63,7 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False,
 )
 app.add_typer(world_app, name="world")
+app.add_typer(bench_app, name="bench")
 app.command()(evaluate)
 app.command()(report)
 app.command()(spectrum)
@@ -281,7 +283,7 @@ def erase(
 
             try:
                 result = run_erase(pipe, concept, method=method, config=cfg, preserve=preserve, progress=report,
-                                   checkpoint=CheckpointSpec(work, checkpoint_every))
+                                   checkpoint=CheckpointSpec(work, checkpoint_every), release_unused=True)
             except ErasekitError as exc:
                 if (work / "checkpoint.safetensors").exists():
                     raise ErasekitError(f"{exc}; continue with `erasekit erase --resume {out}`") from None

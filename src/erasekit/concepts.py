@@ -60,6 +60,10 @@ def check_prompt(pipe: StableDiffusionPipeline, text: str, what: str = "concept"
 @torch.no_grad()
 def encode(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Full text-encoder outputs (N x 77 x d last hidden states), the conditioning the UNet sees."""
+    from erasekit.models import is_released
+
+    if is_released(pipe.text_encoder):
+        raise ErasekitError("this pipeline's text encoder was released by erase(..., release_unused=True); load the model again to encode prompts")
     tok = pipe.tokenizer
     device = pipe.text_encoder.device
     outs = []

@@ -49,6 +49,26 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False) 
     return pipe
 
 
+def release_unused(pipe: StableDiffusionPipeline) -> int:
+    """Free the text encoder's and VAE's weights of a pipeline whose UNet alone is used from now on; returns bytes freed.
+
+    For a caller that will not use the pipeline again (the CLI's ``erase``): the embeddings a fine-tuning run
+    needs are computed before this, so only one model's weights stay in memory while it trains.
+    """
+    freed = 0
+    for name in ("text_encoder", "vae"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module) and not is_released(module):
+            freed += sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+            module.to("meta")
+    return freed
+
+
+def is_released(module: nn.Module) -> bool:
+    """True when :func:`release_unused` freed this module's weights."""
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
 def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a pipeline from ``toy``, a local diffusers folder, or a hub id (cached; no downloads here)."""
     if not model or not model.strip():

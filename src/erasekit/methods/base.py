@@ -26,6 +26,7 @@ class ErasureRequest:
     targets: tuple[str, ...]
     preserve: tuple[str, ...] = ()
     checkpoint: Any = None  # a methods.checkpoint.CheckpointSpec: save/resume the run there
+    release_unused: bool = False  # the caller is done with the pipeline: free text encoder and VAE once embeddings exist
 
 
 class Method(Protocol):
@@ -189,6 +190,14 @@ class TrainableUNet:
                     p.copy_(self.originals[name])
         self.unet.requires_grad_(False)
         self.frozen_copy = None
+
+
+def release_after_setup(pipe: StableDiffusionPipeline, request: ErasureRequest) -> None:
+    """Free the text encoder and VAE when the request allows it (call once every embedding is computed)."""
+    if request.release_unused:
+        from erasekit.models import release_unused
+
+        release_unused(pipe)
 
 
 def esd_target(e_null: torch.Tensor, e_concept: torch.Tensor, eta: float) -> torch.Tensor:

@@ -1,0 +1,5 @@
+"""`python -m erasekit …`: the same command line as the `erasekit` script."""
+
+from erasekit.cli import main
+
+main()

@@ -1,0 +1,28 @@
+"""`erasekit bench eap`: the side-by-side runs and the JSON line issue 7 reads (tiny budget; figures come from benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+KEYS = {"time_ratio_fast_vs_faithful", "memory_ratio_fast_vs_faithful", "time_ratio_fast_vs_esd",
+        "esr1_fast", "esr1_faithful", "psr1_fast", "psr1_faithful"}
+
+
+def test_bench_eap_runs_every_configuration_and_ends_with_the_ratios() -> None:
+    cmd = [sys.executable, "-m", "erasekit", "bench", "eap", "--iterations", "2", "--images-per-class", "1", "--no-sd14"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert KEYS <= result.keys()
+    assert all(result[k] > 0 for k in ("time_ratio_fast_vs_faithful", "memory_ratio_fast_vs_faithful", "time_ratio_fast_vs_esd"))
+    assert all(0 <= result[k] <= 100 for k in ("esr1_fast", "esr1_faithful", "psr1_fast", "psr1_faithful"))
+    for name in ("fast", "faithful", "esd-x"):  # every configuration reports its wall time and peak memory
+        assert any(line.startswith(f"toy {name}") and "peak RSS" in line for line in lines), done.stdout
+
+
+def test_bench_eap_refuses_bad_numbers_in_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "erasekit", "bench", "eap", "--iterations", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--iterations" in done.stderr
