@@ -1,7 +1,12 @@
-"""All-or-nothing file writes: a temp file in the same folder, then a rename (never a half-written output)."""
+"""All-or-nothing file writes: a temp file in the same folder, then a rename (never a half-written output).
+
+A write that fails (disk full, no permission, read-only folder) removes its temp file, leaves the previous
+file byte for byte as it was, and raises :class:`OutputError`: one line that names the file and says what to do.
+"""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import uuid
@@ -11,9 +16,33 @@ from PIL import Image
 
 from erasekit.errors import ErasekitError
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class OutputError(ErasekitError, OSError):
+    """A file could not be written; an ErasekitError (one line for the CLI) and still an OSError for callers that catch those."""
+
+
+def output_error(exc: OSError, what: str) -> OutputError:
+    """``exc`` from writing ``what`` as one actionable line (the errno is kept)."""
+    if isinstance(exc, OutputError):
+        return exc
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in _FULL:
+        hint = "free some disk space or choose another folder"
+    elif exc.errno in _DENIED:
+        hint = "choose a folder you can write to"
+    else:
+        hint = "check the folder and try again"
+    error = OutputError(f"cannot write {what}: {reason}; {hint} (the previous file, if any, is unchanged)")
+    error.errno = exc.errno
+    return error
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a uniquely named temp file and a rename (safe across processes)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -21,8 +50,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself is unwritable: no temp file was made there
+        if isinstance(exc, OSError):
+            raise output_error(exc, str(path)) from None
         raise
 
 
@@ -32,10 +66,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_png(image: Image.Image, out: Path, what: str = "") -> None:
-    """Save a PNG atomically; an OS error becomes a one-line ErasekitError naming the file."""
+    """Save a PNG atomically; an OS error becomes a one-line OutputError naming the file (or ``what``)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     try:
         atomic_write_bytes(out, buf.getvalue())
-    except OSError as exc:
-        raise ErasekitError(f"cannot write {what or out}: {exc.strerror or exc}") from None
+    except OutputError as exc:
+        if what:
+            error = OutputError(str(exc).replace(f"cannot write {out}:", f"cannot write {what}:", 1))
+            error.errno = exc.errno
+            raise error from None
+        raise
