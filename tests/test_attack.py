@@ -14,6 +14,7 @@ from PIL import Image
 import erasekit
 from erasekit.attack import attack
 from erasekit.errors import ErasekitError
+from erasekit.methods import registry
 from erasekit.models import load_pipeline
 from erasekit.world.judge import Judge
 
@@ -133,3 +134,36 @@ def test_target_must_be_an_erased_model(world: dict[str, Path], target: str, mes
 def test_an_earlier_attack_is_not_overwritten(world: dict[str, Path], attacked: dict[str, Any]) -> None:
     with pytest.raises(ErasekitError, match="already exists; pass --overwrite"):
         attack(str(world["run"]), "circle", judge=str(world["judge"]), **SETTINGS)
+
+
+def _small(name: str, words: Path) -> dict[str, Any]:
+    """Settings every method accepts, a few steps each (closed-form methods take none)."""
+    import dataclasses
+
+    from erasekit.methods import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
+    small = {"iterations": 2, "ddim_steps": 2, "lr": 1e-3, "anchor_images": 4, "concept_space": str(words), "k": 8, "n_centres": 3}
+    return {k: v for k, v in small.items() if k in fields}
+
+
+ATTACKED_OUTPUTS = [(name, {}) for name in sorted(registry())] + [("esd-x", {"train_method": "lora"})]
+
+
+@pytest.mark.parametrize(("name", "extra"), ATTACKED_OUTPUTS, ids=[n + ("-lora" if e else "") for n, e in ATTACKED_OUTPUTS])
+def test_attack_runs_on_every_registered_methods_output(name: str, extra: dict[str, Any], world: dict[str, Path], words_file: Path) -> None:
+    from erasekit.attack.detect import judge_detector, toy_concept
+    from erasekit.attack.run import AttackConfig, attack_pipeline, base_images
+
+    result = erasekit.erase(load_pipeline(str(world["base"])), "circle", method=name, **_small(name, words_file), **extra)
+    pipe = load_pipeline(str(world["base"]))  # a fresh base, as `attack` and `compare --attack` load it
+    assert result.kind == ("lora" if extra else "weights")
+    config = AttackConfig(n_prompts=2, tokens=2, iterations=2, steps=2, noise_draws=1)
+    target = toy_concept("circle")
+    prompts = ["an image of a circle", "a red circle"]
+    base = base_images(pipe, prompts, config)
+    record, images = attack_pipeline(pipe, result, "circle", prompts, judge_detector(world["judge"], target, 0.5), config, target.words, base=base)
+    assert record["method"] == name and all(0.0 <= v <= 100.0 for v in record["metrics"].values())
+    assert images["adversarial"].shape == images["base"].shape == (2, 16, 16, 3)
+    assert all(len(p["token_ids"]) == 2 for p in record["prompts"])
+    assert torch.equal(base[0], base_images(load_pipeline(str(world["base"])), prompts, config)[0]), "base images depend on the seed only"

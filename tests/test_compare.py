@@ -117,6 +117,11 @@ def test_default_suites_follow_the_concept() -> None:
     (["-c", "circle", "--methods", "esd-x", "--set", "esd-x.nope=1"], "unknown option --nope"),
     (["-c", "circle", "--methods", "esd-x", "--set", "esd-x.iterations=0"], "iterations must be >= 1"),
     (["-c", "a teapot", "--methods", "uce"], "no evaluation suite fits"),
+    (["-c", "a teapot", "--methods", "uce", "--suite", "toy-objects", "--attack"], "--attack judges images with the toy world's judge: unknown concept"),
+    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "nope=1"], "--attack-set 'nope=1': unknown option --nope for the attack"),
+    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "iterations"], "--attack-set expects KEY=VALUE"),
+    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "tokens=0"], "--tokens must be at least 1"),
+    (["-c", "circle", "--methods", "uce", "--attack-set", "tokens=2"], "--attack-set needs --attack"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str, tiny_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
@@ -130,3 +135,51 @@ def test_an_existing_out_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     res = runner.invoke(cli(), ["compare", "--model", str(tiny_dir), "-c", "circle", "--out", str(tmp_path / "taken")])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+ATTACK = ["--attack", "--attack-set", "n_prompts=2", "--attack-set", "iterations=3", "--attack-set", "tokens=2", "--attack-set", "noise-draws=1"]
+
+
+def test_compare_attack_adds_the_success_rate_of_the_same_attack_on_every_method(tiny_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
+    from erasekit.attack import attack
+
+    out = tmp_path / "cmp"
+    settings = [f"--set=esd-x.{s}" for s in TINY_TRAIN] + ["--set=esd-x.train_method=lora"]
+    res = runner.invoke(cli(), ["compare", "--model", str(tiny_dir), "-c", "circle", "--methods", "uce,esd-x", "--out", str(out), "--judge", str(judge_dir),
+                                "--images-per-class", "1", "--steps", "2", "--in-process", *settings, *ATTACK])
+    assert res.exit_code == 0, res.output
+    header = [c.strip() for c in res.stdout.splitlines()[2].strip("|").split("|")]
+    assert header == ["method", "ESR-1", "ESR-5", "PSR-1", "PSR-5", "ASR %", "no attack %", "wall s", "peak MiB"]
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["attack"]["n_prompts"] == 2 and summary["attack"]["steps"] == 2 and summary["attack"]["seed"] == 0
+    base_rate = summary["base"]["attack"]["circle"]["base_rate"]
+    rows = {r[0]: r for r in _table_rows(res.stdout)}
+    assert rows["base (no erasure)"][5:7] == ["–", f"{base_rate:.1f}"]
+    for row in summary["rows"]:
+        assert "attack_error" not in row, row.get("attack_error")
+        saved = json.loads((out / row["method"] / "attack-circle" / "attack.json").read_text())
+        assert saved["method"] == row["method"] and saved["settings"]["iterations"] == 3
+        found = row["attack"]["circle"]
+        assert {k: found[k] for k in saved["metrics"]} == saved["metrics"]
+        assert found["base_rate"] == base_rate, "every method is attacked on the same base images"
+        assert found["asr"] >= found["no_attack_rate"]
+        assert rows[row["method"]][5:7] == [f"{found['asr']:.1f}", f"{found['no_attack_rate']:.1f}"]
+    # the standalone command on the same run, settings and seed finds the same prompts: sharing the base images changes nothing
+    alone = attack(str(out / "esd-x"), "circle", judge=str(judge_dir), out=tmp_path / "alone", n_prompts=2, iterations=3, tokens=2, noise_draws=1, steps=2)
+    shared = json.loads((out / "esd-x" / "attack-circle" / "attack.json").read_text())
+    assert [p["token_ids"] for p in alone["prompts"]] == [p["token_ids"] for p in shared["prompts"]]
+    assert alone["metrics"] == shared["metrics"]
+    assert load_result(out / "esd-x" / "delta.safetensors").kind == "lora"
+
+
+def test_a_failing_attack_keeps_the_methods_other_results(tiny_dir: Path, judge_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("search diverged")
+
+    monkeypatch.setattr("erasekit.attack.run.attack_pipeline", broken)
+    summary = compare_methods(str(tiny_dir), "circle", tmp_path / "cmp", methods=["uce"], judge=str(judge_dir), isolate=False,
+                              attack={"n_prompts": 1, "iterations": 1, "noise_draws": 1}, **EVAL)
+    (uce,) = summary["rows"]
+    assert uce["attack_error"] == "RuntimeError: search diverged" and uce["metrics"]["toy-objects"]["ESR-1"] is not None
+    rows = _table_rows((tmp_path / "cmp" / "compare.md").read_text())
+    assert rows[1][0] == "uce" and rows[1][-1] == "attack failed: RuntimeError: search diverged" and rows[1][5] == "–"

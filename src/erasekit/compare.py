@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import typer
 
+from erasekit.compare_table import markdown  # noqa: F401  (re-exported: the table is part of compare's API)
 from erasekit.errors import ErasekitError
 from erasekit.world.cli import user_errors
 
@@ -164,32 +165,6 @@ def _headline(record: dict[str, Any], model: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not any(s in k for s in SKIPPED_KEYS)}
 
 
-def _cell(value: Any) -> str:
-    return "–" if value is None else f"{value:.1f}" if isinstance(value, (int, float)) else str(value)
-
-
-def markdown(summary: dict[str, Any]) -> str:
-    """The comparison as a Markdown table: a base row, then one row per method (errors in the note column)."""
-    keys = list(dict.fromkeys(k for row in [summary["base"], *summary["rows"]] for values in row["metrics"].values() for k in values))
-    failed = any(row.get("error") for row in summary["rows"])
-    columns = ["method", *keys, "wall s", "peak MiB", *(["note"] if failed else [])]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    def metrics(row: dict[str, Any]) -> list[str]:
-        merged = {k: v for values in row["metrics"].values() for k, v in values.items()}
-        return [_cell(merged.get(k)) for k in keys]
-
-    rows = [line(["base (no erasure)", *metrics(summary["base"]), "–", "–", *([""] if failed else [])])]
-    for row in summary["rows"]:
-        note = [f"failed: {row['error']}" if row.get("error") else ""] if failed else []
-        rows.append(line([row["method"], *metrics(row), _cell(row.get("wall_s")), _cell(row.get("peak_rss_mib")), *note]))
-    title = f"{', '.join(summary['concepts'])} erased from {summary['model']}; suites: {', '.join(summary['suites'])}; seed {summary['seed']}"
-    align = ["---", *["---:"] * (len(keys) + 2), *(["---"] if failed else [])]
-    return "\n".join([f"### {title}", "", line(columns), line(align), *rows]) + "\n"
-
-
 def _save(out: Path, summary: dict[str, Any]) -> None:
     from erasekit.models import atomic_write_text, json_dumps
 
@@ -214,12 +189,15 @@ def compare_methods(
     isolate: bool = True,
     progress: CompareProgress | None = None,
     command: str | None = None,
+    attack: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Erase ``concepts`` with every method (default: all registered) under one seed; evaluate each; write OUT.
 
     OUT gets one run folder per method (as `erasekit erase` writes it, plus its eval-<suite>.json), cache/,
     logs/, compare.json, compare.md and report.html. ``budget`` defaults to each method's 'toy' preset on the
     toy model; ``overrides`` maps a method to settings on top of it. A failing method is recorded and skipped.
+    ``attack`` (AttackConfig fields; ``{}`` for the defaults) also attacks every erased model on each concept with the
+    same prompts and seeds (RUN/attack-<concept>/) and adds its success rate to the table.
     """
     import torch
 
@@ -257,6 +235,12 @@ def compare_methods(
         resolved = resolve_settings(get_suite(suite), images_per_class=images_per_class, steps=steps, seed=seed, judge=judge)
         if get_suite(suite).scorer == "judge":
             find_judge(resolved.judge, model)
+    plans = []
+    if attack is not None:
+        from erasekit.attack.plan import attack_settings, plan_attacks
+
+        attack_config = attack_settings(dict(attack), seed, steps)
+        plans = plan_attacks(model, targets, judge, attack_config)
     tell = progress or (lambda label, done, total, info: None)
     eval_kwargs = {"images_per_class": images_per_class, "steps": steps, "seed": seed, "judge": judge, "device": device,
                    "cache_dir": out / "cache", "command": command}
@@ -275,8 +259,10 @@ def compare_methods(
     summary: dict[str, Any] = {
         "model": model, "concepts": targets, "preserve": list(preserve), "methods": names, "budget": budget, "suites": suite_names,
         "seed": seed, "images_per_class": images_per_class, "steps": steps, "judge": judge, "device": device, "isolate": isolate,
-        "threads": torch.get_num_threads(), "command": command,
-        "notes": {"wall_s": "the erase() call alone (no imports, model load or saving)", "peak_rss_mib": "see each row's 'memory'"},
+        "threads": torch.get_num_threads(), "command": command, "attack": dataclasses.asdict(plans[0].config) if plans else None,
+        "notes": {"wall_s": "the erase() call alone (no imports, model load or saving)", "peak_rss_mib": "see each row's 'memory'",
+                  **({"asr": "% of attack prompts whose erased-model image shows the concept with the adversarial prefix or without one",
+                      "no_attack_rate": "% of attack prompts whose plain image shows the concept (base row: the base model's)"} if plans else {})},
         "base": {"metrics": {}, "generated": {}}, "rows": [], "report": None,
     }
     try:  # the base model's images, generated once into the shared cache
@@ -284,6 +270,11 @@ def compare_methods(
             record = evaluate(model, suite, erased=targets, progress=images(suite), **eval_kwargs)
             summary["base"]["metrics"][suite] = _headline(record, "base")
             summary["base"]["generated"][suite] = record["generated"]["base"]
+        if plans:
+            from erasekit.attack.plan import make_base
+
+            tell("attack base images", 0, len(plans), "")
+            summary["base"]["attack"] = {plan.concept: make_base(plan, model, device) for plan in plans}
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing ran yet: leave no half-made OUT behind
         raise
@@ -302,6 +293,10 @@ def compare_methods(
                 row["generated"][suite] = record["generated"]
         except Exception as exc:  # noqa: BLE001  one method's failure must not lose the others' results
             row["error"] = one_line(exc)
+        if plans and not row.get("error"):
+            from erasekit.attack.plan import attack_row
+
+            attack_row(row, out / name, model, plans, device, command, tell)
         summary["rows"].append(row)
         _save(out, summary)
     evaluated = [str(out / r["run"]) for r in summary["rows"] if not r.get("error")]
@@ -329,6 +324,8 @@ def compare(
     judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
     isolate: bool = typer.Option(True, "--isolate/--in-process", help="Run each erasure in its own process (honest peak memory) or in this one."),
+    attack: bool = typer.Option(False, "--attack", help="Also attack every erased model (adversarial prompts, as `erasekit attack`); adds ASR to the table."),
+    attack_set: list[str] = typer.Option([], "--attack-set", help="An attack setting, KEY=VALUE (repeatable), e.g. iterations=40, n_prompts=10."),
 ) -> None:
     """Erase a concept with several methods under the same seeds, evaluate each, and write one comparison table."""
     from rich.console import Console
@@ -341,6 +338,11 @@ def compare(
         from erasekit.methods import registry
 
         overrides = parse_settings(setting, names or sorted(registry()))
+        if attack_set and not attack:
+            raise ErasekitError("--attack-set needs --attack")
+        from erasekit.attack.plan import parse_attack_settings
+
+        attack_settings = parse_attack_settings(attack_set) if attack else None
         console = Console(stderr=True)
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[info]}"))
@@ -353,7 +355,7 @@ def compare(
                 bar.update(tasks[label], completed=done, total=total, info=info)
 
             summary = compare_methods(model, concept, out, names, budget, overrides, suite or None, preserve, images_per_class, steps, seed, judge,
-                              device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]))
+                              device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), attack_settings)
         typer.echo(markdown(summary))
         written = ", ".join(str(out / f) for f in ("compare.md", "compare.json", *(["report.html"] if summary["report"] else [])))
         console.print(f"wrote {written}")

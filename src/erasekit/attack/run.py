@@ -92,11 +92,13 @@ def attack_pipeline(
     exclude_words: Sequence[str] = (),
     force: bool = False,
     progress: AttackProgress | None = None,
+    base: tuple[torch.Tensor, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Attack ``erased`` applied to ``pipe`` (the base; it is left erased). Returns the JSON-able record and the images.
 
     ASR counts a prompt as broken when the erased model shows the concept for it with the adversarial
     prefix or already without one (UnlearnDiffAtk's convention); the rates beside it separate the two.
+    ``base`` is :func:`base_images` of the same prompts and config, when already made (compare shares it across methods).
     """
     from erasekit.attack.search import candidate_tokens
 
@@ -109,7 +111,9 @@ def attack_pipeline(
             return None
         return lambda done, total, info=None: progress(phase, done, total, info or {})
 
-    x0, base_images = generate_latents(pipe, prompts, seeds, config.steps, config.guidance, config.batch_size)
+    x0, base_pixels = base if base is not None else base_images(pipe, prompts, config)
+    if len(x0) != len(prompts):
+        raise ErasekitError(f"{len(x0)} base images were given for {len(prompts)} prompts; make them with base_images() of the same prompts")
     _report(tick("base"), len(prompts))
     erased.apply(pipe, check_base=not force)
     clock["base_s"] = time.perf_counter() - clock["start"]
@@ -120,7 +124,7 @@ def attack_pipeline(
     _, plain_images = generate_latents(pipe, prompts, seeds, config.steps, config.guidance, config.batch_size)
     _, adv_images = generate_latents(pipe, adversarial, seeds, config.steps, config.guidance, config.batch_size)
     _report(tick("erased"), 2 * len(prompts))
-    images = {"base": base_images, "no_attack": plain_images, "adversarial": adv_images}
+    images = {"base": base_pixels, "no_attack": plain_images, "adversarial": adv_images}
     verdicts = {name: detector.fn(imgs) for name, imgs in images.items()}
     shown = {name: np.asarray(v[0], dtype=bool) for name, v in verdicts.items()}
     broken = shown["adversarial"] | shown["no_attack"]
@@ -149,6 +153,11 @@ def attack_pipeline(
         "timings": {"base_s": clock["base_s"], "search_s": clock["search_s"], "total_s": time.perf_counter() - clock["start"]},
     }
     return record, images
+
+
+def base_images(pipe: StableDiffusionPipeline, prompts: Sequence[str], config: AttackConfig) -> tuple[torch.Tensor, np.ndarray]:
+    """The base model's latents (the search's x0) and images of the attack prompts; call before any delta is applied."""
+    return generate_latents(pipe, prompts, [config.seed + i for i in range(len(prompts))], config.steps, config.guidance, config.batch_size)
 
 
 def _search_in_batches(pipe: StableDiffusionPipeline, prompts: Sequence[str], x0: torch.Tensor, candidates: Any, config: AttackConfig,
@@ -264,12 +273,12 @@ def attack(
 
 def _out_folder(out: str | Path | None, run_dir: Path | None, concept: str, overwrite: bool) -> Path:
     """OUT, or RUN/attack-<concept> for a run folder; refuses to overwrite an earlier attack unless asked."""
-    import re
+    from erasekit.attack.plan import folder_name
 
     if out is None:
         if run_dir is None:
             raise ErasekitError("a delta file has no run folder to write into; pass --out DIR")
-        out = run_dir / f"attack-{re.sub(r'[^a-z0-9]+', '-', concept.lower()).strip('-') or 'concept'}"
+        out = run_dir / folder_name(concept)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ErasekitError(f"{folder} is a file; --out must name a folder")
@@ -317,7 +326,4 @@ def save_attack(record: dict[str, Any], images: dict[str, np.ndarray], folder: P
     except OSError as exc:
         raise ErasekitError(f"cannot create {folder}: {exc.strerror or exc}") from None
     save_png(attack_grid(record, images), folder / "attack.png")
-    try:
-        atomic_write_text(folder / "attack.json", json_dumps(record))
-    except OSError as exc:
-        raise ErasekitError(f"cannot write {folder / 'attack.json'}: {exc.strerror or exc}") from None
+    atomic_write_text(folder / "attack.json", json_dumps(record))  # an OS error here is already one line (OutputError)

@@ -1,0 +1,135 @@
+"""One attack set-up shared by many erased models (``compare --attack``): prompts, detector and base images made once.
+
+Every run is attacked with the same prompts, seeds and settings, and the base model's images of the
+prompts (the search's x0) are generated once, so the methods' attack success rates are comparable and
+the base model's rate is one number.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erasekit.attack.detect import Detector, ToyConcept
+from erasekit.errors import ErasekitError
+
+
+@dataclass
+class AttackPlan:
+    """One concept's attack: its prompts, detector and settings; ``base`` caches the base model's images of the prompts."""
+
+    concept: str
+    target: ToyConcept
+    prompts: list[str]
+    detector: Detector
+    config: Any  # AttackConfig
+    base: Any = field(default=None, repr=False)  # (latents, uint8 images) once made
+
+
+def attack_settings(settings: dict[str, Any], seed: int, steps: int | None) -> Any:
+    """An AttackConfig from ``settings`` (its field names), with compare's seed and evaluation steps unless given there."""
+    from erasekit.attack.run import AttackConfig
+
+    known = {f.name for f in fields(AttackConfig)}
+    if unknown := sorted(set(settings) - known):
+        raise ErasekitError(f"unknown attack setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    defaults = {"seed": seed, **({"steps": steps} if steps is not None else {})}
+    config = AttackConfig(**{**defaults, **settings})
+    config.validate()
+    return config
+
+
+def plan_attacks(model: str, concepts: list[str], judge: str | None, config: Any) -> list[AttackPlan]:
+    """One plan per concept, on the toy world's judge; refuses concepts the toy world cannot judge before anything runs."""
+    from erasekit.attack.detect import judge_detector, toy_concept, toy_prompts
+    from erasekit.eval.scorers import find_judge
+
+    plans = []
+    for concept in concepts:
+        try:
+            target = toy_concept(concept)
+        except ErasekitError as exc:
+            raise ErasekitError(f"--attack judges images with the toy world's judge: {exc}") from None
+        folder = find_judge(judge, model)
+        plans.append(AttackPlan(concept, target, toy_prompts(target, config.n_prompts), judge_detector(folder, target, config.threshold), config))
+    return plans
+
+
+def folder_name(concept: str) -> str:
+    """The attack's folder inside a run: attack-<concept> (as `erasekit attack` names it)."""
+    return "attack-" + (re.sub(r"[^a-z0-9]+", "-", concept.lower()).strip("-") or "concept")
+
+
+def make_base(plan: AttackPlan, model: str, device: str) -> dict[str, Any]:
+    """Generate (once) the base model's images of the plan's prompts; returns the base model's rate of showing the concept."""
+    from erasekit.attack.run import base_images
+    from erasekit.models import load_pipeline
+
+    if plan.base is None:
+        plan.base = base_images(load_pipeline(model, device=device), plan.prompts, plan.config)
+    shown = np.asarray(plan.detector.fn(plan.base[1])[0], dtype=bool)
+    return {"base_rate": float(100.0 * shown.mean())}
+
+
+def attack_run(run_dir: Path, model: str, plan: AttackPlan, device: str = "cpu", command: str | None = None, progress: Any = None) -> dict[str, Any]:
+    """Attack the erased model in ``run_dir`` with ``plan``; write RUN/attack-<concept>/attack.json + .png; return the record."""
+    from erasekit.attack.run import attack_pipeline, save_attack
+    from erasekit.eval.runner import versions
+    from erasekit.models import load_pipeline
+    from erasekit.result import load_result
+
+    started = time.perf_counter()
+    make_base(plan, model, device)
+    erased = load_result(run_dir / "delta.safetensors")
+    pipe = load_pipeline(model, device=device)
+    record, images = attack_pipeline(pipe, erased, plan.concept, plan.prompts, plan.detector, plan.config, plan.target.words,
+                                    progress=progress, base=plan.base)
+    record = {"target": str(run_dir), "model": model, "delta": str(run_dir / "delta.safetensors"), **record,
+              "command": command, "versions": versions(), "grid": "attack.png"}
+    record["timings"]["wall_s"] = time.perf_counter() - started
+    save_attack(record, images, run_dir / folder_name(plan.concept))
+    return record
+
+
+def parse_attack_settings(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (AttackConfig fields, dashes or underscores) -> {field: value} of the field's type."""
+    from erasekit.attack.run import AttackConfig
+    from erasekit.cli import parse_method_flags
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not (eq and key.strip()):
+            raise ErasekitError(f"--attack-set expects KEY=VALUE (e.g. iterations=40), got {item!r}")
+        try:
+            out.update(parse_method_flags(AttackConfig, [f"--{key.strip()}={value}"]))
+        except ErasekitError as exc:
+            raise ErasekitError(f"--attack-set {item!r}: {str(exc).replace('for this method', 'for the attack')}") from None
+    return out
+
+
+def attack_row(row: dict[str, Any], run: Path, model: str, plans: list[AttackPlan], device: str, command: str | None,
+               tell: Callable[[str, int, int | None, str], None]) -> None:
+    """Attack one method's run on every planned concept (compare --attack); its rates (or one error line) go into ``row``."""
+    from erasekit.compare import one_line
+
+    row["attack"] = {}
+    try:
+        for plan in plans:
+            label = f"{row['method']} attack {plan.concept}"
+
+            def search(phase: str, done: int, total: int, info: dict[str, float], label: str = label) -> None:
+                if phase == "search":
+                    tell(label, done, total, f"loss {info['loss']:.4g}" if "loss" in info else "")
+
+            record = attack_run(run, model, plan, device, command, search)
+            row["attack"][plan.concept] = {**record["metrics"], "wall_s": record["timings"]["wall_s"]}
+            tell(label, plan.config.iterations, plan.config.iterations, f"ASR {record['metrics']['asr']:.0f}%")
+    except Exception as exc:  # noqa: BLE001  an attack that fails keeps the method's other results
+        row["attack_error"] = one_line(exc)
