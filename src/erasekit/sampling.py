@@ -41,14 +41,30 @@ def rollout(
 
     ``cond`` is (B, 77, d); ``start`` is (1 or B, C, H, W). Every row of the batch shares the noise.
     """
+    return rollout_states(eps_fn, scheduler, start, cond, uncond, [n_steps], guidance)[0]
+
+
+@torch.no_grad()
+def rollout_states(
+    eps_fn: EpsFn,
+    scheduler: DDIMScheduler,
+    start: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    n_steps: Sequence[int],
+    guidance: float,
+) -> list[torch.Tensor]:
+    """The states after each of ``n_steps`` DDIM steps of one rollout (run once, to the largest count), in that order."""
     b = cond.shape[0]
     x = start.expand(b, *start.shape[1:]).clone()
     emb = torch.cat([uncond.expand(b, *uncond.shape[1:]), cond])
-    for t in scheduler.timesteps[:n_steps]:
+    states: dict[int, torch.Tensor] = {0: x}
+    for i, t in enumerate(scheduler.timesteps[: max(n_steps, default=0)]):
         out = eps_fn(torch.cat([x, x]), t.expand(2 * b), emb)
         e_un, e_c = out.chunk(2)
         x = scheduler.step(e_un + guidance * (e_c - e_un), t, x).prev_sample
-    return x
+        states[i + 1] = x
+    return [states[n] for n in n_steps]
 
 
 def ddpm_timestep(k: int, ddim_steps: int, generator: torch.Generator, num_train: int = 1000) -> int:
