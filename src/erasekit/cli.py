@@ -219,7 +219,7 @@ def erase(
     preserve: list[str] = typer.Option([], "--preserve", help="Concept to keep, in addition to the adversarial one (repeatable)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Preset: paper (defaults), fast, toy (default on --model toy)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of method settings."),
-    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    device: str = typer.Option("cpu", "--device", help="Torch device of a single process (cpu, cuda, cuda:1); under accelerate launch, cuda = each process's own GPU."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Model steps between checkpoints in OUT.partial/ (0: only on Ctrl-C)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run whose --out was this folder."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print the method's settings and exit."),
@@ -259,11 +259,15 @@ def erase(
             if partial_dir(out).exists():
                 raise ErasekitError(f"an interrupted run is in {partial_dir(out)}; continue it with `erasekit erase --resume {out}` or delete that folder")
         from erasekit.api import erase as run_erase
+        from erasekit.distributed import distributed, resolve_device
         from erasekit.models import load_pipeline
 
-        pipe = load_pipeline(model, device=device)
+        pipe = load_pipeline(model, device=resolve_device(device))
+        rank, _, barrier = distributed(cpu=pipe.unet.device.type == "cpu")
+        console.quiet = rank != 0  # under accelerate launch the main process reports and writes
+        barrier()  # every process has checked --out before the main process creates it
         work = partial_dir(out)
-        if resume is None:
+        if resume is None and rank == 0:
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 work.mkdir()
@@ -287,9 +291,11 @@ def erase(
             except ErasekitError as exc:
                 if (work / "checkpoint.safetensors").exists():
                     raise ErasekitError(f"{exc}; continue with `erasekit erase --resume {out}`") from None
-                if resume is None:  # nothing worth keeping: leave no trace of the failed start
+                if resume is None and rank == 0:  # nothing worth keeping: leave no trace of the failed start
                     shutil.rmtree(work, ignore_errors=True)
                 raise
+        if rank != 0:
+            return
         write_run(out, result, model, sys.argv)
         shutil.rmtree(work, ignore_errors=True)
         console.print(f"wrote {out / 'delta.safetensors'} ({result.timings.get('total_s', 0):.1f} s)")

@@ -19,11 +19,13 @@ import numpy as np
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from erasekit.distributed import distributed
 from erasekit.errors import ErasekitError
 from erasekit.models import weights_hash
 from erasekit.sampling import generate
 
 CACHE_ENV = "ERASEKIT_CACHE"
+__all__ = ["GenerationCache", "Generated", "SamplerSettings", "default_cache_dir", "distributed", "generate_cached", "image_key", "sampler_settings"]
 
 
 def default_cache_dir() -> Path:
@@ -85,16 +87,6 @@ class GenerationCache:
         return path
 
 
-def distributed(cpu: bool = True) -> tuple[int, int, Callable[[], None]]:
-    """(rank, world size, barrier) under `accelerate launch` with several processes; (0, 1, no-op) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, lambda: None
-    from accelerate import PartialState
-
-    state = PartialState(cpu=cpu)  # cpu: join over gloo (MULTI_CPU) rather than look for accelerators
-    return state.process_index, state.num_processes, state.wait_for_everyone
-
-
 def sampler_settings(pipe: StableDiffusionPipeline, steps: int, guidance: float) -> SamplerSettings:
     """The settings of images this pipeline generates (size from its UNet and VAE)."""
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
@@ -123,8 +115,9 @@ def generate_cached(
 ) -> Generated:
     """Images for (prompt, seed) pairs, generating only those the cache lacks; ``guidance`` may be one per prompt.
 
-    Under `accelerate launch` the missing images are split across processes (data-parallel), which share the
-    cache folder; every process returns all images. ``generated`` counts this process's share.
+    Under `accelerate launch` the missing images' batches are dealt out to the processes (data-parallel), which share
+    the cache folder (each key is written by one process); every process returns all images, identical to one process's
+    with the same ``batch_size``. ``generated`` counts this process's share.
     """
     if len(prompts) != len(seeds):
         raise ErasekitError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -147,17 +140,18 @@ def generate_cached(
         if found[key] is None:
             todo.setdefault(scales[i], {}).setdefault(key, i)
     generated = 0
-    for scale, jobs in todo.items():
-        order = list(jobs.items())[rank::world]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            out = generate(pipe, [prompts[i] for _, i in chunk], [int(seeds[i]) for _, i in chunk], steps=steps, guidance=scale, batch_size=batch_size)
-            for (key, _), img in zip(chunk, out):
-                cache.put(key, img)
-                found[key] = img
-            generated += len(chunk)
-            if progress:
-                progress(sum(counts[key] for key, _ in chunk))
+    # whole batches are dealt out (batch i to process i mod world), so every image is computed in the same batch as on
+    # one process with the same batch_size: the images, hence the metrics, are identical bit for bit
+    chunks = [(scale, order[start : start + batch_size]) for scale, jobs in todo.items()
+              for order in [list(jobs.items())] for start in range(0, len(order), batch_size)]
+    for scale, chunk in chunks[rank::world]:
+        out = generate(pipe, [prompts[i] for _, i in chunk], [int(seeds[i]) for _, i in chunk], steps=steps, guidance=scale, batch_size=batch_size)
+        for (key, _), img in zip(chunk, out):
+            cache.put(key, img)
+            found[key] = img
+        generated += len(chunk)
+        if progress:
+            progress(sum(counts[key] for key, _ in chunk))
     barrier()
     for key in [k for k, img in found.items() if img is None]:
         found[key] = cache.get(key)  # written by another process

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+from erasekit.distributed import distributed, gather_rows, is_main_process, resolve_device, shard
 from erasekit.errors import ErasekitError
-from erasekit.eval.generate import GenerationCache, default_cache_dir, distributed, generate_cached
+from erasekit.eval.generate import GenerationCache, default_cache_dir, generate_cached
 from erasekit.eval.scorers import Scorer, load_scorer
 from erasekit.eval.suites import SEED_STRIDE, Plan, Settings, Suite, get_suite, resolve_settings
 from erasekit.models import atomic_write_text, json_dumps, weights_hash
@@ -86,7 +87,7 @@ def run_suite(
         model_hash = weights_hash(pipe)
         tick = (lambda n, name=name: progress(name, n, len(plan.prompts))) if progress else None
         gen = generate_cached(pipe, plan.prompts, plan.seeds, cache, settings.steps, plan.guidance, settings.batch_size, tick, model_hash)
-        scores[name] = scorer(gen.images, gen.paths, plan)
+        scores[name] = score_sharded(scorer, gen.images, gen.paths, plan, pipe.unet.device)
         images[name] = gen.images
         record["metrics"][name] = suite.measure(plan, scores[name])
         record["generated"][name] = gen.generated
@@ -95,6 +96,22 @@ def run_suite(
     if "base" in scores and "erased" in scores:
         record["comparison"] = suite.compare(plan, scores["base"], scores["erased"])
     return record, images
+
+
+def score_sharded(scorer: Scorer, images: np.ndarray, paths: Sequence[Path], plan: Plan, device: Any = "cpu") -> dict[str, np.ndarray]:
+    """Score every image; under `accelerate launch` each process scores one contiguous block and every process gets all rows."""
+    rank, world, _ = distributed(cpu=getattr(device, "type", str(device)) == "cpu")
+    if world <= 1:
+        return scorer(images, paths, plan)
+    rows = shard(len(plan.prompts), rank, world)
+    part = Plan(*(getattr(plan, f)[rows.start : rows.stop] for f in ("prompts", "seeds", "guidance", "groups", "labels")), plan.erased, plan.extra)
+    local = scorer(images[rows.start : rows.stop], list(paths)[rows.start : rows.stop], part)
+    return gather_rows(local, len(plan.prompts), rank, world, device=_collective_device(device))
+
+
+def _collective_device(device: Any) -> Any:
+    """Where gathered tensors live: the process's GPU for NCCL, the CPU for gloo."""
+    return device if getattr(device, "type", "cpu") == "cuda" else "cpu"
 
 
 def versions() -> dict[str, str]:
@@ -154,6 +171,7 @@ def evaluate(
     ``erased`` names the erased concepts for a base model alone (or overrides the delta's).
     """
     spec = get_suite(suite)
+    device = resolve_device(device)
     settings = resolve_settings(spec, images_per_class=images_per_class, steps=steps, guidance=guidance, batch_size=batch_size,
                                 seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts)
     tgt = resolve_target(target, model)
@@ -189,7 +207,7 @@ def evaluate(
     grid = grid_image(plan, images, titles)
     destinations = [tgt.run_dir / f"eval-{spec.name}.json"] if tgt.run_dir else []
     destinations += [Path(out_json)] if out_json is not None else []
-    if distributed(cpu=device == "cpu")[0] == 0:  # under `accelerate launch`, the main process writes
+    if is_main_process():  # under `accelerate launch`, the main process writes
         for dest in destinations:
             save_evaluation(out, grid, dest)
     return out

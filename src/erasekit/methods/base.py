@@ -109,11 +109,17 @@ class TrainConfig:
     negative_guidance: float = field(default=1.0, metadata={"help": "eta of the ESD target eps0(x,0) - eta (eps0(x,c) - eps0(x,0)) (reference: 1)."})
     preserve_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the preservation loss (EAP: 1)."})
     seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
+    batch_size: int = field(default=1, metadata={"help": "Rollout points per model step, averaged (reference: 1); under accelerate launch they are split across processes."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast for the UNet's forwards (reference: fp32); weights and losses stay fp32."})
 
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
         if self.iterations < 1:
             raise ErasekitError(f"iterations must be >= 1, got {self.iterations}")
+        if self.batch_size < 1:
+            raise ErasekitError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ErasekitError(f"unknown precision {self.precision!r}; choose one of: fp32, bf16, fp16")
         if not 0 < self.lr < math.inf:
             raise ErasekitError(f"lr must be a positive finite number, got {self.lr}")
         if not 1 <= self.ddim_steps <= 1000:

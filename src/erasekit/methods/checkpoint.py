@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from erasekit.distributed import is_main_process
 from erasekit.errors import ErasekitError
 from erasekit.models import atomic_write_bytes
 
@@ -52,7 +53,9 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 
 def save(spec: CheckpointSpec, step: int, setup: Any, search: Any | None) -> None:
-    """Write the run's state after ``step`` completed model steps."""
+    """Write the run's state after ``step`` completed model steps; under `accelerate launch` only the main process writes."""
+    if not is_main_process():  # every process holds the same state; one file, one writer
+        return
     tensors = {f"param.{n}": p.detach().clone().contiguous() for n, p in setup.trainable.params.items()}
     opt_t, opt_groups = optimizer_tensors(setup.optimizer, "opt")
     tensors.update(opt_t)

@@ -115,10 +115,14 @@ class GumbelSearch:
         return GumbelDraw(self, target, -torch.log(-torch.log(u)))
 
     def ascend(self, target: int) -> None:
-        """One Adam step that *increases* the preservation loss (the gradient's sign is flipped)."""
-        grad = self.logits[target].grad
-        if grad is not None:
+        """One Adam step that *increases* the preservation loss (the gradient's sign is flipped).
+
+        Every target with a gradient moves (a batch may draw several targets); later calls in the same step are no-ops.
+        """
+        grads = [logits.grad for logits in self.logits if logits.grad is not None]
+        for grad in grads:
             grad.neg_()
+        if grads:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from erasekit import distributed as dist
 from erasekit.concepts import check_prompt, encode
 from erasekit.errors import ErasekitError
 from erasekit.methods import checkpoint as ckpt
@@ -92,6 +93,8 @@ class Setup:
     checkpoint: ckpt.CheckpointSpec | None = None
     done: int = 0  # completed model steps
     saved: int = 0  # model steps in the newest checkpoint
+    rank: int = 0  # this process under `accelerate launch` (0 alone)
+    world: int = 1  # processes sharing each step's batch of rollout points
 
     def after_step(self, erase: torch.Tensor, preserve: torch.Tensor, search: Any, boundary: bool) -> None:
         """Guard against NaN/inf and checkpoint at round boundaries every ``checkpoint.every`` steps."""
@@ -103,7 +106,7 @@ class Setup:
             self.save(search)
 
     def save(self, search: Any) -> None:
-        """Write a checkpoint of the completed steps."""
+        """Write a checkpoint of the completed steps (the main process writes; every process knows it exists)."""
         if self.checkpoint is not None:
             ckpt.save(self.checkpoint, self.done, self, search)
             self.saved = self.done
@@ -132,8 +135,10 @@ class Setup:
 
 
 def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
-    """Validate the request and build the shared state of a run."""
+    """Validate the request and build the shared state of a run (under `accelerate launch`: this process's rank and the world size)."""
     started = time.perf_counter()
+    dist.check_precision(config.precision)
+    rank, world, _ = dist.distributed(cpu=pipe.unet.device.type == "cpu")
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
     base_hash = weights_hash(pipe)
@@ -144,7 +149,7 @@ def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: Trai
         emb_preserve=encode(pipe, preserve) if preserve else None,
         scheduler=ddim_scheduler(pipe, config.ddim_steps), alphas=pipe.scheduler.alphas_cumprod.to(pipe.unet.device),
         trainable=trainable, optimizer=torch.optim.Adam(list(trainable.params.values()), lr=config.lr),
-        generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started,
+        generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started, rank=rank, world=world,
     )
 
 
@@ -158,36 +163,112 @@ def _record(s: Setup, step: int, j: int, erase: torch.Tensor, preserve: torch.Te
         progress(step, s.config.iterations, record)
 
 
+@dataclass
+class Row:
+    """One rollout point of a step's batch: its target, the adversarial draw, and (on the process that owns it) the rollout."""
+
+    j: int
+    draw: Draw | None
+    conds: list[torch.Tensor] = field(default_factory=list)
+    x: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+    t_int: int = 0
+    frozen: torch.Tensor | None = None
+
+
+def draw_rows(s: Setup, search: Search | None, step: int) -> list[Row]:
+    """``batch_size`` rollout points drawn in the same order on every process; each process rolls out only rows rank::world."""
+    cfg, tr = s.config, s.trainable
+    rows = []
+    for b in range(cfg.batch_size):
+        j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
+        k, t_int, start = s.draw_rollout_point()
+        draw = search.draw(j, s.generator) if search else None
+        row = Row(j, draw, t_int=t_int)
+        if b % s.world == s.rank:
+            row.conds = s.conditions(j, draw, step)
+            with dist.autocast(cfg.precision, start.device):
+                x = rollout(tr.eps, s.scheduler, start, torch.cat(row.conds), s.emb_null, k, cfg.start_guidance)
+                row.t = torch.full((len(x) + 1,), t_int, device=x.device)
+                row.frozen = tr.frozen_eps(torch.cat([x[:1], x]), row.t, torch.cat([s.emb_null, *row.conds])).float()
+            row.x = x.float()
+        rows.append(row)
+    return rows
+
+
+def row_losses(s: Setup, row: Row, loss_space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(erase_loss, preserve_loss) of one owned row with the current weights and logits (forward in the run's precision, losses in fp32)."""
+    assert row.x is not None and row.t is not None and row.frozen is not None
+    # the straight-through embedding is rebuilt every step: the logits moved since the rollout
+    live = list(row.conds)
+    if row.draw is not None:
+        live[1] = row.draw.embedding()
+    with dist.autocast(s.config.precision, row.x.device):
+        pred = s.trainable.eps(row.x, row.t[: len(row.x)], torch.cat(live))
+    return erasure_losses(pred.float(), row.frozen, row.x, s.alphas[row.t_int], s.config.negative_guidance, loss_space)
+
+
+def search_tensors(search: Search | None) -> list[torch.Tensor]:
+    """The tensors a search trains (Gumbel logits or PGD embeddings): their gradients are all-reduced with the model's."""
+    return [*getattr(search, "logits", []), *getattr(search, "embs", [])] if search is not None else []
+
+
 def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: int, progress: Progress | None) -> None:
-    """One weight copy; per step one batched trainable forward and one batched frozen forward.
+    """One weight copy; per row one batched trainable forward and one batched frozen forward.
 
     The model step and the search step share one forward and one backward: theta descends
     erase + lambda * preserve while the logits ascend preserve (their gradient's sign is flipped).
+    A step averages the losses of ``batch_size`` rollout points; under `accelerate launch` each process
+    computes its rows and the gradients (model and search) are summed across processes before the step.
     """
-    cfg, tr = s.config, s.trainable
+    cfg = s.config
+    scaler = torch.amp.GradScaler(s.alphas.device.type) if cfg.precision == "fp16" else None
+    tensors = list(s.trainable.params.values()) + search_tensors(search)
+    rows: list[Row] = []
     for step in range(s.done, cfg.iterations):
         if step % rollout_reuse == 0:
-            j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
-            k, t_int, start = s.draw_rollout_point()
-            draw = search.draw(j, s.generator) if search else None
-            conds = s.conditions(j, draw, step)
-            x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, k, cfg.start_guidance)
-            t = torch.full((len(x) + 1,), t_int, device=x.device)
-            frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, torch.cat([s.emb_null, *conds]))
-        # the straight-through embedding is rebuilt every step: the logits moved since the rollout
-        live = list(conds)
-        if draw is not None:
-            live[1] = draw.embedding()
-        pred = tr.eps(x, t[: len(x)], torch.cat(live))
-        erase, preserve = erasure_losses(pred, frozen, x, s.alphas[t_int], cfg.negative_guidance, loss_space)
+            rows = draw_rows(s, search, step)
         s.optimizer.zero_grad(set_to_none=True)
-        (erase + cfg.preserve_weight * preserve).backward()
-        s.optimizer.step()
+        sums = torch.zeros(2, dtype=torch.float64)
+        for row in rows:
+            if row.x is None:
+                continue  # another process's row
+            erase, preserve = row_losses(s, row, loss_space)
+            loss = erase + cfg.preserve_weight * preserve
+            if cfg.batch_size > 1:
+                loss = loss / cfg.batch_size
+            (scaler.scale(loss) if scaler else loss).backward()
+            sums += torch.stack([erase.detach(), preserve.detach()]).double().cpu()
+        if s.world > 1:
+            sums = dist.all_reduce_grads(tensors, sums)
+        if cfg.batch_size > 1 or s.world > 1:  # the step's losses: means over the global batch
+            erase, preserve = (sums / cfg.batch_size).float().unbind()
+        stepped = _step(s, scaler, search)
         if search:
-            search.ascend(j)
+            for j in sorted({row.j for row in rows}):
+                if stepped:
+                    search.ascend(j)
+            for tensor in search_tensors(search):
+                tensor.grad = None
         s.done = step + 1
-        _record(s, step + 1, j, erase, preserve, draw, search, progress)
+        _record(s, step + 1, rows[0].j, erase, preserve, rows[0].draw, search, progress)
         s.after_step(erase, preserve, search, boundary=s.done % rollout_reuse == 0)
+
+
+def _step(s: Setup, scaler: Any, search: Search | None) -> bool:
+    """The model's optimiser step; with fp16 loss scaling, unscale every gradient and skip the step on inf/NaN."""
+    if scaler is None:
+        s.optimizer.step()
+        return True
+    scaler.unscale_(s.optimizer)
+    inverse = 1.0 / scaler.get_scale()
+    grads = [t.grad for t in search_tensors(search) if t.grad is not None]
+    for g in grads:
+        g.mul_(inverse)
+    finite = all(bool(torch.isfinite(g).all()) for g in grads + [p.grad for p in s.trainable.params.values() if p.grad is not None])
+    scaler.step(s.optimizer)
+    scaler.update()
+    return finite
 
 
 def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Progress | None) -> None:
@@ -244,6 +325,10 @@ def finetune(
 ) -> ErasureResult:
     """Erase ``request.targets`` with the ESD objective plus adversarial/explicit preservation terms."""
     s = setup or prepare(pipe, request, config, separate_copy=faithful)
+    if faithful and (config.batch_size != 1 or config.precision != "fp32" or s.world > 1):
+        raise ErasekitError("faithful mode follows the reference: one process, batch_size 1, fp32; drop --faithful to scale out")
+    if config.batch_size < s.world:
+        raise ErasekitError(f"batch_size {config.batch_size} is smaller than the {s.world} processes; pass --batch-size {s.world} (or a multiple) so every process has rollouts")
     if request.checkpoint is not None:
         s.checkpoint = request.checkpoint
         s.done = s.saved = ckpt.load(request.checkpoint, s, search)
