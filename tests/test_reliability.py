@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import erasekit
 import erasekit.atomic as atomic
-from erasekit.atomic import OutputError, atomic_write_bytes, atomic_write_text
+from erasekit.atomic import OutputError, atomic_write_bytes, atomic_write_files, atomic_write_text
 from erasekit.cli import app
 from erasekit.errors import ErasekitError
 from erasekit.world.judge import Judge
@@ -159,6 +159,15 @@ def test_a_failed_rename_removes_the_temp_file(tmp_path: Path, monkeypatch: pyte
     assert os.listdir(tmp_path) == ["delta.safetensors"] and path.read_bytes() == b"previous"
 
 
+def test_files_that_belong_together_are_written_both_or_neither(tmp_path: Path, disk_full: Trouble) -> None:
+    grid, record = tmp_path / "attack.png", tmp_path / "attack.json"
+    atomic_write_files({grid: b"old grid", record: b"old record"})
+    disk_full(name="attack.json")  # the second file hits the full disk after the first was written
+    with pytest.raises(OutputError, match="attack.json: No space left on device"):
+        atomic_write_files({grid: b"new grid", record: b"new record"})
+    assert _snapshot(tmp_path) == {"attack.json": b"old record", "attack.png": b"old grid"}
+
+
 # --- the commands ------------------------------------------------------------------------------------------------
 
 
@@ -233,3 +242,16 @@ def test_erase_out_on_a_full_disk_writes_nothing_and_the_run_resumes(world: dict
     resumed = runner.invoke(app, ["erase", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
     assert erasekit.load_result(out / "delta.safetensors").method == "esd-x" and not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="eval/runner.py save_evaluation and eval/report.py write_report write their two files one after "
+                   "the other; erasekit.atomic.atomic_write_files writes both or neither")
+@pytest.mark.parametrize("command", ["evaluate", "report"])
+def test_a_result_and_its_companion_file_stay_a_pair_when_the_second_write_fails(world: dict[str, Any], command: str, disk_full: Trouble) -> None:
+    folder, second = (world["run"], "eval-toy-objects.json") if command == "evaluate" else (world["reports"], "report.md")
+    before = _snapshot(folder)
+    disk_full(folder, name=second)
+    args = ["evaluate", str(world["run"]), *world["common"], "--seed", "5"] if command == "evaluate" else \
+        ["report", str(world["run"]), str(world["run"]), "--out", str(folder / "report.html")]
+    _one_error_line(runner.invoke(app, args), "No space left on device")
+    assert _snapshot(folder) == before

@@ -10,6 +10,7 @@ import errno
 import io
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image
@@ -40,23 +41,42 @@ def output_error(exc: OSError, what: str) -> OutputError:
     return error
 
 
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a uniquely named temp file and a rename (safe across processes)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: Mapping[Path, bytes]) -> None:
+    """Write several files that belong together (a JSON and its grid): every temp file first, then the renames.
+
+    A failure while writing (disk full, no permission) changes none of them. The renames need no space, so
+    they do not fail that way.
+    """
+    temps: dict[Path, Path] = {}
+    current = Path(".")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            current = Path(path)
+            temps[current] = tmp = _temp_name(current)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for path, tmp in temps.items():
+            current = path
+            os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # the folder itself is unwritable: no temp file was made there
+        for tmp in temps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the folder itself is unwritable: no temp file was made there
         if isinstance(exc, OSError):
-            raise output_error(exc, str(path)) from None
+            raise output_error(exc, str(current)) from None
         raise
 
 
@@ -65,12 +85,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_png(image: Image.Image, out: Path, what: str = "") -> None:
-    """Save a PNG atomically; an OS error becomes a one-line OutputError naming the file (or ``what``)."""
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG (for :func:`atomic_write_files`)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, out: Path, what: str = "") -> None:
+    """Save a PNG atomically; an OS error becomes a one-line OutputError naming the file (or ``what``)."""
     try:
-        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_bytes(out, png_bytes(image))
     except OutputError as exc:
         if what:
             error = OutputError(str(exc).replace(f"cannot write {out}:", f"cannot write {what}:", 1))

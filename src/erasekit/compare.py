@@ -166,10 +166,10 @@ def _headline(record: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def _save(out: Path, summary: dict[str, Any]) -> None:
-    from erasekit.models import atomic_write_text, json_dumps
+    from erasekit.atomic import atomic_write_files
+    from erasekit.models import json_dumps
 
-    atomic_write_text(out / "compare.json", json_dumps(summary))
-    atomic_write_text(out / "compare.md", markdown(summary))
+    atomic_write_files({out / "compare.json": json_dumps(summary).encode("utf-8"), out / "compare.md": markdown(summary).encode("utf-8")})
 
 
 def compare_methods(

@@ -317,13 +317,13 @@ def attack_grid(record: dict[str, Any], images: dict[str, np.ndarray]) -> Any:
 
 
 def save_attack(record: dict[str, Any], images: dict[str, np.ndarray], folder: Path) -> None:
-    """Write attack.png and attack.json into ``folder`` (each through a temporary file and a rename)."""
-    from erasekit.grid import save_png
-    from erasekit.models import atomic_write_text, json_dumps
+    """Write attack.png and attack.json into ``folder``, both or neither (temp files, then renames)."""
+    from erasekit.atomic import atomic_write_files, png_bytes
+    from erasekit.models import json_dumps
 
     try:
         folder.mkdir(exist_ok=True)
     except OSError as exc:
         raise ErasekitError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    save_png(attack_grid(record, images), folder / "attack.png")
-    atomic_write_text(folder / "attack.json", json_dumps(record))  # an OS error here is already one line (OutputError)
+    # an OS error while writing is already one line (OutputError)
+    atomic_write_files({folder / "attack.png": png_bytes(attack_grid(record, images)), folder / "attack.json": json_dumps(record).encode("utf-8")})
