@@ -6,7 +6,8 @@ imports and the loaded pipeline (the same for every method) plus what the method
 is the ``erase()`` call alone (no imports, no model load, no saving). In-process mode (``isolate=False``,
 for tests and debugging) reports the process's high-water RSS instead, which includes earlier work.
 Evaluation runs in the calling process with one generation cache (OUT/cache): the base model's images are
-generated once and reused by every method's evaluation.
+generated once and reused by every method's evaluation. With ``--attack`` every erased model is then attacked
+there too (:mod:`erasekit.attack.plan`): same prompts, seeds and base images for all, so the ASR column compares.
 """
 
 from __future__ import annotations
