@@ -122,14 +122,15 @@ def attack_row(row: dict[str, Any], run: Path, model: str, plans: list[AttackPla
     row["attack"] = {}
     try:
         for plan in plans:
-            label = f"{row['method']} attack {plan.concept}"
+            label, steps = f"{row['method']} attack {plan.concept}", [plan.config.iterations]
 
-            def search(phase: str, done: int, total: int, info: dict[str, float], label: str = label) -> None:
-                if phase == "search":
-                    tell(label, done, total, f"loss {info['loss']:.4g}" if "loss" in info else "")
+            def search(phase: str, done: int, total: int, info: dict[str, float], label: str = label, steps: list[int] = steps) -> None:
+                if phase == "search":  # one bar over every batch of prompts: its total is the last one reported
+                    steps[0] = total
+                    tell(label, min(done, total - 1), total, f"loss {info['loss']:.4g}" if "loss" in info else "")
 
             record = attack_run(run, model, plan, device, command, search)
             row["attack"][plan.concept] = {**record["metrics"], "wall_s": record["timings"]["wall_s"]}
-            tell(label, plan.config.iterations, plan.config.iterations, f"ASR {record['metrics']['asr']:.0f}%")
+            tell(label, steps[0], steps[0], f"ASR {record['metrics']['asr']:.0f}%")
     except Exception as exc:  # noqa: BLE001  an attack that fails keeps the method's other results
         row["attack_error"] = one_line(exc)
