@@ -221,10 +221,10 @@ def test_fast_and_faithful_paths_compute_the_same_losses(words_file: Path) -> No
         assert a[0] > 0 and a[1] > 0
 
 
-@pytest.mark.parametrize("faithful, reuse", [(True, 1), (False, 3)])
-def test_eap_paths_are_deterministic_and_change_only_cross_attention(faithful: bool, reuse: int, words_file: Path) -> None:
+@pytest.mark.parametrize("faithful, reuse, share", [(True, 1, 1), (False, 3, 1), (False, 1, 3)])
+def test_eap_paths_are_deterministic_and_change_only_cross_attention(faithful: bool, reuse: int, share: int, words_file: Path) -> None:
     kwargs = dict(method="eap", concept_space=str(words_file), k=8, n_centres=3, iterations=4, ddim_steps=3, lr=1e-3,
-                  faithful=faithful, rollout_reuse=reuse)
+                  faithful=faithful, rollout_reuse=reuse, rollout_share=share)
     first = erasekit.erase(tiny_pipeline(), "circle", **kwargs)
     second = erasekit.erase(tiny_pipeline(), "circle", **kwargs)
     assert all(torch.equal(first.delta[k], second.delta[k]) for k in first.delta)
@@ -243,3 +243,36 @@ def test_release_unused_gives_the_same_delta_and_frees_the_text_encoder(name: st
         assert all(p.device.type == "meta" for p in pipe.text_encoder.parameters())
         with pytest.raises(ErasekitError, match="released"):
             encode(pipe, ["circle"])
+
+
+def test_one_rollout_gives_the_states_of_several_shorter_rollouts(tiny) -> None:
+    from erasekit.sampling import ddim_scheduler, rollout, rollout_states, unet_eps
+
+    scheduler, eps = ddim_scheduler(tiny, 6), unet_eps(tiny.unet)
+    start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    cond, uncond = encode(tiny, ["circle", "square"]), encode(tiny, [""])
+    states = rollout_states(eps, scheduler, start, cond, uncond, [4, 0, 2], 3.0)
+    for n, state in zip([4, 0, 2], states):
+        assert torch.equal(state, rollout(eps, scheduler, start, cond, uncond, n, 3.0))
+    assert not torch.equal(states[0], states[2])
+
+
+def test_a_shared_trajectory_gives_each_step_its_own_timestep(words_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import erasekit.methods.loop as loop
+
+    calls: list[list[int]] = []
+    real = loop.rollout_states
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(list(args[5]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "rollout_states", counting)
+    kwargs = dict(method="eap", concept_space=str(words_file), k=8, n_centres=3, iterations=6, ddim_steps=8, lr=1e-3)
+    shared = erasekit.erase(tiny_pipeline(), "circle", rollout_reuse=1, rollout_share=3, **kwargs)
+    assert len(calls) == 2 and all(len(ks) == 3 for ks in calls)  # one rollout per 3 steps, 3 points along it
+    assert any(len(set(ks)) > 1 for ks in calls)
+    calls.clear()
+    reused = erasekit.erase(tiny_pipeline(), "circle", rollout_reuse=3, **kwargs)
+    assert len(calls) == 2 and all(len(ks) == 1 for ks in calls)  # the same x_t for 3 steps
+    assert any(not torch.equal(shared.delta[k], reused.delta[k]) for k in shared.delta)

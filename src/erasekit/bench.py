@@ -106,46 +106,60 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = True, log: Any = print,
-              iterations: int | None = None, sd14_steps: int = 3) -> dict[str, Any]:
+              iterations: int | None = None, sd14_steps: int = 3, seeds: int = 1) -> dict[str, Any]:
     """Issue 7's side-by-side: fast vs faithful EAP (and ESD-x) on the toy world, plus SD-1.4-architecture steps.
 
     Every run uses the toy preset's step budget (or ``iterations`` for all of them), in its own subprocess.
+    With ``seeds`` > 1 fast and faithful are trained with seeds 0..seeds-1: ESR-1/PSR-1 are the means over
+    seeds (one seed's erasure varies by several points), times are summed and memory is the largest.
     """
     import platform
+    import statistics
 
     from erasekit.eval.runner import evaluate
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs: dict[str, dict[str, Any]] = {}
-        for name, method, settings in (
-            ("fast", "eap", {}),
-            ("faithful", "eap", {"faithful": True}),
-            ("esd-x", "esd-x", {}),
-        ):
-            if iterations is not None:
-                settings = {**settings, "iterations": iterations}
-            delta = str(Path(tmp) / f"{name}.safetensors")
-            runs[name] = measure({"model": "toy", "method": method, "concept": concept, "budget": "toy", "settings": settings, "delta": delta})
-            log(f"toy {name:9s}: {runs[name]['wall_s']:.1f} s wall, {runs[name]['seconds_per_step']:.3f} s/step, peak RSS {runs[name]['peak_rss_mib']:.0f} MiB")
+        runs: dict[str, list[dict[str, Any]]] = {"fast": [], "faithful": [], "esd-x": []}
+        plan = [(name, method, settings, seed) for seed in range(seeds)
+                for name, method, settings in (("fast", "eap", {}), ("faithful", "eap", {"faithful": True}))]
+        plan.append(("esd-x", "esd-x", {}, 0))
+        for name, method, settings, seed in plan:
+            settings = {**settings, "seed": seed, **({"iterations": iterations} if iterations is not None else {})}
+            delta = str(Path(tmp) / f"{name}-{seed}.safetensors")
+            run = measure({"model": "toy", "method": method, "concept": concept, "budget": "toy", "settings": settings, "delta": delta})
+            log(f"toy {name:9s} seed {seed}: {run['wall_s']:.1f} s wall, {run['seconds_per_step']:.3f} s/step, peak RSS {run['peak_rss_mib']:.0f} MiB")
             if name != "esd-x":
                 metrics = evaluate(delta, "toy-objects", model="toy", images_per_class=images_per_class, cache_dir=Path(tmp) / "cache")
                 head = metrics["metrics"]["erased"]["headline"]
-                runs[name].update(esr1=head["ESR-1"], psr1=head["PSR-1"])
-                log(f"toy {name:9s}: ESR-1 {head['ESR-1']:.1f} %, PSR-1 {head['PSR-1']:.1f} % ({images_per_class} images per class)")
+                run.update(esr1=head["ESR-1"], psr1=head["PSR-1"])
+                log(f"toy {name:9s} seed {seed}: ESR-1 {head['ESR-1']:.1f} %, PSR-1 {head['PSR-1']:.1f} % ({images_per_class} images per class)")
+            runs[name].append(run)
+
+        def total(name: str, key: str) -> float:
+            return sum(r[key] for r in runs[name])
+
+        def mean(name: str, key: str) -> float:
+            return statistics.fmean(r[key] for r in runs[name])
+
         out.update(
-            time_ratio_fast_vs_faithful=runs["fast"]["wall_s"] / runs["faithful"]["wall_s"],
-            memory_ratio_fast_vs_faithful=runs["fast"]["peak_rss_mib"] / runs["faithful"]["peak_rss_mib"],
-            time_ratio_fast_vs_esd=runs["fast"]["wall_s"] / runs["esd-x"]["wall_s"],
-            esr1_fast=runs["fast"]["esr1"], esr1_faithful=runs["faithful"]["esr1"],
-            psr1_fast=runs["fast"]["psr1"], psr1_faithful=runs["faithful"]["psr1"],
+            time_ratio_fast_vs_faithful=total("fast", "wall_s") / total("faithful", "wall_s"),
+            memory_ratio_fast_vs_faithful=max(r["peak_rss_mib"] for r in runs["fast"]) / max(r["peak_rss_mib"] for r in runs["faithful"]),
+            time_ratio_fast_vs_esd=runs["fast"][0]["wall_s"] / runs["esd-x"][0]["wall_s"],
+            esr1_fast=mean("fast", "esr1"), esr1_faithful=mean("faithful", "esr1"),
+            psr1_fast=mean("fast", "psr1"), psr1_faithful=mean("faithful", "psr1"),
         )
+        if seeds > 1:
+            for name in ("fast", "faithful"):
+                for key in ("esr1", "psr1"):
+                    out[f"{key}_{name}_per_seed"] = [round(r[key], 2) for r in runs[name]]
     if sd14:
         sd: dict[str, dict[str, Any]] = {}
         for name, extra in (("fast", {}), ("faithful", {"faithful": True})):
             settings = {"iterations": sd14_steps, "ddim_steps": 10, "k": 8, "n_centres": 3, "rollout_reuse": 1, **extra}
             sd[name] = measure({"model": "sd14", "method": "eap", "concept": "a cat", "settings": settings})
-            log(f"sd-1.4 arch {name:9s}: {sd[name]['seconds_per_step']:.1f} s/step, peak RSS {sd[name]['peak_rss_mib']:.0f} MiB ({SD14_NOTE})")
+            log(f"sd-1.4 arch {name:9s}: {sd[name]['seconds_per_step']:.1f} s/step, peak RSS {sd[name]['peak_rss_mib']:.0f} MiB ({SD14_NOTE}; "
+                "both paths free the text encoder and VAE once the embeddings exist, as `erasekit erase` does)")
         out.update(
             sd14_step_ratio_fast_vs_faithful=sd["fast"]["seconds_per_step"] / sd["faithful"]["seconds_per_step"],
             sd14_memory_ratio_fast_vs_faithful=sd["fast"]["peak_rss_mib"] / sd["faithful"]["peak_rss_mib"],
@@ -163,17 +177,18 @@ def bench_eap(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Model steps of every toy run (default: the toy preset's)."),
     sd14: bool = typer.Option(True, "--sd14/--no-sd14", help="Also time training steps on an SD-1.4-architecture UNet and text encoder."),
     sd14_steps: int = typer.Option(3, "--sd14-steps", help="Model steps timed per SD-1.4-architecture run."),
+    seeds: int = typer.Option(1, "--seeds", help="Train fast and faithful with this many seeds; ESR-1/PSR-1 are their means."),
 ) -> None:
     """EAP fast vs faithful (and ESD-x): wall time, peak RSS, ESR-1/PSR-1; the last line is one JSON object."""
     from erasekit.world.cli import user_errors
 
     with user_errors():
-        for name, value in (("--images-per-class", images_per_class), ("--iterations", iterations), ("--sd14-steps", sd14_steps)):
+        for name, value in (("--images-per-class", images_per_class), ("--iterations", iterations), ("--sd14-steps", sd14_steps), ("--seeds", seeds)):
             if value is not None and value < 1:
                 raise ErasekitError(f"{name} must be >= 1, got {value}")
         if sd14_steps < 2 and sd14:
             raise ErasekitError("--sd14-steps must be >= 2 to time a step (the first one includes warm-up)")
-        result = eap_speed(images_per_class=images_per_class, sd14=sd14, log=typer.echo, iterations=iterations, sd14_steps=sd14_steps)
+        result = eap_speed(images_per_class=images_per_class, sd14=sd14, log=typer.echo, iterations=iterations, sd14_steps=sd14_steps, seeds=seeds)
         typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
 

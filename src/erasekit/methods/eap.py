@@ -34,6 +34,7 @@ class EAPConfig(TrainConfig):
     gumbel_temperature: float = field(default=2.0, metadata={"help": "Temperature of the hard straight-through Gumbel-Softmax (reference: 2)."})
     gumbel_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the search logits (reference: 1e-2)."})
     rollout_reuse: int = field(default=2, metadata={"help": "Model steps that share one DDIM rollout (fast path; the reference redoes it every iteration)."})
+    rollout_share: int = field(default=1, metadata={"help": "Model steps whose x_t come from one DDIM trajectory, each at its own timestep (fast path; one rollout to the largest k)."})
     faithful: bool = field(default=False, metadata={"help": "Follow the reference's cost structure: a frozen second copy, fresh rollouts every iteration, alternating model/search steps (the yardstick)."})
 
     def validate(self) -> None:
@@ -43,8 +44,8 @@ class EAPConfig(TrainConfig):
             raise ErasekitError(f"k and n_centres must be >= 1, got k={self.k}, n_centres={self.n_centres}")
         if not self.gumbel_temperature > 0:
             raise ErasekitError(f"gumbel_temperature must be > 0, got {self.gumbel_temperature}")
-        if self.rollout_reuse < 1:
-            raise ErasekitError(f"rollout_reuse must be >= 1, got {self.rollout_reuse}")
+        if self.rollout_reuse < 1 or self.rollout_share < 1:
+            raise ErasekitError(f"rollout_reuse and rollout_share must be >= 1, got {self.rollout_reuse} and {self.rollout_share}")
 
 
 @dataclass
@@ -231,7 +232,7 @@ def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPC
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
     setup = prepare(pipe, request, config, separate_copy=config.faithful)
     release_after_setup(pipe, request)
-    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, setup=setup)
+    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, setup=setup, rollout_share=config.rollout_share)
 
 
 @register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig, {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET})
@@ -240,4 +241,4 @@ def fit_eap_pgd(pipe: StableDiffusionPipeline, request: ErasureRequest, config: 
     search = PGDSearch(pipe, [t.strip() for t in request.targets], config)
     setup = prepare(pipe, request, config, separate_copy=config.faithful)
     release_after_setup(pipe, request)
-    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse, config.faithful, setup=setup)
+    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse, config.faithful, setup=setup, rollout_share=config.rollout_share)

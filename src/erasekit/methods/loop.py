@@ -22,7 +22,7 @@ from erasekit.methods import checkpoint as ckpt
 from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target
 from erasekit.models import model_id, weights_hash
 from erasekit.result import ErasureResult
-from erasekit.sampling import ddim_scheduler, ddpm_timestep, predict_x0, rollout
+from erasekit.sampling import ddim_scheduler, ddpm_timestep, predict_x0, rollout, rollout_states
 
 
 class Draw(Protocol):
@@ -127,6 +127,12 @@ class Setup:
             conds.append(self.emb_preserve[p : p + 1])
         return conds
 
+    def draw_trajectory(self, points: int) -> tuple[list[int], list[int], torch.Tensor]:
+        """``points`` draws of k (with their DDPM timesteps) along one rollout, and its start noise."""
+        ks = [int(k) for k in torch.randint(self.config.ddim_steps, (points,), generator=self.generator)]
+        ts = [ddpm_timestep(k, self.config.ddim_steps, self.generator, self.pipe.scheduler.config.num_train_timesteps) for k in ks]
+        return ks, ts, torch.randn(self.latent_shape, generator=self.generator).to(self.pipe.unet.device)
+
     def draw_rollout_point(self) -> tuple[int, int, torch.Tensor]:
         """k ~ U{0..S-1} DDIM steps, the DDPM timestep queried after them, and a start noise."""
         k = int(torch.randint(self.config.ddim_steps, (1,), generator=self.generator))
@@ -176,24 +182,36 @@ class Row:
     frozen: torch.Tensor | None = None
 
 
-def draw_rows(s: Setup, search: Search | None, step: int) -> list[Row]:
-    """``batch_size`` rollout points drawn in the same order on every process; each process rolls out only rows rank::world."""
+def draw_rows(s: Setup, search: Search | None, step: int, share: int = 1) -> list[list[Row]]:
+    """``batch_size`` rollout points drawn in the same order on every process; each process rolls out only rows rank::world.
+
+    With ``share`` > 1 each point is a trajectory: one rollout to the largest of ``share`` draws of k gives the
+    x_t of ``share`` consecutive model steps, each at its own timestep (one list of rows per batch entry).
+    """
     cfg, tr = s.config, s.trainable
-    rows = []
+    out = []
     for b in range(cfg.batch_size):
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
-        k, t_int, start = s.draw_rollout_point()
+        if share == 1:
+            k, t_int, start = s.draw_rollout_point()
+            ks, ts = [k], [t_int]
+        else:
+            ks, ts, start = s.draw_trajectory(share)
         draw = search.draw(j, s.generator) if search else None
-        row = Row(j, draw, t_int=t_int)
+        rows = [Row(j, draw, t_int=t_int) for t_int in ts]
         if b % s.world == s.rank:
-            row.conds = s.conditions(j, draw, step)
+            conds = s.conditions(j, draw, step)
             with dist.autocast(cfg.precision, start.device):
-                x = rollout(tr.eps, s.scheduler, start, torch.cat(row.conds), s.emb_null, k, cfg.start_guidance)
-                row.t = torch.full((len(x) + 1,), t_int, device=x.device)
-                row.frozen = tr.frozen_eps(torch.cat([x[:1], x]), row.t, torch.cat([s.emb_null, *row.conds])).float()
-            row.x = x.float()
-        rows.append(row)
-    return rows
+                states = rollout_states(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, ks, cfg.start_guidance)
+                n = len(conds) + 1
+                t = torch.cat([torch.full((n,), t_int, device=start.device) for t_int in ts])
+                xs = torch.cat([torch.cat([x[:1], x]) for x in states])
+                frozen = tr.frozen_eps(xs, t, torch.cat([s.emb_null, *conds]).repeat(len(states), 1, 1)).float()
+            for i, (row, x) in enumerate(zip(rows, states)):
+                row.conds, row.x, row.t = conds, x.float(), t[i * n : (i + 1) * n]
+                row.frozen = frozen[i * n : (i + 1) * n]
+        out.append(rows)
+    return out
 
 
 def row_losses(s: Setup, row: Row, loss_space: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,21 +231,25 @@ def search_tensors(search: Search | None) -> list[torch.Tensor]:
     return [*getattr(search, "logits", []), *getattr(search, "embs", [])] if search is not None else []
 
 
-def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: int, progress: Progress | None) -> None:
+def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: int, progress: Progress | None, rollout_share: int = 1) -> None:
     """One weight copy; per row one batched trainable forward and one batched frozen forward.
 
     The model step and the search step share one forward and one backward: theta descends
     erase + lambda * preserve while the logits ascend preserve (their gradient's sign is flipped).
     A step averages the losses of ``batch_size`` rollout points; under `accelerate launch` each process
     computes its rows and the gradients (model and search) are summed across processes before the step.
+    One rollout serves ``rollout_share`` x ``rollout_reuse`` steps: ``rollout_share`` points along its
+    trajectory (distinct timesteps), each reused for ``rollout_reuse`` steps.
     """
     cfg = s.config
     scaler = torch.amp.GradScaler(s.alphas.device.type) if cfg.precision == "fp16" else None
     tensors = list(s.trainable.params.values()) + search_tensors(search)
-    rows: list[Row] = []
+    group = rollout_reuse * rollout_share
+    groups: list[list[Row]] = []
     for step in range(s.done, cfg.iterations):
-        if step % rollout_reuse == 0:
-            rows = draw_rows(s, search, step)
+        if step % group == 0:
+            groups = draw_rows(s, search, step, rollout_share)
+        rows = [g[(step % group) // rollout_reuse] for g in groups]
         s.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(2, dtype=torch.float64)
         for row in rows:
@@ -252,7 +274,7 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
                 tensor.grad = None
         s.done = step + 1
         _record(s, step + 1, rows[0].j, erase, preserve, rows[0].draw, search, progress)
-        s.after_step(erase, preserve, search, boundary=s.done % rollout_reuse == 0)
+        s.after_step(erase, preserve, search, boundary=s.done % group == 0)
 
 
 def _step(s: Setup, scaler: Any, search: Search | None) -> bool:
@@ -322,6 +344,7 @@ def finetune(
     rollout_reuse: int = 1,
     faithful: bool = False,
     setup: Setup | None = None,
+    rollout_share: int = 1,
 ) -> ErasureResult:
     """Erase ``request.targets`` with the ESD objective plus adversarial/explicit preservation terms."""
     s = setup or prepare(pipe, request, config, separate_copy=faithful)
@@ -338,9 +361,9 @@ def finetune(
             if faithful:
                 faithful_loop(s, loss_space, search, progress)
             else:
-                fast_loop(s, loss_space, search, rollout_reuse, progress)
+                fast_loop(s, loss_space, search, rollout_reuse, progress, rollout_share)
         except KeyboardInterrupt:
-            at_boundary = faithful or s.done % rollout_reuse == 0
+            at_boundary = faithful or s.done % (rollout_reuse * rollout_share) == 0
             if s.checkpoint is not None and at_boundary and s.done > s.saved:
                 s.save(search)
             where = f"a checkpoint of step {s.saved} is in {s.checkpoint.folder}" if s.checkpoint and s.saved else "no checkpoint was written"
