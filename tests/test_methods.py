@@ -276,3 +276,13 @@ def test_a_shared_trajectory_gives_each_step_its_own_timestep(words_file: Path, 
     reused = erasekit.erase(tiny_pipeline(), "circle", rollout_reuse=3, **kwargs)
     assert len(calls) == 2 and all(len(ks) == 1 for ks in calls)  # the same x_t for 3 steps
     assert any(not torch.equal(shared.delta[k], reused.delta[k]) for k in shared.delta)
+
+
+def test_a_lora_erasure_leaves_the_pipeline_with_its_original_modules_and_hash(words_file: Path) -> None:
+    from erasekit.models import weights_hash
+
+    pipe = tiny_pipeline()
+    before_keys, before_hash = set(pipe.unet.state_dict()), weights_hash(pipe)
+    result = erasekit.erase(pipe, "circle", method="esd-x", train_method="lora", **FAST)
+    assert set(pipe.unet.state_dict()) == before_keys and weights_hash(pipe) == before_hash
+    result.apply(pipe)  # the same pipeline object still passes the base check

@@ -244,6 +244,23 @@ def test_erase_out_on_a_full_disk_writes_nothing_and_the_run_resumes(world: dict
     assert erasekit.load_result(out / "delta.safetensors").method == "esd-x" and not (tmp_path / "run.partial").exists()
 
 
+def test_erase_whose_run_files_cannot_be_written_says_how_to_resume(world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    real = Path.write_text
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "history.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    res = runner.invoke(app, ["erase", "--model", str(world["sd"]), "-c", "circle", "--method", "esd-x", "--out", str(out),
+                              "--iterations", "2", "--ddim-steps", "2", "--checkpoint-every", "1"])
+    _one_error_line(res, "cannot write the run folder", f"erasekit erase --resume {out}")
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    assert (tmp_path / "run.partial" / "request.json").is_file()
+
+
 @pytest.mark.xfail(strict=True, reason="eval/runner.py save_evaluation and eval/report.py write_report write their two files one after "
                    "the other; erasekit.atomic.atomic_write_files writes both or neither")
 @pytest.mark.parametrize("command", ["evaluate", "report"])

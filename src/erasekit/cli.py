@@ -370,7 +370,11 @@ def write_run(out: Path, result: Any, model: str, argv: list[str]) -> None:
     import torch
     import transformers
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ErasekitError(f"cannot write the run folder {out}: {exc.strerror or exc}; free space or fix permissions, then "
+                            f"`erasekit erase --resume {out}` continues from the checkpoints kept in {partial_dir(out)}") from None
     try:
         result.save(tmp / "delta.safetensors")
         steps = [h for h in result.history if "step" in h]
@@ -390,6 +394,10 @@ def write_run(out: Path, result: Any, model: str, argv: list[str]) -> None:
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ErasekitError(f"cannot write the run folder {out}: {exc.strerror or exc}; free space or fix permissions, then "
+                            f"`erasekit erase --resume {out}` continues from the checkpoints kept in {partial_dir(out)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -158,8 +158,10 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def remove_lora(unet: nn.Module) -> None:
-    """Drop the erasekit adapter from the UNet (back to its base weights)."""
+    """Drop the erasekit adapter and PEFT's wrapper layers: the UNet is its base module again (same state-dict keys)."""
     unet.delete_adapters(LORA_ADAPTER)
+    if not getattr(unet, "peft_config", None):  # no other adapter left: unwrap the layers PEFT injected
+        unet.unload_lora()
 
 
 def json_dumps(obj: object) -> str:

@@ -38,6 +38,7 @@ class AGEConfig(EAPConfig):
     gumbel_hard: bool = field(default=True, metadata={"help": "Hard straight-through one-hot sample (AGE: objects, nudity); off = soft top-k mixture (art)."})
     gumbel_topk: int = field(default=2, metadata={"help": "Candidates kept in the soft mixture when gumbel_hard is off (AGE: 2 objects, 5 art)."})
     faithful: bool = field(default=False, metadata={"help": "Follow the reference: a frozen second copy, 2 x iterations alternating model and pi steps, fresh rollouts each time."})
+    rollout_reuse: int = field(default=2, metadata={"help": "Model steps that reuse one rollout's x_t (fast path; the reference redoes it every iteration)."})
 
     def validate(self) -> None:
         """Check the mixture settings too."""

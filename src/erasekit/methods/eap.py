@@ -33,7 +33,7 @@ class EAPConfig(TrainConfig):
     n_centres: int = field(default=100, metadata={"help": "KMeans centres over the distances; one candidate per centre (reference: 100, 50 for nudity)."})
     gumbel_temperature: float = field(default=2.0, metadata={"help": "Temperature of the hard straight-through Gumbel-Softmax (reference: 2)."})
     gumbel_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the search logits (reference: 1e-2)."})
-    rollout_reuse: int = field(default=2, metadata={"help": "Model steps that share one DDIM rollout (fast path; the reference redoes it every iteration)."})
+    rollout_reuse: int = field(default=1, metadata={"help": "Model steps that reuse one rollout's x_t (fast path; 1 = a fresh rollout every step as the reference, which keeps its erasure; 2+ is faster but erases harder on the toy world)."})
     rollout_share: int = field(default=1, metadata={"help": "Model steps whose x_t come from one DDIM trajectory, each at its own timestep (fast path; one rollout to the largest k)."})
     faithful: bool = field(default=False, metadata={"help": "Follow the reference's cost structure: a frozen second copy, fresh rollouts every iteration, alternating model/search steps (the yardstick)."})
 
