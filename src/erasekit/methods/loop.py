@@ -7,7 +7,10 @@ frozen copy, redoes both rollouts every iteration and alternates model and searc
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -93,6 +96,8 @@ class Setup:
     checkpoint: ckpt.CheckpointSpec | None = None
     done: int = 0  # completed model steps
     saved: int = 0  # model steps in the newest checkpoint
+    interrupted: bool = False  # Ctrl-C arrived: stop (and checkpoint) at the next step boundary
+    between_steps: bool = True  # no step is under way: the state (RNG included) is exactly that of ``done`` steps
     rank: int = 0  # this process under `accelerate launch` (0 alone)
     world: int = 1  # processes sharing each step's batch of rollout points
 
@@ -101,6 +106,10 @@ class Setup:
         if not (torch.isfinite(erase) and torch.isfinite(preserve)):
             where = f"; the last good checkpoint (step {self.saved}) is kept in {self.checkpoint.folder}" if self.checkpoint and self.saved else ""
             raise ErasekitError(f"the loss became {erase.item():.3g}/{preserve.item():.3g} (erase/preserve) at step {self.done}{where}; lower --lr and run again")
+        if self.interrupted and boundary:  # a whole step is done and nothing of the next one is drawn yet
+            if self.checkpoint is not None and self.done > self.saved:
+                self.save(search)
+            raise KeyboardInterrupt
         spec = self.checkpoint
         if spec and spec.every and boundary and self.done % spec.every == 0 and self.done < self.config.iterations:
             self.save(search)
@@ -247,6 +256,7 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
     group = rollout_reuse * rollout_share
     groups: list[list[Row]] = []
     for step in range(s.done, cfg.iterations):
+        s.between_steps = False
         if step % group == 0:
             groups = draw_rows(s, search, step, rollout_share)
         rows = [g[(step % group) // rollout_reuse] for g in groups]
@@ -273,6 +283,7 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
             for tensor in search_tensors(search):
                 tensor.grad = None
         s.done = step + 1
+        s.between_steps = True
         _record(s, step + 1, rows[0].j, erase, preserve, rows[0].draw, search, progress)
         s.after_step(erase, preserve, search, boundary=s.done % group == 0)
 
@@ -300,6 +311,7 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
     per_step = 2 if search else 1
     rounds = per_step * cfg.iterations
     for it in range(per_step * s.done, rounds):
+        s.between_steps = False
         model_step = search is None or it % 2 == 0
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
         k, t_int, start = s.draw_rollout_point()
@@ -330,7 +342,27 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
             search.ascend(j)  # type: ignore[union-attr]
         if (it + 1) % per_step == 0:
             s.done = (it + 1) // per_step
+            s.between_steps = True
             s.after_step(erase, preserve, search, boundary=True)
+
+
+def _defer_ctrl_c(s: Setup) -> Callable[[], None]:
+    """Make the first Ctrl-C finish the current step and checkpoint at its boundary (a second one stops at once).
+
+    A checkpoint taken mid-step would hold a random-number state already advanced by that step, so the resumed
+    run would differ from an uninterrupted one. Returns a function that puts the previous handler back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    fallback = previous if previous is not None else signal.default_int_handler
+
+    def first(signum: int, frame: Any) -> None:
+        s.interrupted = True
+        signal.signal(signal.SIGINT, fallback)
+
+    signal.signal(signal.SIGINT, first)
+    return lambda: signal.signal(signal.SIGINT, fallback)
 
 
 def finetune(
@@ -357,17 +389,21 @@ def finetune(
         s.done = s.saved = ckpt.load(request.checkpoint, s, search)
     setup_s = time.perf_counter() - s.started
     try:
+        restore = _defer_ctrl_c(s)
         try:
             if faithful:
                 faithful_loop(s, loss_space, search, progress)
             else:
                 fast_loop(s, loss_space, search, rollout_reuse, progress, rollout_share)
         except KeyboardInterrupt:
-            at_boundary = faithful or s.done % (rollout_reuse * rollout_share) == 0
-            if s.checkpoint is not None and at_boundary and s.done > s.saved:
+            # a Ctrl-C already checkpointed at a boundary; an interrupt between steps (from a progress callback) can still be
+            # saved exactly; one in the middle of a step (a second Ctrl-C) keeps the last checkpoint
+            if s.checkpoint is not None and s.between_steps and s.done % (1 if faithful else rollout_reuse * rollout_share) == 0 and s.done > s.saved:
                 s.save(search)
             where = f"a checkpoint of step {s.saved} is in {s.checkpoint.folder}" if s.checkpoint and s.saved else "no checkpoint was written"
             raise ErasekitError(f"interrupted after step {s.done}; {where}") from None
+        finally:
+            restore()
         delta, kind = s.trainable.delta()
     finally:
         s.trainable.restore()
