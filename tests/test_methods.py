@@ -286,3 +286,9 @@ def test_a_lora_erasure_leaves_the_pipeline_with_its_original_modules_and_hash(w
     result = erasekit.erase(pipe, "circle", method="esd-x", train_method="lora", **FAST)
     assert set(pipe.unet.state_dict()) == before_keys and weights_hash(pipe) == before_hash
     result.apply(pipe)  # the same pipeline object still passes the base check
+
+
+@pytest.mark.parametrize("setting", [{"batch_size": 2}, {"precision": "bf16"}, {"rollout_share": 2}])
+def test_age_refuses_settings_its_own_loop_does_not_use(setting: dict, words_file: Path) -> None:
+    with pytest.raises(ErasekitError, match="age trains one fp32 rollout point"):
+        erasekit.erase(tiny_pipeline(), "circle", method="age", **settings_for("age", words_file), **setting)

@@ -261,8 +261,6 @@ def test_erase_whose_run_files_cannot_be_written_says_how_to_resume(world: dict[
     assert (tmp_path / "run.partial" / "request.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="eval/runner.py save_evaluation and eval/report.py write_report write their two files one after "
-                   "the other; erasekit.atomic.atomic_write_files writes both or neither")
 @pytest.mark.parametrize("command", ["evaluate", "report"])
 def test_a_result_and_its_companion_file_stay_a_pair_when_the_second_write_fails(world: dict[str, Any], command: str, disk_full: Trouble) -> None:
     folder, second = (world["run"], "eval-toy-objects.json") if command == "evaluate" else (world["reports"], "report.md")

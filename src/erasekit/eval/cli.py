@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from contextlib import contextmanager
@@ -99,6 +100,8 @@ def evaluate(
                 guidance=guidance, batch_size=batch_size, seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts,
                 erased=erased or None, device=device, force=force, command=_command(), progress=tick,
             )
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under `accelerate launch` the main process prints (and wrote the files)
     out = Console()
     out.print(metrics_table(result))
     if (classes := per_class_table(result)) is not None:

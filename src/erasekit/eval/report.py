@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from erasekit.errors import ErasekitError
-from erasekit.models import atomic_write_text
+from erasekit.atomic import atomic_write_files
 
 CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1400px}table{border-collapse:collapse;margin:8px 0 20px}
 th,td{border:1px solid #999;padding:4px 10px;text-align:right}th{background:#e8e8f0}td:first-child,td:nth-child(2){text-align:left}
@@ -211,6 +211,5 @@ def write_report(sources: list[str | Path], out: str | Path) -> tuple[Path, Path
     if not any(run.evals for run in runs):
         raise ErasekitError("none of the runs has been evaluated; run `erasekit evaluate RUN --suite toy-objects` first")
     md = out.with_suffix(".md")
-    atomic_write_text(out, render_html(runs))
-    atomic_write_text(md, render_markdown(runs))
+    atomic_write_files({out: render_html(runs).encode("utf-8"), md: render_markdown(runs).encode("utf-8")})  # both or neither
     return out, md

@@ -17,7 +17,7 @@ from erasekit.errors import ErasekitError
 from erasekit.eval.generate import GenerationCache, default_cache_dir, generate_cached
 from erasekit.eval.scorers import Scorer, load_scorer
 from erasekit.eval.suites import SEED_STRIDE, Plan, Settings, Suite, get_suite, resolve_settings
-from erasekit.models import atomic_write_text, json_dumps, weights_hash
+from erasekit.models import json_dumps, weights_hash
 from erasekit.result import ErasureResult, load_result
 
 # progress(model label, images just finished, images in total for that model)
@@ -214,9 +214,10 @@ def evaluate(
 
 
 def save_evaluation(record: dict[str, Any], grid: Any, dest: Path) -> None:
-    """Write the JSON and its grid PNG (same stem) atomically."""
-    from erasekit.grid import save_png
+    """Write the JSON and its grid PNG (same stem): both or neither."""
+    from erasekit.atomic import atomic_write_files, png_bytes
 
+    if not dest.parent.exists():
+        raise ErasekitError(f"folder {dest.parent} does not exist; create it first")
     png = dest.with_suffix(".png")
-    save_png(grid, png)
-    atomic_write_text(dest, json_dumps({**record, "grid": png.name}))
+    atomic_write_files({png: png_bytes(grid), dest: json_dumps({**record, "grid": png.name}).encode("utf-8")})

@@ -45,6 +45,8 @@ class AGEConfig(EAPConfig):
         super().validate()
         if self.gumbel_topk < 1:
             raise ErasekitError(f"gumbel_topk must be >= 1, got {self.gumbel_topk}")
+        if self.batch_size != 1 or self.precision != "fp32" or self.rollout_share != 1:
+            raise ErasekitError("age trains one fp32 rollout point per step (its own loop); drop --batch-size, --precision and --rollout-share")
 
 
 class AdaptiveAnchor:
