@@ -60,7 +60,7 @@ def default_suites(concepts: Sequence[str]) -> list[str]:
 
 def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """`METHOD.KEY=VALUE` strings -> {method: {key: value}}, converted to each config field's type."""
-    from erasekit.cli import parse_method_flags
+    from erasekit.runs import parse_method_flags
     from erasekit.methods import get_method
 
     out: dict[str, dict[str, Any]] = {}
@@ -100,7 +100,7 @@ def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None]
     import torch
 
     from erasekit.api import erase
-    from erasekit.cli import write_run
+    from erasekit.runs import write_run
     from erasekit.methods import get_method, make_config
     from erasekit.models import load_pipeline
 

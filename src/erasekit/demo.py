@@ -13,7 +13,7 @@ from erasekit.errors import ErasekitError
 def run_demo(out: Path, concept: str = "circle", images_per_class: int = 16, progress: Any = None, eval_progress: Any = None) -> dict[str, Any]:
     """Erase ``concept`` from the toy model with EAP; write the run, its toy-objects evaluation, grid.png and report.html."""
     from erasekit.api import erase
-    from erasekit.cli import write_run
+    from erasekit.runs import write_run
     from erasekit.eval.report import write_report
     from erasekit.eval.runner import evaluate
     from erasekit.models import toy_pipeline

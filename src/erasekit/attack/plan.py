@@ -100,7 +100,7 @@ def attack_run(run_dir: Path, model: str, plan: AttackPlan, device: str = "cpu",
 def parse_attack_settings(items: Sequence[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings (AttackConfig fields, dashes or underscores) -> {field: value} of the field's type."""
     from erasekit.attack.run import AttackConfig
-    from erasekit.cli import parse_method_flags
+    from erasekit.runs import parse_method_flags
 
     out: dict[str, Any] = {}
     for item in items:
