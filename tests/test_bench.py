@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 KEYS = {"time_ratio_fast_vs_faithful", "memory_ratio_fast_vs_faithful", "time_ratio_fast_vs_esd",
         "esr1_fast", "esr1_faithful", "psr1_fast", "psr1_faithful"}
 
 
+@pytest.mark.slow  # three training subprocesses and two evaluations: 40-140 s on 2 cores (`python -m pytest -m slow`)
 def test_bench_eap_runs_every_configuration_and_ends_with_the_ratios() -> None:
     cmd = [sys.executable, "-m", "erasekit", "bench", "eap", "--iterations", "2", "--images-per-class", "1", "--no-sd14"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
