@@ -15,8 +15,8 @@ from diffusers import StableDiffusionPipeline
 
 from erasekit.concepts import concept_space, distances, encode, select_candidates
 from erasekit.errors import ErasekitError
-from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method, release_after_setup
-from erasekit.methods.loop import finetune, prepare
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.loop import finetune
 from erasekit.models import model_id
 from erasekit.result import ErasureResult
 
@@ -230,15 +230,11 @@ class PGDSearch:
 def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP's fast path (one weight copy, batched forwards, shared rollouts)."""
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
-    setup = prepare(pipe, request, config, separate_copy=config.faithful)
-    release_after_setup(pipe, request)
-    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, setup=setup, rollout_share=config.rollout_share)
+    return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, rollout_share=config.rollout_share)
 
 
 @register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig, {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET})
 def fit_eap_pgd(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP with the PGD search."""
     search = PGDSearch(pipe, [t.strip() for t in request.targets], config)
-    setup = prepare(pipe, request, config, separate_copy=config.faithful)
-    release_after_setup(pipe, request)
-    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse, config.faithful, setup=setup, rollout_share=config.rollout_share)
+    return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse, config.faithful, rollout_share=config.rollout_share)

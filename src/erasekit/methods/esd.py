@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from diffusers import StableDiffusionPipeline
 
-from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method, release_after_setup
-from erasekit.methods.loop import finetune, prepare
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.loop import finetune
 from erasekit.result import ErasureResult
 
 TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25}
@@ -30,9 +30,7 @@ class ESDUConfig(TrainConfig):
 
 def _fit(name: str):  # type: ignore[no-untyped-def]
     def fit(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
-        setup = prepare(pipe, request, config)
-        release_after_setup(pipe, request)
-        return finetune(pipe, request, config, progress, method=name, loss_space="eps", setup=setup)
+        return finetune(pipe, request, config, progress, method=name, loss_space="eps")
 
     return fit
 

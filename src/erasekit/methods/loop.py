@@ -22,7 +22,7 @@ from erasekit import distributed as dist
 from erasekit.concepts import check_prompt, encode
 from erasekit.errors import ErasekitError
 from erasekit.methods import checkpoint as ckpt
-from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target
+from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target, release_after_setup
 from erasekit.models import model_id, weights_hash
 from erasekit.result import ErasureResult
 from erasekit.sampling import ddim_scheduler, ddpm_timestep, predict_x0, rollout, rollout_states
@@ -380,6 +380,7 @@ def finetune(
 ) -> ErasureResult:
     """Erase ``request.targets`` with the ESD objective plus adversarial/explicit preservation terms."""
     s = setup or prepare(pipe, request, config, separate_copy=faithful)
+    release_after_setup(pipe, request)  # every embedding (targets, candidates, preserve) exists by now
     if faithful and (config.batch_size != 1 or config.precision != "fp32" or s.world > 1):
         raise ErasekitError("faithful mode follows the reference: one process, batch_size 1, fp32; drop --faithful to scale out")
     if config.batch_size < s.world:
