@@ -10,6 +10,7 @@ import torch
 import erasekit
 from erasekit.concepts import encode
 from erasekit.errors import ErasekitError
+from erasekit.methods import get_method
 from erasekit.methods.age import AdaptiveAnchor, AGEConfig
 from erasekit.methods.closed_form import EditRows, derive_embedding, edit_rows, encoder_rows, last_token_index, uce_edit, weights_of
 from erasekit.methods.eap import GumbelSearch
@@ -82,10 +83,13 @@ def test_uce_old_and_new_key_rows_differ_and_old_code_retains_empty(tiny) -> Non
     assert any(not torch.allclose(new.delta[k], old.delta[k]) for k in new.delta)
 
 
-def _rece_by_hand(pipe, reg: float, lam: float, s_p: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """RECE's first round from explicit inverses: c' = (reg I + sum W'ᵀW')⁻¹ (sum W'ᵀW0) c, then UCE on W'."""
+def _rece_by_hand(pipe, reg: float, lam: float, s_p: float, start_lam: float = 0.5, start_s_p: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """RECE's first round from explicit inverses: c' = (reg I + sum W'ᵀW')⁻¹ (sum W'ᵀW0) c, then UCE on W'.
+
+    W' is the UCE edit RECE starts from, made with UCE's own defaults (lambda 0.5, preserve 1.0), not the rounds'.
+    """
     w0 = weights_of(pipe.unet)
-    start = uce_edit(w0, edit_rows(pipe, ["circle"], [""], [""], "through-eos"), lam, 1.0, s_p)
+    start = uce_edit(w0, edit_rows(pipe, ["circle"], [""], [""], "through-eos"), start_lam, 1.0, start_s_p)
     c = encoder_rows(pipe, ["circle"])[0]
     d = c.shape[1]
     lhs = reg * torch.eye(d, dtype=torch.float64) + sum(w.T @ w for w in start.values())
@@ -99,18 +103,36 @@ def _rece_by_hand(pipe, reg: float, lam: float, s_p: float) -> tuple[dict[str, t
 
 def test_rece_erases_the_derived_embedding_beyond_uce(tiny) -> None:
     rece = erasekit.erase(tiny, "circle", method="rece")
-    uce = erasekit.erase(tiny, "circle", method="uce", lam=0.1, preserve_scale=0.1, key_rows="through-eos", retain_empty=True)
+    uce = erasekit.erase(tiny, "circle", method="uce", key_rows="through-eos", retain_empty=True)  # UCE's defaults: lambda 0.5, s_p 1
     assert rece.delta.keys() == uce.delta.keys()
     assert any(not torch.allclose(rece.delta[k], uce.delta[k], atol=1e-6) for k in rece.delta), "RECE must change weights beyond UCE"
     expected, c_adv = _rece_by_hand(tiny, reg=1e-3, lam=0.1, s_p=0.1)
     for name, w in _matrices(rece).items():
         assert torch.allclose(w, expected[name], rtol=1e-4, atol=1e-5), name
     # the derived embedding solves its normal equations: it still regenerates the concept under W'
-    start = uce_edit(weights_of(tiny.unet), edit_rows(tiny, ["circle"], [""], [""], "through-eos"), 0.1, 1.0, 0.1)
+    start = uce_edit(weights_of(tiny.unet), edit_rows(tiny, ["circle"], [""], [""], "through-eos"), 0.5, 1.0, 1.0)
     c = encoder_rows(tiny, ["circle"])[0]
     derived = derive_embedding(start, weights_of(tiny.unet), c, 1e-3)
     assert torch.allclose(derived, c_adv, atol=1e-8)
     assert rece.history[1]["embedding_shift"] > 0
+
+
+def test_rece_starts_from_uce_made_with_uce_defaults_not_the_rounds_settings(tiny) -> None:
+    from erasekit.methods.rece import RECEConfig, rece_start
+
+    rows = edit_rows(tiny, ["circle"], [""], [""], "through-eos")
+    w0 = weights_of(tiny.unet)
+    uce_defaults = uce_edit(w0, rows, 0.5, 1.0, 1.0)
+    start = rece_start(w0, rows, RECEConfig(), n_retain=1)  # rounds' lambda/preserve stay 0.1
+    assert all(torch.equal(start[n], uce_defaults[n]) for n in start)
+    rounds_settings = uce_edit(w0, rows, 0.1, 1.0, 0.1)
+    assert any(not torch.allclose(start[n], rounds_settings[n], atol=1e-6) for n in start)
+    art = rece_start(w0, rows, get_method("rece").config_class(**get_method("rece").presets["art"]), n_retain=1)
+    assert all(torch.equal(art[n], uce_edit(w0, rows, 0.5, 1.0, 0.1)[n]) for n in art)
+    # the whole method: changing the start's settings changes the result, the rounds' settings stay apart
+    a = erasekit.erase(tiny, "circle", method="rece")
+    b = erasekit.erase(tiny, "circle", method="rece", start_lam=0.1, start_preserve_scale=0.1)
+    assert any(not torch.allclose(a.delta[k], b.delta[k], atol=1e-6) for k in a.delta)
 
 
 def test_rece_round_selector_picks_the_lowest_score(tiny) -> None:

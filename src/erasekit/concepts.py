@@ -86,12 +86,15 @@ def distances(pipe: StableDiffusionPipeline, target: torch.Tensor, words: list[s
     return torch.cat(out)
 
 
-def select_candidates(dist: torch.Tensor, words: list[str], k: int, n_centres: int, exclude: set[str], seed: int = 0) -> list[str]:
+def select_candidates(dist: torch.Tensor, words: list[str], k: int, n_centres: int, exclude: set[str], n_init: int = 1) -> list[str]:
     """EAP's candidates: the K nearest concepts by L2 over full text embeddings, thinned by KMeans.
 
     KMeans runs on the 1-D distances to the target (as the reference does); per centre, the word whose
     distance is nearest the centre is kept. Words with non-letters and excluded words are dropped first
-    (the reference keeps the target itself among its candidates; we do not).
+    (the reference keeps the target itself among its candidates; we do not). The reference calls
+    ``KMeans(random_state=0)``, which since scikit-learn 1.4 runs one k-means++ initialisation
+    (``n_init='auto'``; 10 before 1.4): ``n_init`` = 1 and random_state 0 match it as run today.
+    Returned in the order of their centres (nearest first).
     """
     from sklearn.cluster import KMeans
 
@@ -105,7 +108,7 @@ def select_candidates(dist: torch.Tensor, words: list[str], k: int, n_centres: i
     kept = dist[keep]
     order = torch.argsort(kept, stable=True)[:k]
     near = kept[order].numpy().reshape(-1, 1)
-    km = KMeans(n_clusters=n_centres, n_init=10, random_state=seed).fit(near)
+    km = KMeans(n_clusters=n_centres, n_init=n_init, random_state=0).fit(near)
     chosen: list[int] = []
     for centre in np.sort(km.cluster_centers_[:, 0]):
         j = int(np.argmin(np.abs(near[:, 0] - centre)))

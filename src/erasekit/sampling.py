@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ def rollout(
 ) -> torch.Tensor:
     """Run the first ``n_steps`` DDIM steps (eta 0) from ``start`` with CFG; one batched forward per step.
 
+    Methods pass ``Level.steps`` (see :func:`grid_steps`), never a bin index: the two run in opposite directions.
+
     ``cond`` is (B, 77, d); ``start`` is (1 or B, C, H, W). Every row of the batch shares the noise.
     """
     return rollout_states(eps_fn, scheduler, start, cond, uncond, [n_steps], guidance)[0]
@@ -67,8 +70,47 @@ def rollout_states(
     return [states[n] for n in n_steps]
 
 
+@dataclass(frozen=True)
+class Level:
+    """One rollout point of the reference's convention (DESIGN.md §3 step 3).
+
+    ``k`` is drawn uniform in 0..S-1; ``t`` is the DDPM timestep the UNet is queried at, uniform in
+    [kT/S, (k+1)T/S); the DDIM state handed to it is the one at grid point ``grid_t``, inside that same bin,
+    reached by ``steps`` DDIM steps from pure noise; the x0 map uses ``alpha_bar`` of that grid point
+    (the reference's ``ddim_alphas[k]``), not of ``t``.
+    """
+
+    k: int
+    steps: int
+    t: int
+    grid_t: int
+
+
+def grid_steps(scheduler: DDIMScheduler, k: int) -> tuple[int, int]:
+    """(DDIM steps from pure noise, grid timestep) that leave x_t at the noise level of bin ``k``.
+
+    The grid (``scheduler.timesteps``) runs downwards from pure noise; after n steps the state sits at the n-th
+    grid point, so bin k (the k-th grid point counted upwards from the data) is S - 1 - k steps away. The
+    reference's ldm sampler (``till_T = k``, ``t_start = -1``) stops two grid points lower, 40-59 timesteps
+    less noisy than the queried t for S = 50; we take the exact level the query asks about.
+    """
+    grid = [int(t) for t in scheduler.timesteps]
+    if not 0 <= k < len(grid):
+        raise ValueError(f"bin {k} is outside the {len(grid)}-step DDIM grid")
+    return len(grid) - 1 - k, grid[len(grid) - 1 - k]
+
+
+def draw_level(scheduler: DDIMScheduler, generator: torch.Generator) -> Level:
+    """Draw k uniform in 0..S-1 and the DDPM timestep queried for it (the reference's two draws, in its order)."""
+    n = len(scheduler.timesteps)
+    k = int(torch.randint(n, (1,), generator=generator))
+    t = ddpm_timestep(k, n, generator, scheduler.config.num_train_timesteps)
+    steps, grid_t = grid_steps(scheduler, k)
+    return Level(k=k, steps=steps, t=t, grid_t=grid_t)
+
+
 def ddpm_timestep(k: int, ddim_steps: int, generator: torch.Generator, num_train: int = 1000) -> int:
-    """The DDPM timestep the reference queries after k DDIM steps: uniform in [k/S*T, (k+1)/S*T)."""
+    """The DDPM timestep the reference queries in bin k: uniform in [k/S*T, (k+1)/S*T)."""
     lo = round(k / ddim_steps * num_train)
     hi = round((k + 1) / ddim_steps * num_train)
     return int(torch.randint(lo, max(hi, lo + 1), (1,), generator=generator))

@@ -45,6 +45,8 @@ class AGEConfig(EAPConfig):
         super().validate()
         if self.gumbel_topk < 1:
             raise ErasekitError(f"gumbel_topk must be >= 1, got {self.gumbel_topk}")
+        if self.preserve_choice != "adversarial":
+            raise ErasekitError("preserve_choice applies to eap; age's anchor is always its adaptive (searched) concept")
         if self.batch_size != 1 or self.precision != "fp32" or self.rollout_share != 1:
             raise ErasekitError("age trains one fp32 rollout point per step (its own loop); drop --batch-size, --precision and --rollout-share")
 
@@ -91,23 +93,23 @@ def age_step(s: Setup, anchor: AdaptiveAnchor, cache: dict[str, Any] | None, fre
     cfg, tr = s.config, s.trainable
     if fresh or cache is None:
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
-        k, t_int, start = s.draw_rollout_point()
+        (level,), start = s.draw_levels(1)
         noise = anchor.noise(j, s.generator)
         c_t = anchor.embedding(j, noise).detach()
         conds = [s.emb_targets[j : j + 1], c_t]
         if s.emb_preserve is not None:
             p = step % len(s.preserve)
             conds.append(s.emb_preserve[p : p + 1])
-        x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, k, cfg.start_guidance)
-        t = torch.full((len(x) + 1,), t_int, device=x.device)
+        x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, level.steps, cfg.start_guidance)
+        t = torch.full((len(x) + 1,), level.t, device=x.device)
         frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, torch.cat([c_t, *conds]))
-        cache = {"j": j, "t_int": t_int, "noise": noise, "conds": conds, "x": x, "t": t, "frozen": frozen}
+        cache = {"j": j, "level": level, "noise": noise, "conds": conds, "x": x, "t": t, "frozen": frozen}
     live = list(cache["conds"])
     # rebuilt every step: the logits moved since the rollout
     live[1] = anchor.embedding(cache["j"], cache["noise"])
     x = cache["x"]
     pred = tr.eps(x, cache["t"][: len(x)], torch.cat(live))
-    erase, preserve = erasure_losses(pred, cache["frozen"], x, s.alphas[cache["t_int"]], cfg.negative_guidance, "x0")
+    erase, preserve = erasure_losses(pred, cache["frozen"], x, s.alpha_bar(cache["level"]), cfg.negative_guidance, "x0")
     return erase, preserve, cache
 
 
@@ -152,7 +154,10 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
         s.optimizer.zero_grad(set_to_none=True)
         (erase + config.preserve_weight * preserve).backward()
         s.optimizer.step()
-        search.ascend(cache["j"])
+        if step > 0:  # theta == theta0 before the first update: the preservation term is identically 0 (see loop.fast_loop)
+            search.ascend(cache["j"])
+        else:
+            _clear(search)
         _record(s, step + 1, cache, erase, preserve, anchor, progress)
 
 

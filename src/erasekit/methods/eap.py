@@ -22,6 +22,7 @@ from erasekit.result import ErasureResult
 
 TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
 FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
+PRESERVE_CHOICES = ("adversarial", "random", "nearest", "none")
 
 
 @dataclass
@@ -36,10 +37,16 @@ class EAPConfig(TrainConfig):
     rollout_reuse: int = field(default=1, metadata={"help": "Model steps that reuse one rollout's x_t (fast path; 1 = a fresh rollout every step as the reference, which keeps its erasure; 2+ is faster but erases harder on the toy world)."})
     rollout_share: int = field(default=1, metadata={"help": "Model steps whose x_t come from one DDIM trajectory, each at its own timestep (fast path; one rollout to the largest k)."})
     faithful: bool = field(default=False, metadata={"help": "Follow the reference's cost structure: a frozen second copy, fresh rollouts every iteration, alternating model/search steps (the yardstick)."})
+    kmeans_n_init: int = field(default=1, metadata={"help": "k-means++ initialisations when thinning the K nearest into candidates; 1 = the reference's KMeans(random_state=0) as scikit-learn >= 1.4 runs it (n_init='auto'; 10 before 1.4)."})
+    preserve_choice: str = field(default="adversarial", metadata={"help": "Which candidate is preserved (the paper's ablation): adversarial (Gumbel search, EAP), random (a uniform draw from the same candidates each step), nearest (the candidate closest to the target, fixed), none (no preservation term: ESD's objective in EAP's x0 loss space)."})
 
     def validate(self) -> None:
         """Check the search settings too."""
         super().validate()
+        if self.preserve_choice not in PRESERVE_CHOICES:
+            raise ErasekitError(f"unknown preserve_choice {self.preserve_choice!r}; choose one of: {', '.join(PRESERVE_CHOICES)}")
+        if self.kmeans_n_init < 1:
+            raise ErasekitError(f"kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
         if self.k < 1 or self.n_centres < 1:
             raise ErasekitError(f"k and n_centres must be >= 1, got k={self.k}, n_centres={self.n_centres}")
         if not self.gumbel_temperature > 0:
@@ -54,6 +61,12 @@ class EAPPGDConfig(EAPConfig):
 
     pgd_lr: float = field(default=1e-5, metadata={"help": "PGD step: emb += lr * g/|g| * |emb| (reference: 1e-5)."})
     project: bool = field(default=False, metadata={"help": "Project the embedding back into the candidates' ball (our addition; off = reference)."})
+
+    def validate(self) -> None:
+        """PGD is its own search: the preserved-concept ablation belongs to eap."""
+        super().validate()
+        if self.preserve_choice != "adversarial":
+            raise ErasekitError("preserve_choice applies to eap; eap-pgd always preserves its PGD embedding (use --method eap --preserve-choice ...)")
 
 
 def exclusions(targets: list[str], pipe: StableDiffusionPipeline) -> set[str]:
@@ -102,7 +115,7 @@ class GumbelSearch:
         exclude = exclusions(targets, pipe)
         target_embs = encode(pipe, targets)
         self.candidates = [
-            select_candidates(distances(pipe, target_embs[j], words), words, config.k, config.n_centres, exclude, config.seed)
+            select_candidates(distances(pipe, target_embs[j], words), words, config.k, config.n_centres, exclude, config.kmeans_n_init)
             for j in range(len(targets))
         ]
         self.embeddings = [encode(pipe, c) for c in self.candidates]
@@ -158,6 +171,63 @@ class GumbelSearch:
     def summary(self) -> dict[str, Any]:
         """Candidates and their final probabilities per target."""
         return {"probabilities": [self.probabilities(j) for j in range(len(self.candidates))]}
+
+
+class FixedDraw:
+    """A candidate chosen without search (random or nearest): a constant embedding."""
+
+    def __init__(self, name: str, emb: torch.Tensor) -> None:
+        self.name, self.emb = name, emb
+
+    def embedding(self) -> torch.Tensor:
+        """The candidate's encoder output (1 x 77 x d); nothing to differentiate."""
+        return self.emb
+
+
+class FixedChoice:
+    """The paper's ablation of the preserved concept: ``random`` (uniform over EAP's candidates, every step) or ``nearest`` (fixed).
+
+    Same candidates as :class:`GumbelSearch`, no logits and no search step.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
+        self.choice = config.preserve_choice
+        words = _space(pipe, config.concept_space)
+        exclude = exclusions(targets, pipe)
+        self.candidates, self.nearest = [], []
+        for emb in encode(pipe, targets):
+            dist = distances(pipe, emb, words)
+            cands = select_candidates(dist, words, config.k, config.n_centres, exclude, config.kmeans_n_init)
+            self.candidates.append(cands)
+            self.nearest.append(min(range(len(cands)), key=lambda i: float(dist[words.index(cands[i])])))
+        self.embeddings = [encode(pipe, c) for c in self.candidates]
+
+    def draw(self, target: int, generator: torch.Generator) -> FixedDraw:
+        """The nearest candidate, or a uniform draw from the candidates."""
+        n = len(self.candidates[target])
+        i = self.nearest[target] if self.choice == "nearest" else int(torch.randint(n, (1,), generator=generator))
+        return FixedDraw(self.candidates[target][i], self.embeddings[target][i : i + 1])
+
+    def ascend(self, target: int) -> None:
+        """No search: nothing to step."""
+
+    def leader(self, target: int) -> str:
+        """The fixed candidate (nearest) or the choice's name (random)."""
+        return self.candidates[target][self.nearest[target]] if self.choice == "nearest" else "<random>"
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Nothing trains; the candidates are kept to check a resume."""
+        return {}, {"candidates": self.candidates}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with other candidates."""
+        if meta.get("candidates") != self.candidates:
+            raise ErasekitError("the checkpoint's candidate concepts differ from this run's; resume with the same model and settings")
+
+    def summary(self) -> dict[str, Any]:
+        """The choice and its candidates."""
+        return {"preserve_choice": self.choice, "candidates": self.candidates,
+                "nearest": [c[i] for c, i in zip(self.candidates, self.nearest)]}
 
 
 class PGDDraw:
@@ -228,8 +298,10 @@ class PGDSearch:
 
 @register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})
 def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
-    """Run EAP's fast path (one weight copy, batched forwards, shared rollouts)."""
-    search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
+    """Run EAP's fast path (one weight copy, batched forwards, shared rollouts); ``preserve_choice`` picks the ablation."""
+    targets = [t.strip() for t in request.targets]
+    choice = config.preserve_choice
+    search = GumbelSearch(pipe, targets, config) if choice == "adversarial" else None if choice == "none" else FixedChoice(pipe, targets, config)
     return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, rollout_share=config.rollout_share)
 
 

@@ -25,7 +25,7 @@ from erasekit.methods import checkpoint as ckpt
 from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target, release_after_setup
 from erasekit.models import model_id, weights_hash
 from erasekit.result import ErasureResult
-from erasekit.sampling import ddim_scheduler, ddpm_timestep, predict_x0, rollout, rollout_states
+from erasekit.sampling import Level, ddim_scheduler, draw_level, predict_x0, rollout, rollout_states
 
 
 class Draw(Protocol):
@@ -136,17 +136,14 @@ class Setup:
             conds.append(self.emb_preserve[p : p + 1])
         return conds
 
-    def draw_trajectory(self, points: int) -> tuple[list[int], list[int], torch.Tensor]:
-        """``points`` draws of k (with their DDPM timesteps) along one rollout, and its start noise."""
-        ks = [int(k) for k in torch.randint(self.config.ddim_steps, (points,), generator=self.generator)]
-        ts = [ddpm_timestep(k, self.config.ddim_steps, self.generator, self.pipe.scheduler.config.num_train_timesteps) for k in ks]
-        return ks, ts, torch.randn(self.latent_shape, generator=self.generator).to(self.pipe.unet.device)
+    def draw_levels(self, points: int) -> tuple[list[Level], torch.Tensor]:
+        """``points`` rollout points (k, queried t, grid level) along one trajectory, and its start noise."""
+        levels = [draw_level(self.scheduler, self.generator) for _ in range(points)]
+        return levels, torch.randn(self.latent_shape, generator=self.generator).to(self.pipe.unet.device)
 
-    def draw_rollout_point(self) -> tuple[int, int, torch.Tensor]:
-        """k ~ U{0..S-1} DDIM steps, the DDPM timestep queried after them, and a start noise."""
-        k = int(torch.randint(self.config.ddim_steps, (1,), generator=self.generator))
-        t = ddpm_timestep(k, self.config.ddim_steps, self.generator, self.pipe.scheduler.config.num_train_timesteps)
-        return k, t, torch.randn(self.latent_shape, generator=self.generator).to(self.pipe.unet.device)
+    def alpha_bar(self, level: Level) -> torch.Tensor:
+        """ᾱ of the DDIM grid point x_t sits at: the x0 map's (the reference's ``ddim_alphas[k]``)."""
+        return self.alphas[level.grid_t]
 
 
 def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
@@ -187,7 +184,7 @@ class Row:
     conds: list[torch.Tensor] = field(default_factory=list)
     x: torch.Tensor | None = None
     t: torch.Tensor | None = None
-    t_int: int = 0
+    level: Level | None = None
     frozen: torch.Tensor | None = None
 
 
@@ -201,19 +198,15 @@ def draw_rows(s: Setup, search: Search | None, step: int, share: int = 1) -> lis
     out = []
     for b in range(cfg.batch_size):
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
-        if share == 1:
-            k, t_int, start = s.draw_rollout_point()
-            ks, ts = [k], [t_int]
-        else:
-            ks, ts, start = s.draw_trajectory(share)
+        levels, start = s.draw_levels(share)
         draw = search.draw(j, s.generator) if search else None
-        rows = [Row(j, draw, t_int=t_int) for t_int in ts]
+        rows = [Row(j, draw, level=level) for level in levels]
         if b % s.world == s.rank:
             conds = s.conditions(j, draw, step)
             with dist.autocast(cfg.precision, start.device):
-                states = rollout_states(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, ks, cfg.start_guidance)
+                states = rollout_states(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, [lv.steps for lv in levels], cfg.start_guidance)
                 n = len(conds) + 1
-                t = torch.cat([torch.full((n,), t_int, device=start.device) for t_int in ts])
+                t = torch.cat([torch.full((n,), lv.t, device=start.device) for lv in levels])
                 xs = torch.cat([torch.cat([x[:1], x]) for x in states])
                 frozen = tr.frozen_eps(xs, t, torch.cat([s.emb_null, *conds]).repeat(len(states), 1, 1)).float()
             for i, (row, x) in enumerate(zip(rows, states)):
@@ -225,14 +218,14 @@ def draw_rows(s: Setup, search: Search | None, step: int, share: int = 1) -> lis
 
 def row_losses(s: Setup, row: Row, loss_space: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(erase_loss, preserve_loss) of one owned row with the current weights and logits (forward in the run's precision, losses in fp32)."""
-    assert row.x is not None and row.t is not None and row.frozen is not None
+    assert row.x is not None and row.t is not None and row.frozen is not None and row.level is not None
     # the straight-through embedding is rebuilt every step: the logits moved since the rollout
     live = list(row.conds)
     if row.draw is not None:
         live[1] = row.draw.embedding()
     with dist.autocast(s.config.precision, row.x.device):
         pred = s.trainable.eps(row.x, row.t[: len(row.x)], torch.cat(live))
-    return erasure_losses(pred.float(), row.frozen, row.x, s.alphas[row.t_int], s.config.negative_guidance, loss_space)
+    return erasure_losses(pred.float(), row.frozen, row.x, s.alpha_bar(row.level), s.config.negative_guidance, loss_space)
 
 
 def search_tensors(search: Search | None) -> list[torch.Tensor]:
@@ -277,8 +270,10 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
             erase, preserve = (sums / cfg.batch_size).float().unbind()
         stepped = _step(s, scaler, search)
         if search:
+            # before the first model update theta == theta0, so preserve_loss is identically 0: a search step there
+            # would only advance Adam's step count (the next real step would then move at 0.73 x lr)
             for j in sorted({row.j for row in rows}):
-                if stepped:
+                if stepped and step > 0:
                     search.ascend(j)
             for tensor in search_tensors(search):
                 tensor.grad = None
@@ -308,24 +303,24 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
     """The reference's cost structure: 2 x iterations, even = model step, odd = search step; each
     iteration redoes one rollout per concept (CFG at batch 2) and one forward per loss term."""
     cfg, tr = s.config, s.trainable
-    per_step = 2 if search else 1
+    per_step = 2 if search_tensors(search) else 1  # a search with nothing to train (random/nearest) takes no search iterations
     rounds = per_step * cfg.iterations
     for it in range(per_step * s.done, rounds):
         s.between_steps = False
-        model_step = search is None or it % 2 == 0
+        model_step = per_step == 1 or it % 2 == 0
         j = int(torch.randint(len(s.targets), (1,), generator=s.generator))
-        k, t_int, start = s.draw_rollout_point()
+        (level,), start = s.draw_levels(1)
         draw = search.draw(j, s.generator) if search else None
         conds = s.conditions(j, draw, it // per_step)
-        xs = [rollout(tr.eps, s.scheduler, start, c, s.emb_null, k, cfg.start_guidance) for c in conds]
-        t = torch.full((1,), t_int, device=start.device)
+        xs = [rollout(tr.eps, s.scheduler, start, c, s.emb_null, level.steps, cfg.start_guidance) for c in conds]
+        t = torch.full((1,), level.t, device=start.device)
         frozen = [tr.frozen_eps(xs[0], t, s.emb_null), tr.frozen_eps(xs[0], t, conds[0])]
         frozen += [tr.frozen_eps(xi, t, ci) for xi, ci in zip(xs[1:], conds[1:])]
         live = list(conds)
         if draw is not None:
             live[1] = draw.embedding()
         preds = [tr.eps(xi, t, ci) for xi, ci in zip(xs, live)]
-        erase, preserve = erasure_losses(torch.cat(preds), torch.cat(frozen), torch.cat(xs), s.alphas[t_int], cfg.negative_guidance, loss_space)
+        erase, preserve = erasure_losses(torch.cat(preds), torch.cat(frozen), torch.cat(xs), s.alpha_bar(level), cfg.negative_guidance, loss_space)
         s.optimizer.zero_grad(set_to_none=True)
         if model_step:
             (erase + cfg.preserve_weight * preserve).backward()

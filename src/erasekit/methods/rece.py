@@ -7,6 +7,7 @@ edits accumulate (DESIGN.md §3b; reference: train_object.py, close_form_emb_reg
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ RoundSelector = Callable[[StableDiffusionPipeline, int], float]
 class RECEConfig(UCEConfig):
     """RECE settings; defaults are the reference's for objects and art (train_object.py / train_uce.py)."""
 
-    lam: float = field(default=0.1, metadata={"help": "lambda of the UCE start and of every round's edit (RECE: 0.1)."})
-    preserve_scale: float = field(default=0.1, metadata={"help": "s_p of the UCE start and of every round (RECE: 0.1); negative = max(0.1, 1/|retain|)."})
+    lam: float = field(default=0.1, metadata={"help": "lambda of every round's edit (RECE: 0.1)."})
+    preserve_scale: float = field(default=0.1, metadata={"help": "s_p of every round (RECE: 0.1); negative = max(0.1, 1/|retain|)."})
+    start_lam: float = field(default=0.5, metadata={"help": "lambda of the starting UCE edit: RECE's scripts load a UCE checkpoint made with UCE's own defaults (0.5)."})
+    start_preserve_scale: float = field(default=1.0, metadata={"help": "s_p of the starting UCE edit (UCE's default 1.0; 0.1 for art, as the 'art' preset sets); negative = max(0.1, 1/|retain|)."})
     key_rows: str = field(default="through-eos", metadata={"help": "Key rows of the starting UCE edit (RECE starts from the old UCE code: through-eos); rounds always use all 77 rows."})
     retain_empty: bool = field(default=True, metadata={"help": "Preserve '' in the UCE start (old UCE code: yes); rounds always retain '' as the reference does."})
     reg_scale: float = field(default=1e-3, metadata={"help": "Regulariser of c' (RECE: 1e-3 for art and hard objects, 0.1 for nudity)."})
@@ -40,6 +43,8 @@ class RECEConfig(UCEConfig):
     def validate(self) -> None:
         """Check the round settings too."""
         super().validate()
+        if not (0 < self.start_lam < math.inf and math.isfinite(self.start_preserve_scale)):
+            raise ErasekitError(f"start_lam must be > 0 and finite and start_preserve_scale finite, got {self.start_lam} and {self.start_preserve_scale}")
         if self.rounds < 1:
             raise ErasekitError(f"rounds must be >= 1, got {self.rounds}")
         if not self.reg_scale > 0:
@@ -58,6 +63,12 @@ def rece_round(
     return uce_edit(current, rows, config.lam, config.erase_scale, preserve_scale), rows
 
 
+def rece_start(original: dict[str, torch.Tensor], rows: EditRows, config: RECEConfig, n_retain: int) -> dict[str, torch.Tensor]:
+    """The UCE edit RECE starts from, made with UCE's settings (``start_lam``, ``start_preserve_scale``), not the rounds'."""
+    scale = config.start_preserve_scale if config.start_preserve_scale >= 0 else max(0.1, 1 / max(n_retain, 1))
+    return uce_edit(original, rows, config.start_lam, config.erase_scale, scale)
+
+
 def _select(pipe: StableDiffusionPipeline, snapshots: list[dict[str, torch.Tensor]], selector: RoundSelector | None) -> tuple[int, list[float]]:
     """The chosen round (1-based) and every round's score."""
     if selector is None:
@@ -74,7 +85,7 @@ def _select(pipe: StableDiffusionPipeline, snapshots: list[dict[str, torch.Tenso
 
 @register_method(
     "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
-    RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}},
+    RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}},
 )
 def fit_rece(pipe: StableDiffusionPipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""
@@ -83,7 +94,7 @@ def fit_rece(pipe: StableDiffusionPipeline, request: ErasureRequest, config: REC
     base_hash = weights_hash(pipe)
     original = weights_of(pipe.unet, config.edit_keys)
     start_rows = edit_rows(pipe, prompts.erase, prompts.guides, prompts.retain, config.key_rows)
-    current = uce_edit(original, start_rows, config.lam, config.erase_scale, prompts.preserve_scale)
+    current = rece_start(original, start_rows, config, len(prompts.retain))
     concepts = encoder_rows(pipe, prompts.targets)
     guide = encoder_rows(pipe, [prompts.guide])[0]
     # the reference's rounds retain '' plus the preserve list, every one of their 77 rows

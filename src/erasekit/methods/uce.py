@@ -34,7 +34,7 @@ class UCEConfig:
     guide: str = field(default="auto", metadata={"help": "Concept the targets are mapped to; auto = '' for objects, 'art' for artists (UCE code)."})
     key_rows: str = field(default="last-token", metadata={"help": "Encoder rows used as keys: last-token (new code: one row per concept) or through-eos (old code: last word token through EOS and padding, aligned to the guide; preserved prompts keep all 77 rows)."})
     retain_empty: bool = field(default=False, metadata={"help": "Always preserve the empty prompt '' (old code: yes; new code: no)."})
-    expand_prompts: bool = field(default=False, metadata={"help": "Also erase templated prompts ('image of {c}' ..., 'art by {c}' ...) toward the same guide (UCE code: off)."})
+    expand_prompts: bool = field(default=False, metadata={"help": "Also erase templated prompts ('image of {c}' ..., 'art by {c}' ...), each toward the same template of the guide ('image of {guide}'), as the current reference's uce_sd_erase.py --expand_prompts does (off there by default)."})
     preserve_file: str = field(default="", metadata={"help": "Word-list file (or 'toy') of extra concepts to preserve, targets and their synonyms removed (the old code preserved all other artists)."})
     edit_keys: bool = field(default=True, metadata={"help": "Edit attn2.to_k as well as attn2.to_v (UCE code: yes)."})
     train_method: str = field(default="xattn", metadata={"help": "Parameters UCE may change: only xattn (it edits attn2.to_k/to_v and nothing else)."})
@@ -91,9 +91,11 @@ def resolve_prompts(pipe: StableDiffusionPipeline, request: ErasureRequest, conf
         preserve = list(dict.fromkeys(preserve + extra))
     retain = ([""] if config.retain_empty else []) + preserve
     templates = (ART_TEMPLATES if config.concept_type == "art" else OBJECT_TEMPLATES) if config.expand_prompts else ()
+    # as the current reference (trainscripts/uce_sd_erase.py): 'image of {c}' is guided to 'image of {guide}'
     erase = [p for t in targets for p in [t, *(tpl.format(t) for tpl in templates)]]
+    guides = [p for _ in targets for p in [guide, *(tpl.format(guide) for tpl in templates)]]
     scale = config.preserve_scale if config.preserve_scale >= 0 else max(0.1, 1 / max(len(retain), 1))
-    return Prompts(targets, erase, [guide] * len(erase), retain, scale)
+    return Prompts(targets, erase, guides, retain, scale)
 
 
 def result(
