@@ -183,3 +183,39 @@ def test_a_failing_attack_keeps_the_methods_other_results(tiny_dir: Path, judge_
     assert uce["attack_error"] == "RuntimeError: search diverged" and uce["metrics"]["toy-objects"]["ESR-1"] is not None
     rows = _table_rows((tmp_path / "cmp" / "compare.md").read_text())
     assert rows[1][0] == "uce" and rows[1][-1] == "attack failed: RuntimeError: search diverged" and rows[1][5] == "–"
+
+
+def test_compare_over_seeds_pairs_methods_and_prints_intervals(tiny_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp-seeds"
+    settings = [f"--set=esd-x.{s}" for s in TINY_TRAIN]
+    res = runner.invoke(cli(), ["compare", "--model", str(tiny_dir), "-c", "circle", "--methods", "esd-x,uce", "--out", str(out), "--judge", str(judge_dir),
+                                "--images-per-class", "1", "--steps", "2", "--seed", "5", "--seeds", "2", "--in-process", *settings])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["seeds"] == [5, 6] and summary["intervals"] is True
+    esd = next(r for r in summary["rows"] if r["method"] == "esd-x")
+    assert [r["seed"] for r in esd["per_seed"]] == [5, 6]
+    configs = [json.loads((out / f"esd-x-seed{s}" / "run.json").read_text())["config"]["seed"] for s in (5, 6)]
+    assert configs == [5, 6]  # each run trained with its own seed
+    for key, span in esd["intervals"]["toy-objects"].items():
+        per_seed = [r["metrics"]["toy-objects"][key] for r in esd["per_seed"]]
+        assert sum(per_seed) / 2 == pytest.approx(span["mean"], abs=1e-3)
+        assert span["lo"] <= span["mean"] <= span["hi"]
+        assert span["images"] == (1 if key.startswith("ESR") else 9)  # one circle image and nine others per seed
+    first = _table_rows(res.stdout)[1]
+    assert first[0] == "esd-x" and "[" in first[1] and "]" in first[1]
+    assert "training seeds 5-6 (paired)" in res.stdout
+    report = (out / "report.html").read_text()
+    assert "comparison over training seeds" in report and "rates with 95 % intervals" in report
+    assert "esd-x-seed6" in report  # every seed's run is in the report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "seeds must be a whole number >= 1"),
+    (["--intervals"], "an interval over training seeds needs at least 2 seeds"),
+    (["--seeds", "2", "--set", "esd-x.seed=3"], "--set esd-x.seed fixes the training seed"),
+])
+def test_compare_refuses_bad_seed_settings_in_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    res = runner.invoke(cli(), ["compare", "-c", "circle", "--methods", "esd-x", "--out", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "x").exists()

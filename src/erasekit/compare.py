@@ -173,6 +173,52 @@ def _save(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_files({out / "compare.json": json_dumps(summary).encode("utf-8"), out / "compare.md": markdown(summary).encode("utf-8")})
 
 
+def rate_counts(evaluation: dict[str, Any]) -> dict[str, int]:
+    """Images behind each ESR/PSR of one evaluation (for the pooled part of the interval): erased vs preserved groups."""
+    images = evaluation.get("images") or []
+    erased = set(evaluation.get("erased") or [])
+    n_erased = sum(1 for im in images if im.get("group") in erased)
+    return {"ESR": n_erased, "PSR": len(images) - n_erased} if images and erased else {}
+
+
+def aggregate(name: str, records: list[dict[str, Any]], intervals: bool) -> dict[str, Any]:
+    """One method's row over training seeds: per-seed results, means, and (with ``intervals``) 95 % intervals of every rate."""
+    from erasekit.eval.intervals import rate_interval
+
+    row: dict[str, Any] = {"method": name, "run": records[0]["run"], "per_seed": records, "metrics": {}, "intervals": {}}
+    failed = [r for r in records if r.get("error")]
+    if failed:
+        row["error"] = f"seed {failed[0]['seed']}: {failed[0]['error']}"
+        return row
+    for suite in records[0]["metrics"]:
+        row["metrics"][suite], row["intervals"][suite] = {}, {}
+        for key in records[0]["metrics"][suite]:
+            values = [r["metrics"][suite].get(key) for r in records]
+            if any(not isinstance(v, (int, float)) for v in values):
+                continue
+            row["metrics"][suite][key] = sum(values) / len(values)
+            if intervals:
+                images = records[0]["counts"].get(suite, {}).get(key.split("-")[0])
+                row["intervals"][suite][key] = rate_interval(values, images).as_dict()
+    for key in ("wall_s",):
+        row[key] = sum(r[key] for r in records) / len(records)
+    row["peak_rss_mib"] = max(r.get("peak_rss_mib") or 0.0 for r in records) or None
+    if all("attack" in r for r in records):
+        row["attack"], row["attack_intervals"] = {}, {}
+        for concept in records[0]["attack"]:
+            row["attack"][concept], row["attack_intervals"][concept] = {}, {}
+            for key in ("asr", "no_attack_rate"):
+                values = [r["attack"][concept].get(key) for r in records]
+                if all(isinstance(v, (int, float)) for v in values):
+                    row["attack"][concept][key] = sum(values) / len(values)
+                    if intervals:
+                        row["attack_intervals"][concept][key] = rate_interval(values).as_dict()
+    errors = [r["attack_error"] for r in records if r.get("attack_error")]
+    if errors:
+        row["attack_error"] = errors[0]
+    return row
+
+
 def compare_methods(
     model: str,
     concepts: str | Sequence[str],
@@ -191,8 +237,15 @@ def compare_methods(
     progress: CompareProgress | None = None,
     command: str | None = None,
     attack: Mapping[str, Any] | None = None,
+    seeds: int = 1,
+    intervals: bool | None = None,
 ) -> dict[str, Any]:
-    """Erase ``concepts`` with every method (default: all registered) under one seed; evaluate each; write OUT.
+    """Erase ``concepts`` with every method (default: all registered) under the same seeds; evaluate each; write OUT.
+
+    With ``seeds`` N > 1 every method is trained with seeds seed..seed+N-1 (paired across methods: the same
+    seeds and the same evaluation images for all), in run folders METHOD-seedS; its row holds the per-seed
+    results, the means and their 95 % intervals (:mod:`erasekit.eval.intervals`). ``intervals`` defaults to
+    N > 1; asking for them with one seed is an error.
 
     OUT gets one run folder per method (as `erasekit erase` writes it, plus its eval-<suite>.json), cache/,
     logs/, compare.json, compare.md and report.html. ``budget`` defaults to each method's 'toy' preset on the
@@ -207,6 +260,11 @@ def compare_methods(
     from erasekit.eval.suites import get_suite, resolve_settings
     from erasekit.methods import get_method, make_config, registry
 
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ErasekitError(f"seeds must be a whole number >= 1 (training seeds per method), got {seeds!r}")
+    intervals = seeds > 1 if intervals is None else intervals
+    if intervals and seeds < 2:
+        raise ErasekitError("an interval over training seeds needs at least 2 seeds; pass --seeds 2 or more (or drop --intervals)")
     targets = [concepts] if isinstance(concepts, str) else list(concepts)
     targets = [c.strip() for c in targets]
     if not targets or any(not c for c in targets):
@@ -218,6 +276,8 @@ def compare_methods(
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     if unknown := [m for m in overrides if m not in specs]:
         raise ErasekitError(f"settings given for {', '.join(unknown)}, which is not being compared; compared: {', '.join(names)}")
+    if seeds > 1 and (fixed := [m for m, o in overrides.items() if "seed" in o]):
+        raise ErasekitError(f"--set {fixed[0]}.seed fixes the training seed, but --seeds {seeds} asks for {seeds} of them; drop one of the two")
     out = Path(out)
     if out.exists():
         raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
@@ -259,7 +319,7 @@ def compare_methods(
     (out / "logs").mkdir()
     summary: dict[str, Any] = {
         "model": model, "concepts": targets, "preserve": list(preserve), "methods": names, "budget": budget, "suites": suite_names,
-        "seed": seed, "images_per_class": images_per_class, "steps": steps, "judge": judge, "device": device, "isolate": isolate,
+        "seed": seed, "seeds": list(range(seed, seed + seeds)), "intervals": intervals, "images_per_class": images_per_class, "steps": steps, "judge": judge, "device": device, "isolate": isolate,
         "threads": torch.get_num_threads(), "command": command, "attack": dataclasses.asdict(plans[0].config) if plans else None,
         "notes": {"wall_s": "the erase() call alone (no imports, model load or saving)", "peak_rss_mib": "see each row's 'memory'",
                   **({"asr": "% of attack prompts whose erased-model image shows the concept with the adversarial prefix or without one",
@@ -281,30 +341,39 @@ def compare_methods(
         raise
     _save(out, summary)
     for name in names:
-        spec = {"model": model, "concepts": targets, "method": name, "out": str(out / name), "preserve": list(preserve), "budget": budget,
-                "settings": settings[name], "seed": seed, "device": device, "threads": torch.get_num_threads()}
-        row: dict[str, Any] = {"method": name, "run": name, "settings": settings[name], "metrics": {}, "generated": {}}
-        erase_progress = lambda step, total, info, name=name: tell(f"{name} erase", step, total, info)  # noqa: E731
-        try:
-            row.update(_run_isolated(spec, out / "logs" / f"{name}.log", erase_progress) if isolate else _run_in_process(spec, erase_progress))
-            row["wall_s"] = row.pop("erase_s")
-            for suite in suite_names:
-                record = evaluate(str(out / name), suite, progress=images(f"{name} {suite}"), **eval_kwargs)
-                row["metrics"][suite] = _headline(record, "erased")
-                row["generated"][suite] = record["generated"]
-        except Exception as exc:  # noqa: BLE001  one method's failure must not lose the others' results
-            row["error"] = one_line(exc)
-        if plans and not row.get("error"):
-            from erasekit.attack.plan import attack_row
+        records = []
+        for train_seed in range(seed, seed + seeds):
+            run = name if seeds == 1 else f"{name}-seed{train_seed}"
+            settings_s = {**settings[name], **({"seed": train_seed} if "seed" in settings[name] and "seed" not in overrides.get(name, {}) else {})}
+            spec = {"model": model, "concepts": targets, "method": name, "out": str(out / run), "preserve": list(preserve), "budget": budget,
+                    "settings": settings_s, "seed": train_seed, "device": device, "threads": torch.get_num_threads()}
+            record: dict[str, Any] = {"method": name, "run": run, "seed": train_seed, "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
+            label = name if seeds == 1 else f"{name} seed {train_seed}"
+            erase_progress = lambda step, total, info, label=label: tell(f"{label} erase", step, total, info)  # noqa: E731
+            try:
+                record.update(_run_isolated(spec, out / "logs" / f"{run}.log", erase_progress) if isolate else _run_in_process(spec, erase_progress))
+                record["wall_s"] = record.pop("erase_s")
+                for suite in suite_names:
+                    evaluation = evaluate(str(out / run), suite, progress=images(f"{label} {suite}"), **eval_kwargs)
+                    record["metrics"][suite] = _headline(evaluation, "erased")
+                    record["generated"][suite] = evaluation["generated"]
+                    record["counts"][suite] = rate_counts(evaluation)
+            except Exception as exc:  # noqa: BLE001  one method's failure must not lose the others' results
+                record["error"] = one_line(exc)
+            if plans and not record.get("error"):
+                from erasekit.attack.plan import attack_row
 
-            attack_row(row, out / name, model, plans, device, command, tell)
-        summary["rows"].append(row)
+                attack_row(record, out / run, model, plans, device, command, tell)
+            records.append(record)
+            if record.get("error"):
+                break
+        summary["rows"].append(records[0] if seeds == 1 else aggregate(name, records, intervals))
         _save(out, summary)
-    evaluated = [str(out / r["run"]) for r in summary["rows"] if not r.get("error")]
+    evaluated = [str(out / run["run"]) for r in summary["rows"] for run in r.get("per_seed", [r]) if not run.get("error")]
     if evaluated:
         from erasekit.eval.report import write_report
 
-        write_report(evaluated, out / "report.html")
+        write_report(evaluated, out / "report.html", comparison=summary if intervals else None)
         summary["report"] = "report.html"
     _save(out, summary)
     return summary
@@ -321,7 +390,9 @@ def compare(
     preserve: list[str] = typer.Option([], "--preserve", help="Concept every method keeps (repeatable)."),
     images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Evaluation images per class (default: the suite's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Evaluation DDIM steps (default: the suite's)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every method's run and of the evaluation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the evaluation images, and the first training seed of every method."),
+    seeds: int = typer.Option(1, "--seeds", help="Training seeds per method (seed, seed+1, ...; paired across methods); 2 or more give 95 % intervals."),
+    intervals: Optional[bool] = typer.Option(None, "--intervals/--no-intervals", help="Print 95 % intervals over the training seeds (default: with --seeds 2 or more)."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
     isolate: bool = typer.Option(True, "--isolate/--in-process", help="Run each erasure in its own process (honest peak memory) or in this one."),
@@ -356,7 +427,8 @@ def compare(
                 bar.update(tasks[label], completed=done, total=total, info=info)
 
             summary = compare_methods(model, concept, out, names, budget, overrides, suite or None, preserve, images_per_class, steps, seed, judge,
-                              device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), attack_settings)
+                              device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), attack_settings,
+                              seeds, intervals)
         typer.echo(markdown(summary))
         written = ", ".join(str(out / f) for f in ("compare.md", "compare.json", *(["report.html"] if summary["report"] else [])))
         console.print(f"wrote {written}")

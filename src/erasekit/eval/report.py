@@ -172,10 +172,24 @@ def _details(run: RunData) -> str:
     return "".join(parts)
 
 
-def render_html(runs: list[RunData], title: str = "erasekit report") -> str:
+def comparison_section(summary: dict[str, Any]) -> str:
+    """`erasekit compare --seeds N`: the table of means with their 95 % intervals, and the intervals drawn."""
+    from erasekit.compare_table import interval_plot, markdown
+
+    lines = [ln for ln in markdown(summary).splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+    out = f"<h2>comparison over training seeds</h2><p>{html.escape(markdown(summary).splitlines()[0].lstrip('# '))}</p>"
+    out += html_table(cells[0], [c for c in cells[2:]])
+    plot = interval_plot(summary)
+    return out + (img_tag(plot, "rates with 95 % intervals") if plot else "")
+
+
+def render_html(runs: list[RunData], title: str = "erasekit report", comparison: dict[str, Any] | None = None) -> str:
     """The whole report as one HTML string (no external resources)."""
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>"]
+    if comparison is not None:
+        out.append(comparison_section(comparison))
     for suite, (columns, rows) in metrics_tables(runs).items():
         out.append(f"<h2>{html.escape(suite)}</h2>{html_table(columns, rows)}")
     for run in runs:
@@ -198,8 +212,8 @@ def render_markdown(runs: list[RunData]) -> str:
     return "\n\n".join(f"### {suite}\n\n{markdown_table(c, r)}" for suite, (c, r) in metrics_tables(runs).items()) + "\n"
 
 
-def write_report(sources: list[str | Path], out: str | Path) -> tuple[Path, Path]:
-    """Write report.html and report.md (same stem) atomically; returns both paths."""
+def write_report(sources: list[str | Path], out: str | Path, comparison: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write report.html and report.md (same stem) atomically; returns both paths (``comparison``: a compare summary with intervals)."""
     if not sources:
         raise ErasekitError("no RUN given; pass one or more run folders (or evaluation JSON files)")
     out = Path(out)
@@ -211,5 +225,11 @@ def write_report(sources: list[str | Path], out: str | Path) -> tuple[Path, Path
     if not any(run.evals for run in runs):
         raise ErasekitError("none of the runs has been evaluated; run `erasekit evaluate RUN --suite toy-objects` first")
     md = out.with_suffix(".md")
-    atomic_write_files({out: render_html(runs).encode("utf-8"), md: render_markdown(runs).encode("utf-8")})  # both or neither
+    html_text = render_html(runs, comparison=comparison)
+    md_text = render_markdown(runs)
+    if comparison is not None:
+        from erasekit.compare_table import markdown
+
+        md_text = markdown(comparison) + "\n" + md_text
+    atomic_write_files({out: html_text.encode("utf-8"), md: md_text.encode("utf-8")})  # both or neither
     return out, md
