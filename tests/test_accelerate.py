@@ -236,20 +236,46 @@ def test_batch_size_averages_several_rollout_points_and_stays_deterministic(word
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_close_to_fp32(precision: str) -> None:
+def test_mixed_precision_runs_the_forwards_low_and_keeps_fp32_weights(precision: str) -> None:
     from erasekit.api import erase
 
     settings = dict(iterations=2, ddim_steps=3, lr=1e-2)
     full = erase(tiny_pipeline(), "circle", method="esd-x", **settings)
     mixed = erase(tiny_pipeline(), "circle", method="esd-x", precision=precision, **settings)
-    base = tiny_pipeline().unet.state_dict()
-    moved = {k: (full.delta[k] - base[k.removeprefix("unet.")]) for k in full.delta}
-    mixed_moved = {k: (mixed.delta[k] - base[k.removeprefix("unet.")]) for k in full.delta}
-    assert all(torch.isfinite(v).all() for v in mixed.delta.values())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in mixed.delta.values())
     assert any(not torch.equal(full.delta[k], mixed.delta[k]) for k in full.delta)  # the forwards really ran in low precision
-    cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in moved.values()]), torch.cat([v.flatten() for v in mixed_moved.values()]), dim=0)
-    assert cos > 0.5  # and still stepped the same way (a random direction gives about 0; Adam's sign-like steps amplify rounding)
     assert mixed.config["precision"] == precision
+    # Adam's first steps are nearly sign(g) * lr: where |g| is tiny its sign is rounding noise, and how that noise falls
+    # differs between CPUs with and without native bf16, so the deltas' direction is not a bound any CPU keeps (0.27-0.82 seen)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_low_precision_forward_gives_the_fp32_gradient_direction(precision: str) -> None:
+    """What autocast must guarantee on any CPU: the UNet computes in the low dtype, the loss and gradients stay fp32 and agree."""
+    from erasekit.concepts import encode
+    from erasekit.methods.base import TrainableUNet
+
+    pipe = tiny_pipeline()
+    trainable = TrainableUNet(pipe, "xattn", 4)
+    g = torch.Generator().manual_seed(0)
+    x, t, emb = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 700]), encode(pipe, ["circle", "square"])
+    target = torch.randn(2, 4, 8, 8, generator=g)
+
+    def gradient(precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        for p in trainable.params.values():
+            p.grad = None
+        with dist.autocast(precision, x.device):
+            out = trainable.eps(x, t, emb)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in trainable.params.values()]), loss, out.dtype
+
+    exact, exact_loss, _ = gradient("fp32")
+    low, low_loss, dtype = gradient(precision)
+    assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert low_loss.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in trainable.params.values())
+    assert low_loss.item() == pytest.approx(exact_loss.item(), rel=1e-2)  # bf16 keeps 8 bits: ~0.4 % per rounding
+    assert torch.nn.functional.cosine_similarity(exact, low, dim=0) > 0.99  # 0.9999 measured with and without AVX-512
 
 
 def test_bad_data_parallel_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, words_file: Path) -> None:

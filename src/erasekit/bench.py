@@ -132,7 +132,9 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
             if name != "esd-x":
                 metrics = evaluate(delta, "toy-objects", model="toy", images_per_class=images_per_class, cache_dir=Path(tmp) / "cache")
                 head = metrics["metrics"]["erased"]["headline"]
-                run.update(esr1=head["ESR-1"], psr1=head["PSR-1"])
+                from erasekit.compare import rate_counts
+
+                run.update(esr1=head["ESR-1"], psr1=head["PSR-1"], counts=rate_counts(metrics))
                 log(f"toy {name:9s} seed {seed}: ESR-1 {head['ESR-1']:.1f} %, PSR-1 {head['PSR-1']:.1f} % ({images_per_class} images per class)")
             runs[name].append(run)
 
@@ -150,9 +152,18 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
             psr1_fast=mean("fast", "psr1"), psr1_faithful=mean("faithful", "psr1"),
         )
         if seeds > 1:
-            for name in ("fast", "faithful"):
-                for key in ("esr1", "psr1"):
-                    out[f"{key}_{name}_per_seed"] = [round(r[key], 2) for r in runs[name]]
+            from erasekit.eval.intervals import paired_difference, rate_interval, verdict
+
+            for key in ("esr1", "psr1"):
+                for name in ("fast", "faithful"):
+                    values = [r[key] for r in runs[name]]
+                    span = rate_interval(values, runs[name][0]["counts"].get(key[:3].upper()))
+                    out[f"{key}_{name}_per_seed"] = [round(v, 2) for v in values]
+                    out[f"{key}_{name}_interval"] = [round(span.lo, 2), round(span.hi, 2)]
+                diff = paired_difference([r[key] for r in runs["fast"]], [r[key] for r in runs["faithful"]])
+                out[f"{key}_fast_minus_faithful"] = [round(diff.mean, 2), round(diff.lo, 2), round(diff.hi, 2)]
+                out[f"{key}_fast_vs_faithful"] = verdict(diff)
+                log(f"{key.upper()[:3]}-1 fast - faithful over {seeds} paired seeds: {diff.mean:+.1f} [{diff.lo:+.1f}, {diff.hi:+.1f}] -> {verdict(diff)}")
     if sd14:
         sd: dict[str, dict[str, Any]] = {}
         for name, extra in (("fast", {}), ("faithful", {"faithful": True})):
@@ -177,7 +188,7 @@ def bench_eap(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Model steps of every toy run (default: the toy preset's)."),
     sd14: bool = typer.Option(True, "--sd14/--no-sd14", help="Also time training steps on an SD-1.4-architecture UNet and text encoder."),
     sd14_steps: int = typer.Option(3, "--sd14-steps", help="Model steps timed per SD-1.4-architecture run."),
-    seeds: int = typer.Option(1, "--seeds", help="Train fast and faithful with this many seeds; ESR-1/PSR-1 are their means."),
+    seeds: int = typer.Option(1, "--seeds", help="Train fast and faithful with this many seeds; ESR-1/PSR-1 are their means, with 95 % intervals and the paired difference from 2 seeds on."),
 ) -> None:
     """EAP fast vs faithful (and ESD-x): wall time, peak RSS, ESR-1/PSR-1; the last line is one JSON object."""
     from erasekit.world.cli import user_errors
