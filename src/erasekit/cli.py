@@ -323,8 +323,12 @@ def demo(
             def on_image(name: str, done: int, total: int) -> None:
                 bar.update(images, visible=True, completed=done, total=total, info=name)
 
+            def announce(seconds: float) -> None:
+                console.print(f"expected time on this machine: about {max(1, round(seconds / 60))} min "
+                              f"(erase with EAP's toy preset, then judge base and erased images); progress below")
+
             record = run_demo(out, concept, progress=lambda step, n, rec: bar.update(task, total=n, completed=step, info=_describe(rec)),
-                              eval_progress=on_image)
+                              eval_progress=on_image, announce=announce)
         from erasekit.eval.cli import metrics_table
 
         Console().print(metrics_table(record))
