@@ -45,6 +45,9 @@ def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert result.exit_code == 0, f"erasekit {' '.join(args)} failed:\n{result.output[-2000:]}"
         outputs[" ".join(args)] = result.output
     assert (tmp_path / "runs" / "demo" / "report.html").exists()
+    demo = next(text for command, text in outputs.items() if command.startswith("demo"))
+    assert re.search(r"expected time on this machine: about \d+ min", demo)  # told before it starts
+    assert demo.index("expected time") < demo.index("wrote")
     assert (tmp_path / "runs" / "no-circle" / "delta.safetensors").exists()
     assert (tmp_path / "runs" / "report.html").stat().st_size > 10_000
     check = json.loads(outputs["world check --json"].strip().splitlines()[-1])

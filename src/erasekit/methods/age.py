@@ -23,7 +23,8 @@ from erasekit.models import model_id
 from erasekit.result import ErasureResult
 from erasekit.sampling import rollout
 
-TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
+# toy: 150 steps left a fifth of the circles (ESR-1 81 %, 16 images/class, seed 0); 250 erase them (100 % on 8 images/class)
+TOY_PRESET = {"iterations": 250, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
 FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
 
 
