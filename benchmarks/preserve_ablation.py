@@ -23,7 +23,8 @@ from typing import Any
 KEYS = ("ESR-1", "ESR-5", "PSR-1", "PSR-5")
 
 
-def run(model: str, concept: str, choices: list[str], seeds: int, images_per_class: int, settings: dict[str, Any], log: Any) -> dict[str, Any]:
+def run(model: str, concept: str, choices: list[str], seeds: int, images_per_class: int, settings: dict[str, Any], log: Any,
+        cache_dir: Path | None = None) -> dict[str, Any]:
     """Train every (choice, seed) and evaluate it; returns per-seed rates, their intervals and the paired differences."""
     from erasekit.api import erase
     from erasekit.compare import rate_counts
@@ -43,7 +44,7 @@ def run(model: str, concept: str, choices: list[str], seeds: int, images_per_cla
                 wall = time.perf_counter() - started
                 delta = Path(tmp) / f"{choice}-{seed}.safetensors"
                 result.save(delta)
-                record = evaluate(str(delta), "toy-objects", model=model, images_per_class=images_per_class, cache_dir=Path(tmp) / "cache")
+                record = evaluate(str(delta), "toy-objects", model=model, images_per_class=images_per_class, cache_dir=cache_dir or Path(tmp) / "cache")
                 counts = rate_counts(record)
                 head = record["metrics"]["erased"]["headline"]
                 per_seed.append({"seed": seed, "wall_s": round(wall, 1), **{k: head[k] for k in KEYS}})
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-class", type=int, default=32)
     parser.add_argument("--set", action="append", default=[], help="An EAP setting KEY=VALUE on top of the toy preset (repeatable).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the numbers here.")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="Generation cache to share (e.g. a compare run's OUT/cache: its base images and any identical model's images are reused).")
     args = parser.parse_args(argv)
     from erasekit.errors import ErasekitError
     from erasekit.methods import get_method
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ErasekitError("--seeds and --images-per-class must be >= 1")
         settings = parse_method_flags(get_method("eap").config_class, [f"--{item}" for item in args.set])
         choices = [c.strip() for c in args.choices.split(",") if c.strip()]
-        summary = run(args.model, args.concept, choices, args.seeds, args.images_per_class, settings, lambda m: print(m, file=sys.stderr, flush=True))
+        summary = run(args.model, args.concept, choices, args.seeds, args.images_per_class, settings, lambda m: print(m, file=sys.stderr, flush=True),
+                      args.cache_dir)
     except ErasekitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
