@@ -104,20 +104,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_the_latent_handed_to_the_unet_is_at_the_noise_level_of_its_timestep(case: str, words_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _erase_recorded(case: str, iterations: int, words_file: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int, float | None]]:
+    """Run ``case`` on the exact zero-data noise model and return what its UNet queries and x0 maps saw."""
     recorder = Recorder(monkeypatch)
     settings = dict(CASES[case])
     if "k" in settings:
         settings["concept_space"] = str(words_file)
-    erasekit.erase(tiny_pipeline(), "circle", iterations=40, ddim_steps=S, lr=1e-3, **settings)
-    start_t = int(ddim_scheduler(tiny_pipeline(), S).timesteps[0])
+    erasekit.erase(tiny_pipeline(), "circle", iterations=iterations, ddim_steps=S, lr=1e-3, **settings)
+    return recorder.levels(int(ddim_scheduler(tiny_pipeline(), S).timesteps[0]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_latent_handed_to_the_unet_is_at_the_noise_level_of_its_timestep(case: str, words_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    alphas = _alphas()
     width = 1000 // S
     bins = set()
-    for implied, t, _ in recorder.levels(start_t):
+    for implied, t, _ in _erase_recorded(case, 40, words_file, monkeypatch):
         if t < 0:
             continue
-        level_t = _timestep_of(implied, recorder.alphas)
+        level_t = _timestep_of(implied, alphas)
         assert abs(level_t - t) < width, f"queried at t={t} with a latent at the noise level of t={level_t}"
         bins.add(t // width)
     assert bins == set(range(S)), f"only bins {sorted(bins)} were drawn"  # every k of the grid was checked
@@ -125,14 +130,8 @@ def test_the_latent_handed_to_the_unet_is_at_the_noise_level_of_its_timestep(cas
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_x0_map_uses_the_alpha_bar_of_the_latent_not_of_the_drawn_timestep(case: str, words_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = Recorder(monkeypatch)
-    settings = dict(CASES[case])
-    if "k" in settings:
-        settings["concept_space"] = str(words_file)
-    erasekit.erase(tiny_pipeline(), "circle", iterations=20, ddim_steps=S, lr=1e-3, **settings)
-    start_t = int(ddim_scheduler(tiny_pipeline(), S).timesteps[0])
     checked = 0
-    for implied, t, alpha in recorder.levels(start_t):
+    for implied, t, alpha in _erase_recorded(case, 20, words_file, monkeypatch):
         if t < 0 and alpha is not None:
             assert alpha == pytest.approx(implied, rel=1e-4, abs=1e-6)
             checked += 1
