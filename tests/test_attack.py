@@ -90,7 +90,8 @@ def test_same_seed_gives_the_same_prompts_whatever_the_batch_size(world: dict[st
     assert "ASR" in res.output
     again = json.loads((out / "attack.json").read_text())
     assert [p["token_ids"] for p in again["prompts"]] == [p["token_ids"] for p in attacked["prompts"]]
-    assert [p["best_loss"] for p in again["prompts"]] == [p["best_loss"] for p in attacked["prompts"]]
+    # a batch of 1 and a batch of several run different matmul kernels: the losses agree to float rounding, not bit for bit
+    assert [p["best_loss"] for p in again["prompts"]] == pytest.approx([p["best_loss"] for p in attacked["prompts"]], rel=1e-5)
     assert again["metrics"] == attacked["metrics"]
 
 
