@@ -19,6 +19,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from erasekit import __version__
+from erasekit.demo import DEMO_SEED
 from erasekit.errors import ErasekitError
 from erasekit.attack.cli import attack  # noqa: E402
 from erasekit.bench import app as bench_app  # noqa: E402
@@ -309,6 +310,7 @@ def generate(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder to create (run files, grid.png, report.html)."),
     concept: str = typer.Option("circle", "--concept", "-c", help="Toy object class to erase."),
+    seed: int = typer.Option(DEMO_SEED, "--seed", help="EAP's training seed (the README's table shows how erasure varies with it)."),
 ) -> None:
     """Erase a toy concept with EAP and write a before/after grid and a report (a few minutes on 2 cores)."""
     with user_errors():
@@ -328,7 +330,7 @@ def demo(
                               f"(erase with EAP's toy preset, then judge base and erased images); progress below")
 
             record = run_demo(out, concept, progress=lambda step, n, rec: bar.update(task, total=n, completed=step, info=_describe(rec)),
-                              eval_progress=on_image, announce=announce)
+                              eval_progress=on_image, announce=announce, seed=seed)
         from erasekit.eval.cli import metrics_table
 
         Console().print(metrics_table(record))
