@@ -27,7 +27,7 @@ def run(model: str, concept: str, choices: list[str], seeds: int, images_per_cla
         cache_dir: Path | None = None) -> dict[str, Any]:
     """Train every (choice, seed) and evaluate it; returns per-seed rates, their intervals and the paired differences."""
     from erasekit.api import erase
-    from erasekit.compare import rate_counts
+    from erasekit.compare_seeds import rate_counts
     from erasekit.eval.intervals import paired_difference, rate_interval, verdict
     from erasekit.eval.runner import evaluate
     from erasekit.models import load_pipeline

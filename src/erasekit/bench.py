@@ -132,7 +132,7 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
             if name != "esd-x":
                 metrics = evaluate(delta, "toy-objects", model="toy", images_per_class=images_per_class, cache_dir=Path(tmp) / "cache")
                 head = metrics["metrics"]["erased"]["headline"]
-                from erasekit.compare import rate_counts
+                from erasekit.compare_seeds import rate_counts
 
                 run.update(esr1=head["ESR-1"], psr1=head["PSR-1"], counts=rate_counts(metrics))
                 log(f"toy {name:9s} seed {seed}: ESR-1 {head['ESR-1']:.1f} %, PSR-1 {head['PSR-1']:.1f} % ({images_per_class} images per class)")

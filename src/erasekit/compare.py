@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import typer
 
+from erasekit.compare_seeds import aggregate, rate_counts
 from erasekit.compare_table import markdown  # noqa: F401  (re-exported: the table is part of compare's API)
 from erasekit.errors import ErasekitError
 from erasekit.world.cli import user_errors
@@ -171,52 +172,6 @@ def _save(out: Path, summary: dict[str, Any]) -> None:
     from erasekit.models import json_dumps
 
     atomic_write_files({out / "compare.json": json_dumps(summary).encode("utf-8"), out / "compare.md": markdown(summary).encode("utf-8")})
-
-
-def rate_counts(evaluation: dict[str, Any]) -> dict[str, int]:
-    """Images behind each ESR/PSR of one evaluation (for the pooled part of the interval): erased vs preserved groups."""
-    images = evaluation.get("images") or []
-    erased = set(evaluation.get("erased") or [])
-    n_erased = sum(1 for im in images if im.get("group") in erased)
-    return {"ESR": n_erased, "PSR": len(images) - n_erased} if images and erased else {}
-
-
-def aggregate(name: str, records: list[dict[str, Any]], intervals: bool) -> dict[str, Any]:
-    """One method's row over training seeds: per-seed results, means, and (with ``intervals``) 95 % intervals of every rate."""
-    from erasekit.eval.intervals import rate_interval
-
-    row: dict[str, Any] = {"method": name, "run": records[0]["run"], "per_seed": records, "metrics": {}, "intervals": {}}
-    failed = [r for r in records if r.get("error")]
-    if failed:
-        row["error"] = f"seed {failed[0]['seed']}: {failed[0]['error']}"
-        return row
-    for suite in records[0]["metrics"]:
-        row["metrics"][suite], row["intervals"][suite] = {}, {}
-        for key in records[0]["metrics"][suite]:
-            values = [r["metrics"][suite].get(key) for r in records]
-            if any(not isinstance(v, (int, float)) for v in values):
-                continue
-            row["metrics"][suite][key] = sum(values) / len(values)
-            if intervals:
-                images = records[0]["counts"].get(suite, {}).get(key.split("-")[0])
-                row["intervals"][suite][key] = rate_interval(values, images).as_dict()
-    for key in ("wall_s",):
-        row[key] = sum(r[key] for r in records) / len(records)
-    row["peak_rss_mib"] = max(r.get("peak_rss_mib") or 0.0 for r in records) or None
-    if all("attack" in r for r in records):
-        row["attack"], row["attack_intervals"] = {}, {}
-        for concept in records[0]["attack"]:
-            row["attack"][concept], row["attack_intervals"][concept] = {}, {}
-            for key in ("asr", "no_attack_rate"):
-                values = [r["attack"][concept].get(key) for r in records]
-                if all(isinstance(v, (int, float)) for v in values):
-                    row["attack"][concept][key] = sum(values) / len(values)
-                    if intervals:
-                        row["attack_intervals"][concept][key] = rate_interval(values).as_dict()
-    errors = [r["attack_error"] for r in records if r.get("attack_error")]
-    if errors:
-        row["attack_error"] = errors[0]
-    return row
 
 
 def compare_methods(
