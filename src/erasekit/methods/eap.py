@@ -89,6 +89,19 @@ def _space(pipe: StableDiffusionPipeline, name: str) -> list[str]:
     return list(concept_space(name, pipe).words)
 
 
+def candidates_by_target(pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> list[tuple[list[str], dict[str, float]]]:
+    """Per target: EAP's candidates (DESIGN.md §3 step 1) and each candidate's L2 distance to the target."""
+    words = _space(pipe, config.concept_space)
+    exclude = exclusions(targets, pipe)
+    out = []
+    for emb in encode(pipe, targets):
+        dist = distances(pipe, emb, words)
+        cands = select_candidates(dist, words, config.k, config.n_centres, exclude, config.kmeans_n_init)
+        index = {w: i for i, w in enumerate(words)}
+        out.append((cands, {w: float(dist[index[w]]) for w in cands}))
+    return out
+
+
 class GumbelDraw:
     """One hard Gumbel sample; its straight-through embedding follows the logits as they move."""
 
@@ -111,13 +124,7 @@ class GumbelSearch:
     """Candidates per target, uniform-initialised logits, and their (maximising) Adam optimiser."""
 
     def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
-        words = _space(pipe, config.concept_space)
-        exclude = exclusions(targets, pipe)
-        target_embs = encode(pipe, targets)
-        self.candidates = [
-            select_candidates(distances(pipe, target_embs[j], words), words, config.k, config.n_centres, exclude, config.kmeans_n_init)
-            for j in range(len(targets))
-        ]
+        self.candidates = [cands for cands, _ in candidates_by_target(pipe, targets, config)]
         self.embeddings = [encode(pipe, c) for c in self.candidates]
         self.logits = [torch.zeros(len(c), requires_grad=True) for c in self.candidates]
         self.temperature = config.gumbel_temperature
@@ -192,14 +199,10 @@ class FixedChoice:
 
     def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
         self.choice = config.preserve_choice
-        words = _space(pipe, config.concept_space)
-        exclude = exclusions(targets, pipe)
         self.candidates, self.nearest = [], []
-        for emb in encode(pipe, targets):
-            dist = distances(pipe, emb, words)
-            cands = select_candidates(dist, words, config.k, config.n_centres, exclude, config.kmeans_n_init)
+        for cands, dist in candidates_by_target(pipe, targets, config):
             self.candidates.append(cands)
-            self.nearest.append(min(range(len(cands)), key=lambda i: float(dist[words.index(cands[i])])))
+            self.nearest.append(min(range(len(cands)), key=lambda i: dist[cands[i]]))
         self.embeddings = [encode(pipe, c) for c in self.candidates]
 
     def draw(self, target: int, generator: torch.Generator) -> FixedDraw:
