@@ -107,7 +107,7 @@ class SmokeRun:
 def tiny_config() -> WorldTrainConfig:
     """A config that trains every stage for a few steps on one thread (the VAE step, batch 64, is the costly one)."""
     return WorldTrainConfig(
-        n_images=300, n_heldout=60, vae_steps=6, judge_steps=15, unet_steps=30,
+        n_images=300, n_heldout=60, vae_steps=6, clip_steps=12, clip_batch=32, judge_steps=15, unet_steps=30,
         batch_size=16, checkpoint_every=10, threads=1,
     )
 
@@ -138,11 +138,13 @@ def test_smoke_training_decreases_the_unet_loss(smoke_run: SmokeRun) -> None:
 
 
 def test_resumed_run_skips_finished_stages_and_completes(smoke_run: SmokeRun) -> None:
-    assert smoke_run.resumed_stages == ["judge", "unet"]
+    assert smoke_run.resumed_stages == ["clip", "judge", "unet"]
     work = smoke_run.out / "work"
     assert (work / "vae.done").read_bytes() == smoke_run.vae_done_before
-    assert all((work / f"{stage}.done").exists() for stage in ("data", "vae", "judge", "unet", "export"))
-    assert (smoke_run.out / "world_train.json").exists()
+    assert all((work / f"{stage}.done").exists() for stage in ("data", "vae", "clip", "judge", "unet", "export"))
+    meta = json.loads((smoke_run.out / "world_train.json").read_text())
+    assert meta["format"] == 2 and set(meta["seconds"]) == {"data", "vae", "clip", "judge", "unet"}
+    assert set(meta["clip_zero_shot"]) == {"object", "colour", "style"}
 
 
 def test_smoke_training_exports_a_pipeline_that_loads_and_generates(smoke_run: SmokeRun) -> None:

@@ -63,7 +63,7 @@ def parse_method_flags(config_class: type, args: list[str]) -> dict[str, Any]:
             continue
         if name not in fields:
             known = ", ".join("--" + f.replace("_", "-") for f in fields)
-            raise ErasekitError(f"unknown option --{key} for this method; its settings are: {known}")
+            raise ErasekitError(f"unknown option --{key}; the settings here are: {known}")
         if not value:
             if fields[name] is bool and (i + 1 >= len(args) or args[i + 1].startswith("--")):
                 value = "true"

@@ -95,37 +95,44 @@ def render(
     typer.echo(f"wrote {out} ({len(object_names)} x {len(colour_names) * len(style_names)} images)")
 
 
-def _resume_config(out: Path, steps: Optional[int], threads: int) -> WorldTrainConfig:
-    """A new run's config, or the config of the run ``out`` already holds (resumed, maybe trained longer)."""
-    from erasekit.world.train import WorldTrainConfig
+def _resume_config(out: Path, flags: dict) -> WorldTrainConfig:
+    """A new run's config from the flags, or the config of the run ``out`` holds with the flags applied."""
+    from erasekit.world.train import WorldTrainConfig, load_saved_config
 
-    saved = out / "work" / "config.json"
-    if saved.is_file():
-        try:
-            config = WorldTrainConfig(**json.loads(saved.read_text()))
-        except (ValueError, TypeError) as exc:
-            raise ErasekitError(f"{saved} is corrupt ({exc}); pick a new --out") from exc
-    elif out.exists():
-        raise ErasekitError(f"{out} exists and holds no earlier run to resume; pick a new --out")
-    else:
-        config = WorldTrainConfig()
-    if steps is not None:
-        config.unet_steps = steps
-    config.threads = threads
+    saved = load_saved_config(out)
+    config = saved[0] if saved else WorldTrainConfig()
+    for key, value in flags.items():
+        setattr(config, key, value)
+    bad = [f"--{k.replace('_', '-')}" for k, v in asdict(config).items() if isinstance(v, (int, float)) and v < 0]
+    if bad:
+        raise ErasekitError(f"{bad[0]} must be >= 0")
     return config
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Folder for the run (resumed if it holds one)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="UNet training steps (default 4000; more resumes a run to train longer)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="UNet training steps (default 5000; more resumes a run to train longer)."),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print every stage setting (each is a flag) and exit."),
 ) -> None:
-    """Rebuild the toy world from scratch: data, VAE, judge and text-to-image model (resumable after a kill)."""
-    from erasekit.world.train import STAGES, WorldTrainer
+    """Rebuild the toy world: data, VAE, toy CLIP, judge, UNet on the frozen CLIP text tower (resumable after a kill)."""
+    import dataclasses
+
+    from erasekit.runs import parse_method_flags
+    from erasekit.world.train import STAGES, WorldTrainConfig, WorldTrainer
 
     with user_errors():
-        config = _resume_config(out, steps, threads)
+        if show_settings:
+            for f in dataclasses.fields(WorldTrainConfig):
+                typer.echo(f"--{f.name.replace('_', '-'):18s} {f.default!r:8} {f.metadata.get('help', '')}")
+            return
+        flags = parse_method_flags(WorldTrainConfig, list(ctx.args))
+        if steps is not None:
+            flags["unet_steps"] = steps
+        flags["threads"] = threads
+        config = _resume_config(out, flags)
         columns = (
             TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
@@ -146,7 +153,7 @@ def train(
             for task in bar.tasks:
                 if task.total is None:  # stages that report no steps (export)
                     bar.update(task.id, completed=1, total=1)
-    typer.echo(f"wrote {out / 'pipeline'} and {out / 'judge'}")
+    typer.echo(f"wrote {out / 'pipeline'}, {out / 'clip'} and {out / 'judge'}")
     typer.echo(json.dumps({"config": asdict(config), **result}))
 
 

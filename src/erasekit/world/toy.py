@@ -28,10 +28,9 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(tokenizer_dir()), model_max_length=77)
 
 
-def build_text_encoder(seed: int = 0) -> CLIPTextModel:
-    """A 2-layer, 128-wide CLIP text encoder over the full CLIP vocabulary."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def text_config() -> CLIPTextConfig:
+    """A 2-layer, 128-wide CLIP text encoder over the full CLIP vocabulary (the toy CLIP's text tower)."""
+    return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_WIDTH,
         intermediate_size=4 * TEXT_WIDTH,
@@ -44,7 +43,12 @@ def build_text_encoder(seed: int = 0) -> CLIPTextModel:
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(seed: int = 0) -> CLIPTextModel:
+    """A freshly initialised text encoder of :func:`text_config`."""
+    torch.manual_seed(seed)
+    return CLIPTextModel(text_config())
 
 
 def build_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel:

@@ -1,4 +1,7 @@
-"""Rebuild the toy world from scratch: render data, train the VAE, the judge and the text-to-image model.
+"""Rebuild the toy world from scratch: render data, train the VAE, the toy CLIP, the judge and the UNet.
+
+As Stable Diffusion is built, the CLIP is trained first (contrastively, on renders and captions) and its
+text tower is frozen while the UNet learns to denoise under it.
 
 Every stage checkpoints atomically and resumes after a kill. Randomness is derived from
 (seed, stage, step), so a resumed run draws exactly what an uninterrupted one would.
@@ -10,8 +13,9 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +24,13 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
+from erasekit.world.config import FORMAT, STAGES, WorldTrainConfig, load_saved_config
 from erasekit.world.captions import caption, sample_example
 from erasekit.world.judge import Judge, to_judge_input
 from erasekit.world.render import Scene, render
 from erasekit.world.vocab import load_vocab
 
 Progress = Callable[[str, int, int, dict], None]
-STAGES = ("data", "vae", "judge", "unet", "export")
-
-
-@dataclass
-class WorldTrainConfig:
-    """Sizes and schedules of `erasekit world train` (defaults: the shipped model, ~60 min on 2 cores)."""
-
-    seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and training."})
-    n_images: int = field(default=40000, metadata={"help": "Rendered training images."})
-    n_heldout: int = field(default=2000, metadata={"help": "Rendered held-out images for the judge's accuracy."})
-    vae_steps: int = field(default=800, metadata={"help": "AutoencoderKL training steps (batch 64)."})
-    judge_steps: int = field(default=1500, metadata={"help": "Judge training steps (batch 128)."})
-    unet_steps: int = field(default=4000, metadata={"help": "UNet + text-encoder training steps."})
-    batch_size: int = field(default=64, metadata={"help": "UNet batch size."})
-    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the UNet and text encoder."})
-    cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt (for CFG)."})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the exported weights."})
-    checkpoint_every: int = field(default=250, metadata={"help": "Steps between checkpoints."})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
@@ -88,21 +74,29 @@ class WorldTrainer:
         self.work = out / "work"
         self.config = config
         self.progress = progress or (lambda *a: None)
-        self.work.mkdir(parents=True, exist_ok=True)
         cfg_path = self.work / "config.json"
-        if cfg_path.exists():
-            saved = json.loads(cfg_path.read_text())
+        saved = load_saved_config(out)
+        if saved is not None:
             # a longer UNet schedule may resume a shorter one ("train longer"), nothing else may change
-            mine = asdict(config)
-            if saved.get("unet_steps", 0) <= mine["unet_steps"]:
-                saved["unet_steps"] = mine["unet_steps"]
-            saved["threads"] = mine["threads"]
-            if saved != mine:
-                raise ErasekitError(f"{out} holds a run with another configuration; resume with the same flags or pick a new --out")
-        if not cfg_path.exists() or saved["unet_steps"] != json.loads(cfg_path.read_text())["unet_steps"]:
-            _atomic_write_text(cfg_path, json.dumps(asdict(config), indent=1))
-            (self.work / "unet.done").unlink(missing_ok=True)
-            (self.work / "export.done").unlink(missing_ok=True)
+            mine, theirs = asdict(config), asdict(saved[0])
+            theirs["threads"] = mine["threads"]
+            longer = theirs["unet_steps"] < mine["unet_steps"]
+            theirs["unet_steps"] = max(theirs["unet_steps"], mine["unet_steps"])
+            changed = [k for k in mine if mine[k] != theirs[k]]
+            if changed:
+                raise ErasekitError(
+                    f"{out} holds a run with other settings ({', '.join(f'{k}={theirs[k]}' for k in changed)}); "
+                    "resume with the same flags or pick a new --out"
+                )
+            self.run_id = saved[1]
+            if longer:
+                _atomic_write_text(cfg_path, json.dumps({"format": FORMAT, "run_id": self.run_id, **mine}, indent=1))
+                (self.work / "unet.done").unlink(missing_ok=True)
+                (self.work / "export.done").unlink(missing_ok=True)
+        else:
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.run_id = os.urandom(6).hex()
+            _atomic_write_text(cfg_path, json.dumps({"format": FORMAT, "run_id": self.run_id, **asdict(config)}, indent=1))
         if config.threads:
             torch.set_num_threads(config.threads)
 
@@ -117,8 +111,14 @@ class WorldTrainer:
         """Run every unfinished stage; return the judge's held-out accuracy and timings."""
         for stage in STAGES:
             if not self.done(stage):
+                resumed = (self.work / f"{stage}.ckpt").exists()
+                start = time.perf_counter()
                 getattr(self, f"stage_{stage}")()
-        return json.loads((self.work / "judge.done").read_text())
+                info = json.loads((self.work / f"{stage}.done").read_text())
+                info["seconds"] = round(time.perf_counter() - start, 1)
+                info["resumed"] = resumed  # seconds then count only the last part of the stage
+                self._mark(stage, info)
+        return {**json.loads((self.work / "judge.done").read_text()), **json.loads((self.work / "clip.done").read_text())}
 
     # -- stages -----------------------------------------------------------------------------
     def stage_data(self) -> None:
@@ -144,6 +144,11 @@ class WorldTrainer:
         if not path.exists():
             return 0
         state = torch.load(path, weights_only=True)
+        if state.get("run_id") != self.run_id:
+            raise ErasekitError(
+                f"{path} was written by another run ({state.get('run_id') or 'unknown'}, this is {self.run_id}); "
+                "delete it to retrain that stage, or pick a new --out"
+            )
         for key, module in modules.items():
             module.load_state_dict(state[key])
         optimizer.load_state_dict(state["optimizer"])
@@ -151,7 +156,7 @@ class WorldTrainer:
 
     def _checkpoint(self, name: str, step: int, modules: dict, optimizer: torch.optim.Optimizer) -> None:
         state = {key: m.state_dict() for key, m in modules.items()}
-        state.update(optimizer=optimizer.state_dict(), step=step)
+        state.update(optimizer=optimizer.state_dict(), step=step, run_id=self.run_id)
         _atomic_torch_save(state, self.work / f"{name}.ckpt")
 
     def stage_vae(self) -> None:
@@ -199,6 +204,57 @@ class WorldTrainer:
         np.save(self.work / "recons.npy", recon_np)
         self._mark("vae", {"recon_mse_uint8": mse, "scaling_factor": scaling})
 
+    def stage_clip(self) -> None:
+        """Train the toy CLIP contrastively on renders (and their VAE reconstructions) and fresh captions."""
+        from erasekit.world import clip as toy_clip
+
+        c = self.config
+        vocab = load_vocab()
+        data = self._data()
+        recons = torch.from_numpy(np.load(self.work / "recons.npy"))
+        clean = torch.from_numpy(data["images"])
+        keys = torch.from_numpy(toy_clip.label_key(data["object"], data["colour"], data["style"], data["implicit"]))
+        scenes = self._scenes(data)
+        tokenizer = toy.build_tokenizer()
+        model = toy_clip.build_clip(c.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=c.clip_lr, weight_decay=0.05, foreach=True)
+        step = self._resume("clip", {"clip": model}, opt)
+        model.train()
+        while step < c.clip_steps:
+            g = _step_generator(c.seed, 4, step)
+            rng = np.random.default_rng([c.seed, 4, step])
+            idx = torch.randint(0, len(scenes), (c.clip_batch,), generator=g)
+            use_recon = torch.rand(c.clip_batch, generator=g) < 0.5  # generations look like reconstructions
+            x = toy_clip.pixels(torch.where(use_recon[:, None, None, None], recons[idx], clean[idx]))
+            captions = [caption(scenes[i], int(data["kind"][i]), rng, vocab) for i in idx.tolist()]
+            loss = toy_clip.contrastive_loss(model, x, toy_clip.token_ids(tokenizer, captions), keys[idx])
+            warm = min(1.0, (step + 1) / 200)
+            for group in opt.param_groups:
+                group["lr"] = c.clip_lr * warm * 0.5 * (1 + math.cos(math.pi * step / c.clip_steps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            self.progress("clip", step, c.clip_steps, {"loss": loss.item()})
+            if step % c.checkpoint_every == 0 or step == c.clip_steps:
+                self._checkpoint("clip", step, {"clip": model}, opt)
+        model.eval()
+        toy_clip.text_encoder_of(model).save_pretrained(self.work / "text_model", safe_serialization=True)
+        toy_clip.save_clip(model, self.work / "clip_model", dtype=torch.float32)
+        info = {
+            "clip_zero_shot": toy_clip.zero_shot_accuracy(model, tokenizer, self._data("heldout")),
+            "clip_object_similarity": toy_clip.object_similarity(model, tokenizer),
+        }
+        self._mark("clip", info)
+
+    def _scenes(self, data: dict[str, np.ndarray]) -> list[Scene]:
+        vocab = load_vocab()
+        return [
+            Scene(vocab.objects[o], vocab.colours[col], vocab.styles[s], bool(imp), 0)
+            for o, col, s, imp in zip(data["object"], data["colour"], data["style"], data["implicit"])
+        ]
+
     def stage_judge(self) -> None:
         """Train the judge on renders and on their VAE reconstructions (what generations look like)."""
         c = self.config
@@ -245,33 +301,28 @@ class WorldTrainer:
         self._mark("judge", {"judge_accuracy": acc})
 
     def stage_unet(self) -> None:
-        """Train the UNet and the text encoder jointly on latents and fresh paraphrased captions."""
+        """Train the UNet on latents and fresh paraphrased captions, under the frozen toy CLIP text tower."""
+        from transformers import CLIPTextModel
+
         c = self.config
         vocab = load_vocab()
         data = self._data()
         latents = torch.load(self.work / "latents.pt", weights_only=True)["latents"]
         tokenizer = toy.build_tokenizer()
-        unet, text = toy.build_unet(c.seed), toy.build_text_encoder(c.seed)
-        ema_unet, ema_text = toy.build_unet(c.seed), toy.build_text_encoder(c.seed)
+        text = CLIPTextModel.from_pretrained(self.work / "text_model").eval().requires_grad_(False)
+        unet, ema_unet = toy.build_unet(c.seed), toy.build_unet(c.seed)
         ema_unet.load_state_dict(unet.state_dict())
-        ema_text.load_state_dict(text.state_dict())
-        for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
-            p.requires_grad_(False)
-        params = list(unet.parameters()) + list(text.parameters())
+        ema_unet.requires_grad_(False)
+        params = list(unet.parameters())
         # foreach: the vectorised AdamW (torch's CPU default is a per-tensor loop, ~15% of a step here)
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0, foreach=True)
-        modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+        modules = {"unet": unet, "ema_unet": ema_unet}
         step = self._resume("unet", modules, opt)
-        scheduler = toy.build_scheduler()
-        alphas = scheduler.alphas_cumprod
+        alphas = toy.build_scheduler().alphas_cumprod
         snr = alphas / (1 - alphas)
-        scenes = [
-            Scene(vocab.objects[o], vocab.colours[col], vocab.styles[s], bool(imp), 0)
-            for o, col, s, imp in zip(data["object"], data["colour"], data["style"], data["implicit"])
-        ]
+        scenes = self._scenes(data)
         token_cache: dict[str, list[int]] = {}
         unet.train()
-        text.train()
         while step < c.unet_steps:
             g = _step_generator(c.seed, 3, step)
             rng = np.random.default_rng([c.seed, 3, step])
@@ -283,14 +334,13 @@ class WorldTrainer:
             for cap in captions:
                 if cap not in token_cache:
                     token_cache[cap] = tokenizer(cap, padding="max_length", max_length=77, truncation=True).input_ids
-            ids = torch.tensor([token_cache[cap] for cap in captions])
+            with torch.no_grad():
+                cond = text(torch.tensor([token_cache[cap] for cap in captions]))[0]
             x0 = latents[idx]
             t = torch.randint(0, 1000, (c.batch_size,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             a = alphas[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            cond = text(ids)[0]
-            pred = unet(xt, t, cond).sample
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
             # min-SNR-5 weighting for epsilon prediction (Hang et al. 2023)
             weight = torch.clamp(snr[t], max=5.0) / snr[t]
             loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
@@ -303,13 +353,11 @@ class WorldTrainer:
             step += 1
             decay = min(c.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for ema, live in ((ema_unet, unet), (ema_text, text)):
-                    torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
+                torch._foreach_lerp_(list(ema_unet.parameters()), list(unet.parameters()), 1 - decay)
             self.progress("unet", step, c.unet_steps, {"loss": loss.item()})
             if step % c.checkpoint_every == 0 or step == c.unet_steps:
                 self._checkpoint("unet", step, modules, opt)
         ema_unet.save_pretrained(self.work / "unet_model", safe_serialization=True)
-        ema_text.save_pretrained(self.work / "text_model", safe_serialization=True)
         self._mark("unet")
 
     def stage_export(self) -> None:
@@ -335,7 +383,20 @@ class WorldTrainer:
         os.replace(tmp, self.out / "pipeline")
         shutil.rmtree(self.out / "judge", ignore_errors=True)
         shutil.copytree(self.work / "judge_model", self.out / "judge")
-        meta = {"config": asdict(self.config), **json.loads((self.work / "judge.done").read_text())}
-        meta.update(json.loads((self.work / "vae.done").read_text()))
+        from transformers import CLIPTextModel
+
+        from erasekit.world.clip import load_clip, save_clip
+
+        model = load_clip(self.work / "clip_model", CLIPTextModel.from_pretrained(self.work / "text_model"))
+        shutil.rmtree(self.out / "clip.tmp", ignore_errors=True)
+        save_clip(model, self.out / "clip.tmp")
+        shutil.rmtree(self.out / "clip", ignore_errors=True)
+        os.replace(self.out / "clip.tmp", self.out / "clip")
+        meta: dict = {"format": FORMAT, "config": asdict(self.config), "seconds": {}}
+        for stage in STAGES[:-1]:
+            info = json.loads((self.work / f"{stage}.done").read_text())
+            meta["seconds"][stage] = info.pop("seconds", None)
+            info.pop("resumed", None)
+            meta.update(info)
         _atomic_write_text(self.out / "world_train.json", json.dumps(meta, indent=1))
         self._mark("export")

@@ -1,0 +1,54 @@
+"""Settings of `erasekit world train`, and reading back the settings of a run to resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from erasekit.errors import ErasekitError
+
+STAGES = ("data", "vae", "clip", "judge", "unet", "export")
+FORMAT = 2  # 1: text encoder trained jointly with the UNet; 2: the UNet under a frozen toy CLIP text tower
+
+
+@dataclass
+class WorldTrainConfig:
+    """Sizes and schedules of `erasekit world train` (defaults: the shipped model)."""
+
+    seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and training."})
+    n_images: int = field(default=40000, metadata={"help": "Rendered training images."})
+    n_heldout: int = field(default=2000, metadata={"help": "Rendered held-out images for the judge's accuracy."})
+    vae_steps: int = field(default=800, metadata={"help": "AutoencoderKL training steps (batch 64)."})
+    clip_steps: int = field(default=3000, metadata={"help": "Toy CLIP contrastive training steps."})
+    clip_batch: int = field(default=256, metadata={"help": "Toy CLIP batch size (image-caption pairs)."})
+    clip_lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate of the toy CLIP."})
+    judge_steps: int = field(default=1500, metadata={"help": "Judge training steps (batch 128)."})
+    unet_steps: int = field(default=5000, metadata={"help": "UNet training steps (the text encoder is frozen)."})
+    batch_size: int = field(default=64, metadata={"help": "UNet batch size."})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the UNet."})
+    cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt (for CFG)."})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the exported weights."})
+    checkpoint_every: int = field(default=250, metadata={"help": "Steps between checkpoints."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+
+
+
+def load_saved_config(out: Path) -> tuple[WorldTrainConfig, str] | None:
+    """The config and run id of the run ``out`` holds, None if it holds none; a one-line error if it cannot resume."""
+    path = out / "work" / "config.json"
+    if not path.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise ErasekitError(f"{out} exists and holds no toy-world run to resume; pick a new --out")
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        fmt, run_id = raw.pop("format", 1), raw.pop("run_id", "")
+        if fmt != FORMAT:
+            raise ErasekitError(
+                f"{out} holds a toy-world v{fmt} run (text encoder trained with the UNet); "
+                f"this erasekit builds v{FORMAT} (a frozen toy CLIP): pick a new --out"
+            )
+        return WorldTrainConfig(**raw), str(run_id)
+    except (ValueError, TypeError) as exc:
+        raise ErasekitError(f"{path} is corrupt ({exc}); pick a new --out") from None

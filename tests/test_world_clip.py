@@ -1,0 +1,110 @@
+"""The toy CLIP of toy world v2: its loss, the frozen text tower under the UNet, and runs that refuse to mix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPTextModel
+from typer.testing import CliRunner
+
+from erasekit.errors import ErasekitError
+from erasekit.world import toy
+from erasekit.world.clip import (
+    build_clip, contrastive_loss, load_clip, multi_positive_infonce, save_clip, text_encoder_of, token_ids,
+)
+from erasekit.world.cli import app
+from erasekit.world.config import WorldTrainConfig
+from erasekit.world.train import WorldTrainer
+
+from test_world import SmokeRun, smoke_run, tiny_config  # noqa: F401  (the module-scoped smoke training)
+
+
+def test_infonce_is_clips_loss_on_distinct_labels_and_spreads_targets_over_twins() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 5) * 3
+    clip = 0.5 * (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5)))
+    assert torch.allclose(multi_positive_infonce(logits, torch.arange(5)), clip)
+    # two pairs of twins, each text scoring both images of its label equally and far above the rest:
+    # the prediction equals the target (0.5, 0.5), so the loss is the target's entropy, log 2
+    twins = torch.tensor([[50.0, 50, 0, 0], [50, 50, 0, 0], [0, 0, 50, 50], [0, 0, 50, 50]])
+    assert multi_positive_infonce(twins, torch.tensor([7, 7, 9, 9])).item() == pytest.approx(np.log(2), abs=1e-6)
+    # texts that score their twin's image 50 above their own: CLIP's one-hot targets charge the full 50,
+    # the spread targets half of it (the twin is a positive too)
+    swapped = torch.tensor([[0.0, 50, -50, -50], [50, 0, -50, -50], [-50, -50, 0, 50], [-50, -50, 50, 0]])
+    assert multi_positive_infonce(swapped, torch.arange(4)).item() == pytest.approx(50.0, abs=1e-3)
+    assert multi_positive_infonce(swapped, torch.tensor([7, 7, 9, 9])).item() == pytest.approx(25.0, abs=1e-3)
+
+
+def test_contrastive_loss_of_an_untrained_model_is_about_log_n() -> None:
+    model = build_clip(0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    ids = token_ids(toy.build_tokenizer(), ["a red circle", "a disc", "a blue ring", "a moon"])
+    assert contrastive_loss(model, x, ids, torch.arange(4)).item() == pytest.approx(np.log(4), rel=0.05)
+
+
+def test_text_tower_is_the_clip_text_model_bit_for_bit() -> None:
+    model = build_clip(3).eval()
+    ids = token_ids(toy.build_tokenizer(), ["a striped red circle", "an image of a moon"])
+    with torch.no_grad():
+        ours = text_encoder_of(model)(ids).last_hidden_state
+        theirs = model.text_model(ids).last_hidden_state
+    assert torch.equal(ours, theirs)
+
+
+def test_clip_saved_without_its_text_tower_joins_the_pipeline_encoder(tmp_path: Path) -> None:
+    model = build_clip(1).eval()
+    save_clip(model, tmp_path / "clip", dtype=torch.float32)
+    loaded = load_clip(tmp_path / "clip", text_encoder_of(model))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # the shipped half holds no text tower: the pipeline's text encoder is its only copy
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("text_model.") for k in load_file(str(tmp_path / "clip" / "clip.safetensors")))
+
+
+def test_unet_stage_leaves_the_clip_text_tower_untouched(smoke_run: SmokeRun) -> None:  # noqa: F811
+    work = smoke_run.out / "work"
+    trained = CLIPTextModel.from_pretrained(work / "text_model")
+    shipped = CLIPTextModel.from_pretrained(smoke_run.out / "pipeline" / "text_encoder")
+    for key, value in trained.state_dict().items():
+        assert torch.allclose(shipped.state_dict()[key].float(), value, atol=1e-2), key  # fp16 on disk
+    clip = load_clip(smoke_run.out / "clip", shipped)
+    assert clip.vision_model.config.image_size == 32
+
+
+def test_resume_with_other_stage_settings_is_refused_and_nothing_is_touched(smoke_run: SmokeRun) -> None:  # noqa: F811
+    before = {p: p.stat().st_mtime_ns for p in (smoke_run.out / "work").iterdir()}
+    result = CliRunner().invoke(app, ["train", "--out", str(smoke_run.out), "--clip-steps", "99"])
+    assert result.exit_code == 2
+    assert "clip_steps=12" in result.stderr and result.stderr.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in (smoke_run.out / "work").iterdir()} == before
+
+
+def test_a_checkpoint_from_another_run_is_refused(smoke_run: SmokeRun, tmp_path: Path) -> None:  # noqa: F811
+    other = tmp_path / "other"
+    first = WorldTrainer(other, tiny_config())
+    first.stage_data()
+    shutil.copy(smoke_run.out / "work" / "vae.ckpt", other / "work" / "vae.ckpt")
+    with pytest.raises(ErasekitError, match="another run"):
+        WorldTrainer(other, tiny_config()).stage_vae()
+
+
+def test_a_v1_run_folder_is_refused_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    v1 = {k: v for k, v in vars(WorldTrainConfig()).items() if not k.startswith("clip")}
+    (tmp_path / "work" / "config.json").write_text(json.dumps(v1))
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "v1" in result.stderr and "new --out" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_unknown_stage_setting_is_one_line() -> None:
+    result = CliRunner().invoke(app, ["train", "--out", "/nonexistent/x", "--clip-stepz", "3"])
+    assert result.exit_code == 2 and "--clip-steps" in result.stderr and result.stderr.count("\n") == 1
