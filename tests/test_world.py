@@ -157,7 +157,7 @@ def test_smoke_training_exports_a_pipeline_that_loads_and_generates(smoke_run: S
 
 
 def test_cli_check_json_prints_exactly_one_object_with_every_bar(smoke_run: SmokeRun) -> None:
-    args = ["check", "--json", "--images-per-class", "1", "--steps", "1",
+    args = ["check", "--json", "--no-pairs", "--images-per-class", "1", "--steps", "1",
             "--pipeline", str(smoke_run.out / "pipeline"), "--judge", str(smoke_run.out / "judge")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

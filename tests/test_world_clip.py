@@ -108,3 +108,59 @@ def test_a_v1_run_folder_is_refused_with_the_fix(tmp_path: Path) -> None:
 def test_unknown_stage_setting_is_one_line() -> None:
     result = CliRunner().invoke(app, ["train", "--out", "/nonexistent/x", "--clip-stepz", "3"])
     assert result.exit_code == 2 and "--clip-steps" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_lookalike_pairs_rank_each_partner_among_the_drops(smoke_run: SmokeRun) -> None:  # noqa: F811
+    from erasekit.world.check import generate, load_toy_judge, load_toy_pipeline
+    from erasekit.world.pairs import lookalike_pairs
+
+    pipe = load_toy_pipeline(smoke_run.out / "pipeline")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    report = lookalike_pairs(pipe, load_toy_judge(smoke_run.out / "judge"),
+                             lambda p, prompts, seeds: generate(p, prompts, seeds, 2, 7.5), images_per_class=1, iterations=2)
+    assert report["of"] == 4 and [r["erased"] for r in report["pairs"]] == ["circle", "square", "triangle", "star"]
+    for row in report["pairs"]:
+        drops = row["drops"]
+        assert row["erased"] not in drops and len(drops) == 9
+        ranked = sorted(drops, key=lambda o: (-drops[o], o))
+        assert ranked.index(row["partner"]) + 1 == row["partner_rank"] and row["met"] == (row["partner_rank"] <= 3)
+    assert report["met"] == sum(r["met"] for r in report["pairs"]) and report["bar_met"] == (report["met"] >= 3)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items()), "the base model was left erased"
+
+
+def test_a_v1_world_folder_is_refused_as_a_model(smoke_run: SmokeRun, tmp_path: Path) -> None:  # noqa: F811
+    from erasekit.models import load_pipeline
+
+    world = tmp_path / "v1"
+    shutil.copytree(smoke_run.out / "pipeline", world / "pipeline")
+    meta = json.loads((smoke_run.out / "world_train.json").read_text())
+    assert load_pipeline(str(smoke_run.out)).unet is not None  # a v2 world folder loads its pipeline
+    meta.pop("format")
+    (world / "world_train.json").write_text(json.dumps(meta))
+    for model in (world, world / "pipeline"):
+        with pytest.raises(ErasekitError, match="toy world v1.*erasekit world train") as info:
+            load_pipeline(str(model))
+        assert "\n" not in str(info.value)
+
+
+def test_toy_suites_measure_with_the_worlds_toy_clip(smoke_run: SmokeRun, tmp_path: Path) -> None:  # noqa: F811
+    from erasekit.eval.runner import evaluate
+    from erasekit.eval.scorers import load_judge_scorer
+    from erasekit.eval.suites import Settings, get_suite, plan_toy_styles
+    from erasekit.world.clip import clip_outputs, load_world_clip
+
+    pipeline = str(smoke_run.out / "pipeline")
+    out = evaluate(pipeline, suite="toy-styles", images_per_class=2, steps=2, cache_dir=tmp_path / "cache",
+                   erased=["striped"], out_json=tmp_path / "e.json")
+    head = out["metrics"]["base"]["headline"]
+    assert {"CLIP score erased", "CLIP score retained"} <= set(head)
+    assert 0.0 <= head["CLIP score erased"] <= 100.0
+    assert out["scorer"]["features"] == "toy CLIP image embeddings"
+    # the scorer's CLIP score is the toy CLIP's cosine between each image and its own prompt
+    settings = Settings(images_per_class=1, steps=2, guidance=7.5, batch_size=8, seed=0)
+    plan = plan_toy_styles(settings, ["striped"])
+    images = np.random.default_rng(0).integers(0, 255, (len(plan.prompts), 32, 32, 3), dtype=np.uint8)
+    scores = load_judge_scorer(settings, pipeline)(images, [], plan)
+    direct = clip_outputs(load_world_clip(smoke_run.out / "judge"), images, plan.prompts)
+    assert np.allclose(scores["clip"], direct["clip"]) and scores["features"].shape == (len(images), 128)
+    assert get_suite("toy-styles").compare(plan, scores, scores)["features"] == "toy CLIP image embeddings"

@@ -76,6 +76,9 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     if model == "toy":
         pipe = toy_pipeline(dtype)
     elif os.path.isdir(model):
+        from erasekit.world.config import check_world_folder
+
+        model = str(check_world_folder(Path(model)))
         if not os.path.exists(os.path.join(model, "model_index.json")):
             raise ErasekitError(f"{model} is not a diffusers pipeline folder (no model_index.json); save one with pipe.save_pretrained(DIR)")
         pipe = _from_pretrained(model, dtype, local_only=True)

@@ -37,14 +37,24 @@ class Scorer:
         return self.fn(images, paths, plan)
 
 
-def judge_scorer(judge: Any, batch_size: int = 256, info: dict[str, Any] | None = None) -> Scorer:
-    """Wrap a toy-world ``Judge`` (or any callable images -> {head: probs, 'features': ...}) as a scorer."""
+def judge_scorer(judge: Any, batch_size: int = 256, info: dict[str, Any] | None = None, clip: Any = None) -> Scorer:
+    """Wrap a toy-world ``Judge`` (or any callable images -> {head: probs, 'features': ...}) as a scorer.
+
+    With the world's toy ``clip`` (a CLIPModel), every image also gets its toy-CLIP score against its
+    prompt, and the FID features are toy-CLIP image embeddings, as real models are measured.
+    """
     from erasekit.world.judge import Judge, judge_images
 
     def score(images: np.ndarray, paths: Sequence[Path], plan: Plan) -> Scores:
         if isinstance(judge, Judge):
-            return judge_images(judge, images, batch_size)
-        return {k: np.asarray(v) for k, v in judge(images).items()}
+            out = judge_images(judge, images, batch_size)
+        else:
+            out = {k: np.asarray(v) for k, v in judge(images).items()}
+        if clip is not None:
+            from erasekit.world.clip import clip_outputs
+
+            out.update(clip_outputs(clip, images, list(plan.prompts), batch_size))  # row i is plan.prompts[i]
+        return out
 
     return Scorer(score, info or {"scorer": "toy judge"})
 
@@ -67,11 +77,14 @@ def find_judge(judge_dir: str | None, model: str) -> Path:
 
 
 def load_judge_scorer(settings: Settings, model: str) -> Scorer:
-    """The toy judge as a scorer, loaded from :func:`find_judge`."""
+    """The toy judge as a scorer, loaded from :func:`find_judge`, with its world's toy CLIP where the world has one."""
+    from erasekit.world.clip import load_world_clip
     from erasekit.world.judge import Judge
 
     folder = find_judge(settings.judge, model)
-    return judge_scorer(Judge.load(folder), info={"scorer": "toy judge", "judge": str(folder)})
+    clip = load_world_clip(folder)
+    info = {"scorer": "toy judge", "judge": str(folder), "features": "toy CLIP image embeddings" if clip else "judge features"}
+    return judge_scorer(Judge.load(folder), info=info, clip=clip)
 
 
 def _local_folder(path: str | None, flag: str) -> Path:

@@ -172,13 +172,14 @@ def measure_toy_objects(plan: Plan, scores: Scores) -> dict:
     return _classification(plan, scores["object"], plan.labels, dict(enumerate(plan.extra["classes"])))
 
 
-def compare_features(plan: Plan, base: Scores, erased: Scores, features: str = "judge") -> dict:
+def compare_features(plan: Plan, base: Scores, erased: Scores, features: str = "") -> dict:
     """FID of the erased model's images against the base model's: over all images, and per erased/preserved side."""
     is_erased = np.isin(plan.groups, plan.erased)
     sides = {"FID vs base": np.ones(len(plan.groups), bool)}
     if is_erased.any() and not is_erased.all():
         sides.update({"FID vs base, erased": is_erased, "FID vs base, preserved": ~is_erased})
     headline = {name: fid(base["features"][mask], erased["features"][mask]) for name, mask in sides.items() if mask.sum() >= 2}
+    features = features or ("toy CLIP image embeddings" if "clip" in base else "judge features")
     return {"headline": headline, "features": features, "lpips": None, "lpips_note": "LPIPS not computed: no LPIPS model is available offline"}
 
 
@@ -220,6 +221,10 @@ def measure_toy_styles(plan: Plan, scores: Scores) -> dict:
     probs = scores["style"][np.arange(len(plan.labels)), plan.labels]
     out = _group_means(plan, 100.0 * probs, "style score")
     out["style_top1"] = float(100.0 * np.mean(scores["style"].argmax(1) == np.asarray(plan.labels)))
+    if "clip" in scores:  # the world's toy CLIP: the artists protocol's own instrument
+        clip = _group_means(plan, scores["clip"], "CLIP score")
+        out["headline"].update(clip["headline"])
+        out["clip_per_group"] = clip["per_group"]
     return out
 
 

@@ -36,6 +36,9 @@ def default_toy_dir() -> Path:
 
 def load_toy_pipeline(folder: Path) -> StableDiffusionPipeline:
     """Load a toy pipeline folder in fp32 on CPU, or raise a one-line error if it is missing or corrupt."""
+    from erasekit.world.config import check_world_folder
+
+    folder = check_world_folder(folder)
     if not (folder / "model_index.json").is_file():
         raise ErasekitError(f"no pipeline at {folder} (model_index.json missing); build one with `erasekit world train`")
     try:
@@ -122,6 +125,8 @@ def check_world(
     guidance: float = 7.5,
     progress: Progress | None = None,
     heldout_images: int = 1000,
+    pairs: bool = True,
+    pair_images: int = 16,
 ) -> dict:
     """Measure every quality bar of the toy world; returns the JSON object `erasekit world check --json` prints."""
     if images_per_class < 1 or steps < 1 or heldout_images < 1:
@@ -131,7 +136,7 @@ def check_world(
     judge_dir = judge_dir or default_toy_dir() / "judge"
     judge = load_toy_judge(judge_dir)
     pipe = load_toy_pipeline(pipeline_dir)
-    total = 4
+    total = 5 if pairs else 4
     report("judge", 0, total, {})
     accuracy = judge_accuracy(judge, heldout_images)
     report("objects", 1, total, {})
@@ -148,6 +153,14 @@ def check_world(
     start = time.perf_counter()
     generate(pipe, timing_prompts, [TIMING_SEED + i for i in range(64)], steps, guidance, batch_size=64)
     seconds = time.perf_counter() - start
+    extra = {}
+    if pairs:
+        from erasekit.world.pairs import lookalike_pairs
+
+        report("pairs", 4, total, {})
+        extra["lookalike_pairs"] = lookalike_pairs(
+            pipe, judge, lambda p, prompts, seeds: generate(p, prompts, seeds, steps, guidance), pair_images
+        )
     report("done", total, total, {})
     return {
         "judge_accuracy": {k: round(v, 4) for k, v in accuracy.items()},
@@ -157,4 +170,5 @@ def check_world(
         "implicit_rate_indirect": round(indirect, 4),
         "implicit_rate_neutral": round(neutral, 4),
         "seconds_per_64_images": round(seconds, 2),
+        **extra,
     }

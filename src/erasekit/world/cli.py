@@ -171,6 +171,11 @@ def _print_table(result: dict, console: Console) -> None:
     table.add_row("implicit concept, indirect prompts", f"{result['implicit_rate_indirect']:.1%}", ">= 50%")
     table.add_row("implicit concept, neutral prompts", f"{result['implicit_rate_neutral']:.1%}", "<= 5%")
     table.add_row("seconds per 64 images", f"{result['seconds_per_64_images']:.2f}", "<= 10")
+    if "lookalike_pairs" in result:
+        pairs = result["lookalike_pairs"]
+        for row in pairs["pairs"]:
+            table.add_row(f"erase {row['erased']}: rank of {row['partner']} among drops", str(row["partner_rank"]), f"<= 3")
+        table.add_row("look-alike pairs met", f"{pairs['met']} of {pairs['of']}", f">= {pairs['of'] - 1}")
     console.print(table)
 
 
@@ -182,6 +187,8 @@ def check(
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     pipeline: Optional[Path] = typer.Option(None, help="Pipeline folder (default: the shipped toy model)."),
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: the shipped judge)."),
+    pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Also run the look-alike-pair bar (4 ESD-x erasures, minutes)."),
+    pair_images: int = typer.Option(16, min=1, help="Images per object class for the look-alike-pair bar."),
 ) -> None:
     """Measure the quality bars of the toy model: judge accuracy, top-1 on generations, implicit rates, speed."""
     from erasekit.world.check import check_world
@@ -189,16 +196,16 @@ def check(
     status = Console(stderr=True)
     with user_errors():
         if as_json or not status.is_terminal:  # a progress bar only where someone watches it
-            result = check_world(pipeline, judge, images_per_class, steps, guidance)
+            result = check_world(pipeline, judge, images_per_class, steps, guidance, pairs=pairs, pair_images=pair_images)
         else:
             columns = (TextColumn("{task.description:<8}"), BarColumn(), TimeElapsedColumn())
             with Progress(*columns, console=status, transient=True) as bar:
-                task = bar.add_task("check", total=4)
+                task = bar.add_task("check", total=5 if pairs else 4)
 
                 def report(stage: str, step: int, total: int, info: dict) -> None:
                     bar.update(task, completed=step, total=total, description=stage)
 
-                result = check_world(pipeline, judge, images_per_class, steps, guidance, report)
+                result = check_world(pipeline, judge, images_per_class, steps, guidance, report, pairs=pairs, pair_images=pair_images)
     if as_json:
         typer.echo(json.dumps(result))
     else:

@@ -165,3 +165,28 @@ def load_clip(folder: Path, text_encoder: CLIPTextModel) -> CLIPModel:
     if stray:
         raise ErasekitError(f"the toy CLIP in {folder} does not match its config ({stray[0]}); rebuild it with `erasekit world train`")
     return model.eval()
+
+
+def find_world_clip(judge_dir: Path) -> tuple[Path, Path] | None:
+    """(clip/, pipeline/text_encoder/) of the toy world a judge folder belongs to, or None for a world without a CLIP."""
+    world = judge_dir.parent
+    clip_dir, text_dir = world / "clip", world / "pipeline" / "text_encoder"
+    return (clip_dir, text_dir) if (clip_dir / WEIGHTS).is_file() and text_dir.is_dir() else None
+
+
+def load_world_clip(judge_dir: Path) -> CLIPModel | None:
+    """The toy CLIP of the world a judge folder belongs to (the *base* text tower, never an erased one), or None."""
+    found = find_world_clip(judge_dir)
+    if found is None:
+        return None
+    return load_clip(found[0], CLIPTextModel.from_pretrained(found[1], dtype=torch.float32))
+
+
+def clip_outputs(model: CLIPModel, images: np.ndarray, prompts: Sequence[str], batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per image: the toy-CLIP score against its own prompt (100 * max(cos, 0)) and its image embedding (FID features)."""
+    from erasekit.eval.metrics import clip_score
+
+    tokenizer = toy.build_tokenizer()
+    image = image_embeddings(model, images, batch_size).numpy()
+    text = torch.cat([text_embeddings(model, tokenizer, prompts[s : s + batch_size]) for s in range(0, len(prompts), batch_size)])
+    return {"clip": clip_score(image, text.numpy()), "features": image}

@@ -52,3 +52,24 @@ def load_saved_config(out: Path) -> tuple[WorldTrainConfig, str] | None:
         return WorldTrainConfig(**raw), str(run_id)
     except (ValueError, TypeError) as exc:
         raise ErasekitError(f"{path} is corrupt ({exc}); pick a new --out") from None
+
+
+def check_world_folder(folder: Path) -> Path:
+    """The pipeline folder of a toy world (its own folder or ``pipeline/`` inside it); refuses a v1 world in one line.
+
+    A folder that belongs to no toy world (no ``world_train.json`` beside or above it) is returned as is.
+    """
+    for world, pipeline in ((folder, folder / "pipeline"), (folder.parent, folder)):
+        meta = world / "world_train.json"
+        if meta.is_file() and (pipeline / "model_index.json").is_file():
+            try:
+                fmt = json.loads(meta.read_text()).get("format", 1)
+            except ValueError:
+                raise ErasekitError(f"{meta} is corrupt; rebuild the world with `erasekit world train`") from None
+            if fmt != FORMAT:
+                raise ErasekitError(
+                    f"{world} is a toy world v{fmt} (its text encoder was trained with the UNet, not a frozen CLIP); "
+                    f"rebuild it with `erasekit world train --out DIR` or use --model toy"
+                )
+            return pipeline
+    return folder

@@ -52,6 +52,10 @@ class WorldVocab:
         self.check_object(obj)
         return list(self.raw["objects"][obj]["neighbours"])
 
+    def lookalike_pairs(self) -> list[tuple[str, str]]:
+        """The designed look-alike pairs (erase the first, its partner should suffer most): the Fig. 2 bar."""
+        return [(a, b) for a, b in self.raw["lookalike_pairs"]]
+
     def object_synonyms(self, obj: str) -> list[str]:
         """Words that name ``obj`` (the first is the class name)."""
         self.check_object(obj)

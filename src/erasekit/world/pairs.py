@@ -1,0 +1,59 @@
+"""The look-alike-pair bar of `erasekit world check`: erasing one object hurts its designed partner most.
+
+This is the shape of the EAP paper's Fig. 2 (erasing "nudity" hurts "naked", "women" most), and the
+reason toy world v2 conditions its UNet on a frozen, contrastively trained text encoder. For each
+designed pair (a, b): erase a with ESD-x (toy preset), generate every object's evaluation prompt with
+the base and the erased model, and rank the other objects by the drop in the judge's probability of
+their class. The pair meets the bar when b is among the three most affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from diffusers import StableDiffusionPipeline
+
+from erasekit.world.captions import object_prompt
+from erasekit.world.judge import Judge, judge_images
+from erasekit.world.vocab import load_vocab
+
+PAIR_SEED, TOP = 4_000_000, 3
+Generate = Callable[[StableDiffusionPipeline, list[str], list[int]], np.ndarray]
+
+
+def class_scores(pipe: StableDiffusionPipeline, judge: Judge, generate: Generate, images_per_class: int) -> np.ndarray:
+    """Per object, the judge's mean probability (%) of that object on images of its evaluation prompt."""
+    vocab = load_vocab()
+    prompts = [object_prompt(o) for o in vocab.objects for _ in range(images_per_class)]
+    seeds = [PAIR_SEED + i % images_per_class for i in range(len(prompts))]
+    probs = judge_images(judge, generate(pipe, prompts, seeds))["object"]
+    own = probs[np.arange(len(prompts)), np.repeat(np.arange(len(vocab.objects)), images_per_class)]
+    return 100.0 * own.reshape(len(vocab.objects), images_per_class).mean(1)
+
+
+def lookalike_pairs(
+    pipe: StableDiffusionPipeline, judge: Judge, generate: Generate, images_per_class: int = 16, iterations: int | None = None
+) -> dict:
+    """Erase the first object of every designed pair with ESD-x; where its partner ranks among the drops."""
+    from erasekit.api import erase
+
+    vocab = load_vocab()
+    base = class_scores(pipe, judge, generate, images_per_class)
+    rows = []
+    for erased, partner in vocab.lookalike_pairs():
+        overrides = {"iterations": iterations} if iterations else {}
+        result = erase(pipe, erased, method="esd-x", budget="toy", **overrides)
+        original = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+        try:
+            after = class_scores(result.apply(pipe), judge, generate, images_per_class)
+        finally:
+            pipe.unet.load_state_dict(original)
+        drops = {o: round(float(base[i] - after[i]), 2) for i, o in enumerate(vocab.objects)}  # ranked as reported
+        others = sorted((o for o in vocab.objects if o != erased), key=lambda o: (-drops[o], o))
+        rank = others.index(partner) + 1
+        rows.append({"erased": erased, "partner": partner, "partner_rank": rank, "met": rank <= TOP,
+                     "own_drop": drops[erased], "top": others[:TOP],
+                     "drops": {o: drops[o] for o in others}})
+    met = sum(r["met"] for r in rows)
+    return {"pairs": rows, "met": met, "of": len(rows), "bar_met": met >= len(rows) - 1}
