@@ -174,7 +174,7 @@ def _print_table(result: dict, console: Console) -> None:
     if "lookalike_pairs" in result:
         pairs = result["lookalike_pairs"]
         for row in pairs["pairs"]:
-            table.add_row(f"erase {row['erased']}: rank of {row['partner']} among drops", str(row["partner_rank"]), f"<= 3")
+            table.add_row(f"erase {row['erased']}: rank of {row['partner']} among drops", str(row["partner_rank"]), "<= 3")
         table.add_row("look-alike pairs met", f"{pairs['met']} of {pairs['of']}", f">= {pairs['of'] - 1}")
     console.print(table)
 
