@@ -1,0 +1,226 @@
+"""What every model family provides: conditioning, the model output, the noise schedule and its rollout.
+
+A family (SD 1.x/2.x, SDXL, SD3, FLUX.1) is the only place that knows a model's shape. Methods see:
+
+- :class:`Cond`: the text conditioning as named tensors with the batch first (SD: ``hidden``; SDXL adds
+  ``pooled`` and ``time_ids``; SD3 and FLUX ``hidden`` and ``pooled``). Concatenating, indexing and
+  mixing act on every part at once, so EAP's search mixes conditionings of any family the same way.
+- :class:`Schedule`: the rollout convention of DESIGN.md §3 step 3 for that family's noise schedule: a
+  :class:`Level` drawn per rollout point, the deterministic sampler that rolls out to it, and the x0 map.
+- :class:`Family`: encode prompts, predict the raw model output, the trainable parameter sets by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from erasekit.errors import ErasekitError
+
+TRAIN_SETS = ("xattn", "noxattn", "selfattn", "full", "lora")
+
+
+@dataclass(frozen=True)
+class Cond:
+    """A batch of text conditionings: named tensors sharing the first (batch) dimension."""
+
+    parts: dict[str, torch.Tensor]
+    static: dict[str, Any] = field(default_factory=dict)  # per-model inputs that have no batch dimension
+
+    def __len__(self) -> int:
+        return int(next(iter(self.parts.values())).shape[0])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Cond:
+        """Apply ``fn`` to every part."""
+        return Cond({k: fn(v) for k, v in self.parts.items()}, self.static)
+
+    def __getitem__(self, index: slice | int | torch.Tensor) -> Cond:
+        """Rows of the batch (an int keeps its batch dimension)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self.map(lambda v: v[index])
+
+    def expand(self, n: int) -> Cond:
+        """A batch of ``n`` copies of a one-row conditioning."""
+        return self.map(lambda v: v.expand(n, *v.shape[1:]))
+
+    def detach(self) -> Cond:
+        """Every part detached from the graph."""
+        return self.map(lambda v: v.detach())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
+        """Every floating part moved to ``device``/``dtype`` (integer parts keep their dtype)."""
+        return self.map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+
+    def mix(self, weights: torch.Tensor) -> Cond:
+        """Rows ``weights @ self``: each output row a weighted sum of this bank's rows (B x N weights)."""
+        return self.map(lambda v: (weights.to(v.dtype) @ v.flatten(1)).view(weights.shape[0], *v.shape[1:]))
+
+    def flat(self) -> torch.Tensor:
+        """Every part flattened and joined per row (for distances between conditionings)."""
+        return torch.cat([v.flatten(1).float() for v in self.parts.values()], dim=1)
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        """Join batches."""
+        first = conds[0]
+        return Cond({k: torch.cat([c.parts[k] for c in conds]) for k in first.parts}, first.static)
+
+
+Predict = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One rollout point (DESIGN.md §3 step 3, carried over to every schedule).
+
+    ``k`` is drawn uniform in 0..S-1; the model is queried at time ``t`` (the family's timestep units) in
+    bin k; the state handed to it is the sampler's state at grid point ``grid_t`` inside that bin, reached
+    by ``steps`` deterministic steps from pure noise; the x0 map uses the noise level of that grid point.
+    """
+
+    k: int
+    steps: int
+    t: float
+    grid_t: float
+
+
+class Schedule(ABC):
+    """A noise schedule on an S-point grid: draw levels, roll out to them, map outputs to x0."""
+
+    steps: int
+
+    @abstractmethod
+    def draw(self, generator: torch.Generator) -> Level:
+        """Draw a rollout point."""
+
+    @abstractmethod
+    def level(self, k: int, t: float | None = None) -> Level:
+        """The rollout point of bin ``k`` (queried at ``t``, default the grid point's own time)."""
+
+    @abstractmethod
+    def step(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """One deterministic sampler step from grid point i (counted from pure noise) to i + 1."""
+
+    @abstractmethod
+    def grid_time(self, i: int) -> torch.Tensor:
+        """The model's time input at grid point i (counted from pure noise)."""
+
+    @abstractmethod
+    def to_x0(self, x_t: torch.Tensor, out: torch.Tensor, level: Level) -> torch.Tensor:
+        """The clean sample the model output implies at ``level``'s grid point."""
+
+    @abstractmethod
+    def noise_level(self, grid_t: float) -> float:
+        """The fraction of noise variance of the state at a grid time (1 - ᾱ, or σ² / (σ² + (1 - σ)²))."""
+
+    @torch.no_grad()
+    def rollout(
+        self, predict: Predict, start: torch.Tensor, cond: Cond, uncond: Cond | None, n_steps: Sequence[int], guidance: float
+    ) -> list[torch.Tensor]:
+        """The states after each of ``n_steps`` sampler steps of one rollout from ``start`` (run once, to the largest).
+
+        With ``uncond`` the output is classifier-free guided (one batched forward per step); without it
+        (guidance-distilled models) the model is queried once and ``guidance`` is its own input.
+        """
+        b = len(cond)
+        x = start.expand(b, *start.shape[1:]).clone()
+        both = Cond.cat([uncond.expand(b), cond]) if uncond is not None else cond
+        states: dict[int, torch.Tensor] = {0: x}
+        for i in range(max(n_steps, default=0)):
+            t = self.grid_time(i)
+            if uncond is not None:
+                e_un, e_c = predict(torch.cat([x, x]), t.expand(2 * b), both).chunk(2)
+                out = e_un + guidance * (e_c - e_un)
+            else:
+                out = predict(x, t.expand(b), both)
+            x = self.step(out, i, x)
+            states[i + 1] = x
+        return [states[n] for n in n_steps]
+
+
+class Family(ABC):
+    """One model family: the only code that knows its pipeline's shape."""
+
+    name: str = ""
+    label: str = ""
+    pipeline_classes: tuple[str, ...] = ()
+    uses_cfg: bool = True  # False for guidance-distilled models (FLUX.1-dev/schnell): no unconditional branch
+
+    @abstractmethod
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """The trainable network (a UNet or a transformer)."""
+
+    @abstractmethod
+    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+        """The conditioning of ``prompts`` as the denoiser sees it."""
+
+    def uncond(self, pipe: Any) -> Cond:
+        """The conditioning the pipeline's classifier-free guidance takes as unconditional (the empty prompt)."""
+        return self.encode(pipe, [""])
+
+    @abstractmethod
+    def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The raw model output (ε, v or flow velocity) at latents ``x`` and times ``t``."""
+
+    @abstractmethod
+    def schedule(self, pipe: Any, steps: int) -> Schedule:
+        """The S-step deterministic sampler grid of the pipeline's noise schedule."""
+
+    @abstractmethod
+    def latent_shape(self, pipe: Any) -> tuple[int, ...]:
+        """Shape of one start noise (batch 1), in the layout the denoiser takes."""
+
+    @abstractmethod
+    def is_xattn(self, name: str) -> bool:
+        """Whether a denoiser parameter is where the image attends to the text."""
+
+    def is_selfattn(self, name: str) -> bool:
+        """Whether a parameter belongs to image-to-image attention."""
+        return False
+
+    def frozen_always(self, name: str) -> bool:
+        """Parameters ``noxattn`` leaves alone besides cross-attention (time embedding, output head)."""
+        return False
+
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def parameters(self, model: nn.Module, train_set: str) -> dict[str, nn.Parameter]:
+        """The parameters a train set changes (``lora`` is an adapter, not a subset)."""
+        if train_set not in TRAIN_SETS or train_set == "lora":
+            raise ErasekitError(f"unknown train method {train_set!r}; choose one of: {', '.join(TRAIN_SETS)}")
+        chosen = {}
+        for name, param in model.named_parameters():
+            if train_set == "xattn":
+                keep = self.is_xattn(name)
+            elif train_set == "selfattn":
+                keep = self.is_selfattn(name)
+            elif train_set == "noxattn":
+                keep = not (self.is_xattn(name) or self.frozen_always(name))
+            else:
+                keep = True
+            if keep:
+                chosen[name] = param
+        if not chosen:
+            raise ErasekitError(f"train method {train_set!r} selects no parameter of this {self.label} model")
+        return chosen
+
+    def start_noise(self, pipe: Any, generator: torch.Generator) -> torch.Tensor:
+        """One start noise of :meth:`latent_shape` (drawn on the CPU, so a seed means the same noise everywhere)."""
+        return torch.randn(self.latent_shape(pipe), generator=generator)
+
+    def generate(self, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> np.ndarray:
+        """Images (uint8 N x H x W x 3) with the family's own pipeline, one seed per prompt."""
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            gen = torch.Generator().manual_seed(int(seed))
+            image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").images
+            out.append((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8))
+        return np.concatenate(out)

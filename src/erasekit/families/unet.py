@@ -1,0 +1,111 @@
+"""UNet families: SD 1.x/2.x (one CLIP, ε or v prediction) and SDXL (two CLIPs, pooled embedding, time ids).
+
+Both sample with DDIM on their DDPM schedule; cross-attention is every ``attn2`` (the image's queries
+against the text's keys and values), self-attention every ``attn1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from erasekit.errors import ErasekitError
+from erasekit.families.base import Cond, Family, Schedule
+from erasekit.families.schedules import DDIMSchedule
+
+
+class UNetFamily(Family):
+    """What SD 1.x/2.x and SDXL share: the UNet, its parameter sets, DDIM."""
+
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """The pipeline's UNet2DConditionModel."""
+        return pipe.unet
+
+    def schedule(self, pipe: Any, steps: int) -> Schedule:
+        """DDIM (eta 0) on the pipeline's DDPM betas, ε or v as its scheduler says."""
+        return DDIMSchedule(pipe.scheduler.config, steps)
+
+    def latent_shape(self, pipe: Any) -> tuple[int, ...]:
+        """(1, C, H, W) at the UNet's sample size."""
+        c = pipe.unet.config
+        return (1, c.in_channels, c.sample_size, c.sample_size)
+
+    def is_xattn(self, name: str) -> bool:
+        """``attn2``: the image attends to the text."""
+        return "attn2." in name
+
+    def is_selfattn(self, name: str) -> bool:
+        """``attn1``: the image attends to itself."""
+        return "attn1." in name
+
+    def frozen_always(self, name: str) -> bool:
+        """The reference's ``noxattn`` also leaves the time embedding and the output head alone."""
+        return name.startswith(("time_embedding", "conv_out", "conv_norm_out", "add_embedding"))
+
+
+def _tokens(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def _check_encoder(module: Any) -> None:
+    from erasekit.models import is_released
+
+    if module is None or is_released(module):
+        raise ErasekitError("this pipeline's text encoder was released by erase(..., release_unused=True); load the model again to encode prompts")
+
+
+class SD(UNetFamily):
+    """Stable Diffusion 1.x and 2.x."""
+
+    name, label = "sd", "SD 1.x/2.x"
+    pipeline_classes = ("StableDiffusionPipeline",)
+
+    @torch.no_grad()
+    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+        """CLIP's last hidden states (N x 77 x d), as the pipeline conditions on them."""
+        _check_encoder(pipe.text_encoder)
+        return Cond({"hidden": pipe.text_encoder(_tokens(pipe.tokenizer, prompts, pipe.text_encoder.device))[0]})
+
+    def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """ε (or v) from the UNet."""
+        return model(x, t, encoder_hidden_states=cond.parts["hidden"]).sample
+
+
+class SDXL(UNetFamily):
+    """Stable Diffusion XL: both encoders' penultimate states side by side, the second's pooled output, time ids."""
+
+    name, label = "sdxl", "SDXL"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+
+    @torch.no_grad()
+    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+        """As ``StableDiffusionXLPipeline.encode_prompt`` builds it (no clip skip), with the default time ids."""
+        _check_encoder(pipe.text_encoder_2)
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            if encoder is None:
+                continue
+            out = encoder(_tokens(tokenizer, prompts, encoder.device), output_hidden_states=True)
+            pooled = out[0]  # the projected pooled output of the last encoder is what the UNet takes
+            hidden.append(out.hidden_states[-2])
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden[0].dtype).expand(len(prompts), 6)
+        return Cond({"hidden": torch.cat(hidden, dim=-1), "pooled": pooled, "time_ids": time_ids.to(hidden[0].device)})
+
+    def uncond(self, pipe: Any) -> Cond:
+        """Zeros where the pipeline forces them for an empty negative prompt (SDXL base), else the empty prompt."""
+        empty = self.encode(pipe, [""])
+        if not pipe.config.get("force_zeros_for_empty_prompt", False):
+            return empty
+        parts = dict(empty.parts, hidden=torch.zeros_like(empty.parts["hidden"]), pooled=torch.zeros_like(empty.parts["pooled"]))
+        return Cond(parts, empty.static)  # the time ids stay: the pipeline conditions both branches on them
+
+    def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """ε (or v) from the UNet, with the pooled text embedding and time ids."""
+        added = {"text_embeds": cond.parts["pooled"], "time_ids": cond.parts["time_ids"]}
+        return model(x, t, encoder_hidden_states=cond.parts["hidden"], added_cond_kwargs=added).sample
