@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import erasekit
-from erasekit.concepts import encode
+from erasekit.concepts import encode, encode_cond
 from erasekit.errors import ErasekitError
+from erasekit.families import Cond
 from erasekit.methods import get_method, registry
 from erasekit.methods.base import TrainableUNet, esd_target
 from erasekit.methods.eap import GumbelSearch
 from erasekit.models import select_parameters
-from erasekit.sampling import generate
+from erasekit.sampling import generate, predict_x0
 
 from conftest import tiny_pipeline
 
@@ -93,12 +94,13 @@ def test_gumbel_search_moves_toward_the_most_damaging_candidate(tiny, words_file
     n = len(search.candidates[0])
     # a stand-in preservation loss whose value is known for every candidate: the search must climb it
     damage = torch.linspace(0.0, 1.0, n)
-    probe = torch.randn(search.embeddings[0].shape[1:])
-    per_candidate = (search.embeddings[0] * probe).sum(dim=(1, 2))
+    bank = search.embeddings[0].parts["hidden"]
+    probe = torch.randn(bank.shape[1:])
+    per_candidate = (bank * probe).sum(dim=(1, 2))
     gen = torch.Generator().manual_seed(0)
     for _ in range(150):
         draw = search.draw(0, gen)
-        emb = draw.embedding()
+        emb = draw.embedding().parts["hidden"]
         loss = (emb * probe).sum() / per_candidate[draw.index] * damage[draw.index]
         loss.backward()
         search.ascend(0)
@@ -127,8 +129,8 @@ def test_lora_frozen_switch_reproduces_the_base_model(tiny) -> None:
     with torch.no_grad():
         for p in trainable.params.values():
             p.add_(0.5)
-        live = trainable.eps(x, t, emb)
-    frozen = trainable.frozen_eps(x, t, emb)
+        live = trainable.eps(x, t, Cond({"hidden": emb}))
+    frozen = trainable.frozen_eps(x, t, Cond({"hidden": emb}))
     assert not torch.allclose(live, base)
     assert torch.allclose(frozen, base, atol=1e-6)
     trainable.restore()
@@ -144,7 +146,7 @@ def test_full_parameter_frozen_switch_reproduces_the_base_model(tiny) -> None:
     with torch.no_grad():
         for p in trainable.params.values():
             p.add_(0.1)
-    assert torch.equal(trainable.frozen_eps(x, t, emb), base)
+    assert torch.equal(trainable.frozen_eps(x, t, Cond({"hidden": emb})), base)
     trainable.restore()
     with torch.no_grad():
         assert torch.equal(tiny.unet(x, t, encoder_hidden_states=emb).sample, base)
@@ -203,20 +205,21 @@ def test_fast_and_faithful_paths_compute_the_same_losses(words_file: Path) -> No
             p.copy_(fast.params[name])
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(2, 4, 8, 8, generator=g)
-    conds = encode(pipe, ["circle", "ring"])
-    null = encode(pipe, [""])
+    conds = encode_cond(pipe, ["circle", "ring"])
+    null = encode_cond(pipe, [""])
     t = torch.full((3,), 400)
     alpha = pipe.scheduler.alphas_cumprod[400]
+    to_x0 = lambda x, e: predict_x0(x, e, alpha)  # noqa: E731
     # fast: one batched frozen forward and one batched trainable forward
-    frozen_b = fast.frozen_eps(torch.cat([xs[:1], xs]), t, torch.cat([null, conds]))
+    frozen_b = fast.frozen_eps(torch.cat([xs[:1], xs]), t, Cond.cat([null, conds]))
     pred_b = fast.eps(xs, t[:2], conds)
     # faithful: one forward per term, frozen from the separate copy
     one = t[:1]
     frozen_s = torch.cat([faithful.frozen_eps(xs[:1], one, null), faithful.frozen_eps(xs[:1], one, conds[:1]), faithful.frozen_eps(xs[1:], one, conds[1:])])
     pred_s = torch.cat([faithful.eps(xs[:1], one, conds[:1]), faithful.eps(xs[1:], one, conds[1:])])
     for space in ("x0", "eps"):
-        a = erasure_losses(pred_b, frozen_b, xs, alpha, 1.0, space)
-        b = erasure_losses(pred_s, frozen_s, xs, alpha, 1.0, space)
+        a = erasure_losses(pred_b, frozen_b, xs, to_x0, 1.0, space)
+        b = erasure_losses(pred_s, frozen_s, xs, to_x0, 1.0, space)
         assert torch.allclose(a[0], b[0], rtol=1e-4, atol=1e-7) and torch.allclose(a[1], b[1], rtol=1e-4, atol=1e-7)
         assert a[0] > 0 and a[1] > 0
 
@@ -246,28 +249,30 @@ def test_release_unused_gives_the_same_delta_and_frees_the_text_encoder(name: st
 
 
 def test_one_rollout_gives_the_states_of_several_shorter_rollouts(tiny) -> None:
-    from erasekit.sampling import ddim_scheduler, rollout, rollout_states, unet_eps
+    from erasekit.families import family_of
 
-    scheduler, eps = ddim_scheduler(tiny, 6), unet_eps(tiny.unet)
+    family = family_of(tiny)
+    schedule = family.schedule(tiny, 6)
+    eps = lambda x, t, c: family.predict(tiny.unet, x, t, c)  # noqa: E731
     start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    cond, uncond = encode(tiny, ["circle", "square"]), encode(tiny, [""])
-    states = rollout_states(eps, scheduler, start, cond, uncond, [4, 0, 2], 3.0)
+    cond, uncond = encode_cond(tiny, ["circle", "square"]), encode_cond(tiny, [""])
+    states = schedule.rollout(eps, start, cond, uncond, [4, 0, 2], 3.0)
     for n, state in zip([4, 0, 2], states):
-        assert torch.equal(state, rollout(eps, scheduler, start, cond, uncond, n, 3.0))
+        assert torch.equal(state, schedule.rollout(eps, start, cond, uncond, [n], 3.0)[0])
     assert not torch.equal(states[0], states[2])
 
 
 def test_a_shared_trajectory_gives_each_step_its_own_timestep(words_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import erasekit.methods.loop as loop
+    from erasekit.families.base import Schedule
 
     calls: list[list[int]] = []
-    real = loop.rollout_states
+    real = Schedule.rollout
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(list(args[5]))
+        calls.append(list(args[5]))  # (self, predict, start, cond, uncond, n_steps, guidance)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "rollout_states", counting)
+    monkeypatch.setattr(Schedule, "rollout", counting)
     kwargs = dict(method="eap", concept_space=str(words_file), k=8, n_centres=3, iterations=6, ddim_steps=8, lr=1e-3)
     shared = erasekit.erase(tiny_pipeline(), "circle", rollout_reuse=1, rollout_share=3, **kwargs)
     assert len(calls) == 2 and all(len(ks) == 3 for ks in calls)  # one rollout per 3 steps, 3 points along it

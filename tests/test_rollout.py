@@ -53,7 +53,7 @@ class Recorder:
         exact = _exact_eps(self.alphas)
         events = self.events
 
-        def eps(unet_self: TrainableUNet, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        def eps(unet_self: TrainableUNet, x: torch.Tensor, t: torch.Tensor, emb: object) -> torch.Tensor:
             if torch.is_grad_enabled():  # a query the loss is taken on (rollouts run under no_grad)
                 events.append(("query", x.detach().clone(), t.detach().clone()))
                 anchor = next(iter(unet_self.params.values()))  # keeps a graph for backward; adds exactly 0
@@ -62,9 +62,11 @@ class Recorder:
             return exact(x, t)
 
         def capture(real):  # type: ignore[no-untyped-def]
-            def losses(pred, frozen, x, alpha_bar, eta, space):  # type: ignore[no-untyped-def]
-                events.append(("loss", x.detach().clone(), float(alpha_bar)))
-                return real(pred, frozen, x, alpha_bar, eta, space)
+            def losses(pred, frozen, x, to_x0, eta, space):  # type: ignore[no-untyped-def]
+                # the x0 map's ᾱ: x0 = (x - sqrt(1 - a) eps) / sqrt(a), so x = 1, eps = 0 gives 1 / sqrt(a)
+                alpha_bar = float(1.0 / to_x0(torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)) ** 2)
+                events.append(("loss", x.detach().clone(), alpha_bar))
+                return real(pred, frozen, x, to_x0, eta, space)
 
             return losses
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
 from erasekit.errors import ErasekitError
+from erasekit.families import Cond, family_of
 
 _WORD = re.compile(r"^[A-Za-z][A-Za-z \-]*$")
 
@@ -58,30 +60,28 @@ def check_prompt(pipe: StableDiffusionPipeline, text: str, what: str = "concept"
 
 
 @torch.no_grad()
-def encode(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Full text-encoder outputs (N x 77 x d last hidden states), the conditioning the UNet sees."""
-    from erasekit.models import is_released
-
-    if is_released(pipe.text_encoder):
-        raise ErasekitError("this pipeline's text encoder was released by erase(..., release_unused=True); load the model again to encode prompts")
-    tok = pipe.tokenizer
-    device = pipe.text_encoder.device
-    outs = []
-    for start in range(0, len(prompts), batch_size):
-        ids = tok(
-            prompts[start : start + batch_size], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        outs.append(pipe.text_encoder(ids)[0])
-    return torch.cat(outs) if outs else torch.empty(0)
+def encode_cond(pipe: Any, prompts: list[str], batch_size: int = 64) -> Cond:
+    """The conditioning of ``prompts`` as the pipeline's denoiser sees it (any family), batched."""
+    family = family_of(pipe)
+    parts = [family.encode(pipe, prompts[s : s + batch_size]) for s in range(0, len(prompts), batch_size)]
+    if not parts:
+        raise ErasekitError("no prompts to encode")
+    return Cond.cat(parts)
 
 
 @torch.no_grad()
-def distances(pipe: StableDiffusionPipeline, target: torch.Tensor, words: list[str], batch_size: int = 64) -> torch.Tensor:
-    """L2 distance of every word's full encoder output to ``target`` (streamed: never holds the whole space)."""
-    flat_target = target.flatten().double()
+def encode(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Full text-encoder outputs (N x 77 x d last hidden states), the conditioning an SD 1.x/2.x UNet sees."""
+    return encode_cond(pipe, prompts, batch_size).parts["hidden"]
+
+
+@torch.no_grad()
+def distances(pipe: Any, target: torch.Tensor | Cond, words: list[str], batch_size: int = 64) -> torch.Tensor:
+    """L2 distance of every word's whole conditioning to ``target``'s (streamed: never holds the whole space)."""
+    flat_target = (target.flat()[0] if isinstance(target, Cond) else target.flatten()).double()
     out = []
     for start in range(0, len(words), batch_size):
-        emb = encode(pipe, words[start : start + batch_size]).flatten(1).double()
+        emb = encode_cond(pipe, words[start : start + batch_size]).flat().double()
         out.append(torch.linalg.vector_norm(emb - flat_target[None], dim=1).cpu())
     return torch.cat(out)
 

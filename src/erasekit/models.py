@@ -130,13 +130,13 @@ def select_parameters(unet: nn.Module, train_method: str) -> dict[str, nn.Parame
     return chosen
 
 
-def add_lora(unet: nn.Module, rank: int) -> dict[str, nn.Parameter]:
-    """Attach a PEFT LoRA adapter of ``rank`` to every attention projection; return its parameters."""
+def add_lora(unet: nn.Module, rank: int, targets: list[str] | None = None) -> dict[str, nn.Parameter]:
+    """Attach a PEFT LoRA adapter of ``rank`` to every attention projection (``targets``); return its parameters."""
     from peft import LoraConfig
 
     if rank < 1:
         raise ErasekitError(f"LoRA rank must be >= 1, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets or LORA_TARGETS)
     unet.add_adapter(config, adapter_name=LORA_ADAPTER)
     return {n: p for n, p in unet.named_parameters() if ".lora_" in n}
 
@@ -151,13 +151,13 @@ def lora_disabled(unet: nn.Module) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
     """The adapter's weights in diffusers' LoRA key format (loadable with ``load_lora_weights``)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=LORA_ADAPTER))
-    return {f"unet.{k}": v.detach().clone().contiguous() for k, v in state.items()}
+    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
 
 
 def remove_lora(unet: nn.Module) -> None:

@@ -16,12 +16,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from erasekit.errors import ErasekitError
+from erasekit.families import Cond
 from erasekit.methods.base import ErasureRequest, Progress, register_method
 from erasekit.methods.eap import EAPConfig, GumbelSearch
 from erasekit.methods.loop import Setup, erasure_losses, prepare
 from erasekit.models import model_id
 from erasekit.result import ErasureResult
-from erasekit.sampling import rollout
 
 # toy: 150 steps left a fifth of the circles (ESR-1 81 %, 16 images/class, seed 0); 250 erase them (100 % on 8 images/class)
 TOY_PRESET = {"iterations": 250, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
@@ -76,9 +76,9 @@ class AdaptiveAnchor:
         kept = soft * mask
         return kept / kept.sum()
 
-    def embedding(self, target: int, noise: torch.Tensor) -> torch.Tensor:
-        """The mixture of whole-prompt embeddings (1 x 77 x d), differentiable in pi."""
-        return torch.einsum("n,nld->ld", self.weights(target, noise), self.search.embeddings[target])[None]
+    def embedding(self, target: int, noise: torch.Tensor) -> Cond:
+        """The mixture of whole-prompt conditionings (one row), differentiable in pi."""
+        return self.search.embeddings[target].mix(self.weights(target, noise)[None])
 
     def name(self, target: int, noise: torch.Tensor) -> str:
         """The candidate with the largest weight in this draw."""
@@ -97,20 +97,20 @@ def age_step(s: Setup, anchor: AdaptiveAnchor, cache: dict[str, Any] | None, fre
         (level,), start = s.draw_levels(1)
         noise = anchor.noise(j, s.generator)
         c_t = anchor.embedding(j, noise).detach()
-        conds = [s.emb_targets[j : j + 1], c_t]
+        conds = [s.emb_targets[j], c_t]
         if s.emb_preserve is not None:
             p = step % len(s.preserve)
-            conds.append(s.emb_preserve[p : p + 1])
-        x = rollout(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, level.steps, cfg.start_guidance)
+            conds.append(s.emb_preserve[p])
+        x = s.schedule.rollout(tr.eps, start, Cond.cat(conds), s.uncond, [level.steps], cfg.start_guidance)[0]
         t = torch.full((len(x) + 1,), level.t, device=x.device)
-        frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, torch.cat([c_t, *conds]))
+        frozen = tr.frozen_eps(torch.cat([x[:1], x]), t, Cond.cat([c_t, *conds]))
         cache = {"j": j, "level": level, "noise": noise, "conds": conds, "x": x, "t": t, "frozen": frozen}
     live = list(cache["conds"])
     # rebuilt every step: the logits moved since the rollout
     live[1] = anchor.embedding(cache["j"], cache["noise"])
     x = cache["x"]
-    pred = tr.eps(x, cache["t"][: len(x)], torch.cat(live))
-    erase, preserve = erasure_losses(pred, cache["frozen"], x, s.alpha_bar(cache["level"]), cfg.negative_guidance, "x0")
+    pred = tr.eps(x, cache["t"][: len(x)], Cond.cat(live))
+    erase, preserve = erasure_losses(pred, cache["frozen"], x, s.to_x0(cache["level"]), cfg.negative_guidance, "x0")
     return erase, preserve, cache
 
 

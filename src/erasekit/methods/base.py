@@ -11,10 +11,12 @@ from typing import Any, Protocol
 
 import torch
 from diffusers import StableDiffusionPipeline
+from torch import nn
 from torch.func import functional_call
 
 from erasekit.errors import ErasekitError
-from erasekit.models import add_lora, lora_disabled, lora_state_dict, remove_lora, select_parameters
+from erasekit.families import Cond, Family, family_of
+from erasekit.models import add_lora, lora_disabled, lora_state_dict, remove_lora
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 
@@ -137,65 +139,91 @@ class TrainConfig:
             raise ErasekitError(f"unknown train_method {self.train_method!r}; choose one of: {', '.join(TRAIN_METHODS)}")
 
 
-class TrainableUNet:
-    """The pipeline's UNet with a chosen trainable subset, and its frozen base on demand.
+class _Call(nn.Module):
+    """The denoiser under its family's call, as one module: ``functional_call`` can then swap its weights."""
 
-    Fast path: one copy of the weights; the frozen model is the same UNet with the LoRA adapter off,
+    def __init__(self, family: Family, model: nn.Module) -> None:
+        super().__init__()
+        self.family, self.inner = family, model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The family's model output."""
+        return self.family.predict(self.inner, x, t, cond)
+
+
+class TrainableModel:
+    """The pipeline's denoiser (UNet or transformer, any family) with a chosen trainable subset, and its frozen base.
+
+    Fast path: one copy of the weights; the frozen model is the same network with the LoRA adapter off,
     or (for full-parameter sets) with the saved original tensors swapped in through ``functional_call``.
-    Faithful path (``separate_copy``): a deep copy of the whole UNet, as the reference keeps.
+    Faithful path (``separate_copy``): a deep copy of the whole network, as the reference keeps.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, train_method: str, lora_rank: int, separate_copy: bool = False) -> None:
-        self.unet = pipe.unet
+    def __init__(self, pipe: Any, train_method: str, lora_rank: int, separate_copy: bool = False) -> None:
+        self.family = family_of(pipe)
+        self.prefix = "unet" if hasattr(pipe, "unet") else "transformer"  # the pipeline's attribute, and the delta's key prefix
+        self.unet = self.family.denoiser(pipe)
         self.unet.requires_grad_(False)
         self.unet.eval()
-        pipe.text_encoder.requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(pipe, name, None)
+            if isinstance(encoder, nn.Module):
+                encoder.requires_grad_(False)
         self.lora = train_method == "lora"
         self.frozen_copy = copy.deepcopy(self.unet) if separate_copy else None
         if self.lora:
             with torch.random.fork_rng():  # LoRA's init draws from the global RNG: make it a function of nothing global
                 torch.manual_seed(0)
-                self.params = add_lora(self.unet, lora_rank)
+                self.params = add_lora(self.unet, lora_rank, list(self.family.lora_targets))
             self.originals: dict[str, torch.Tensor] = {}
         else:
-            self.params = select_parameters(self.unet, train_method)
-            self.originals = {n: p.detach().clone() for n, p in self.params.items()}
+            self.params = self.family.parameters(self.unet, train_method)
+            self.originals = {f"inner.{n}": p.detach().clone() for n, p in self.params.items()}
         for p in self.params.values():
             p.requires_grad_(True)
+        self.call = _Call(self.family, self.unet)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The trainable model's noise prediction."""
-        return self.unet(x, t, encoder_hidden_states=emb).sample
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser's weights live."""
+        return next(self.unet.parameters()).device
 
-    def frozen_eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The original model's noise prediction (computed under inference mode; a plain constant tensor)."""
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The trainable model's output (ε, v or flow velocity: the family's)."""
+        return self.family.predict(self.unet, x, t, cond)
+
+    def frozen_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The original model's output (computed under inference mode; a plain constant tensor)."""
         with torch.inference_mode():
             if self.frozen_copy is not None:
-                out = self.frozen_copy(x, t, encoder_hidden_states=emb).sample
+                out = self.family.predict(self.frozen_copy, x, t, cond)
             elif self.lora:
                 with lora_disabled(self.unet):
-                    out = self.unet(x, t, encoder_hidden_states=emb).sample
+                    out = self.family.predict(self.unet, x, t, cond)
             else:
-                out = functional_call(self.unet, self.originals, (x, t), {"encoder_hidden_states": emb}, strict=False).sample
+                out = functional_call(self.call, self.originals, (x, t, cond), strict=False)
         # a clone made outside inference mode can enter the autograd graph as a constant
         return out.clone()
 
     def delta(self) -> tuple[dict[str, torch.Tensor], str]:
         """The changed tensors and their kind (``weights`` or ``lora``)."""
         if self.lora:
-            return lora_state_dict(self.unet), "lora"
-        return {f"unet.{n}": p.detach().clone().contiguous() for n, p in self.params.items()}, "weights"
+            return lora_state_dict(self.unet, self.prefix), "lora"
+        return {f"{self.prefix}.{n}": p.detach().clone().contiguous() for n, p in self.params.items()}, "weights"
 
     def restore(self) -> None:
-        """Put the pipeline's UNet back to its original weights and freeze it."""
+        """Put the pipeline's denoiser back to its original weights and freeze it."""
         if self.lora:
             remove_lora(self.unet)
         else:
             with torch.no_grad():
                 for name, p in self.params.items():
-                    p.copy_(self.originals[name])
+                    p.copy_(self.originals[f"inner.{name}"])
         self.unet.requires_grad_(False)
         self.frozen_copy = None
+
+
+TrainableUNet = TrainableModel  # the name the SD-only code used
 
 
 def release_after_setup(pipe: StableDiffusionPipeline, request: ErasureRequest) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
-from erasekit.concepts import concept_space, distances, encode, select_candidates
+from erasekit.concepts import concept_space, distances, encode_cond, select_candidates
 from erasekit.errors import ErasekitError
+from erasekit.families import Cond
 from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method
 from erasekit.methods.loop import finetune
 from erasekit.models import model_id
@@ -94,8 +95,9 @@ def candidates_by_target(pipe: StableDiffusionPipeline, targets: list[str], conf
     words = _space(pipe, config.concept_space)
     exclude = exclusions(targets, pipe)
     out = []
-    for emb in encode(pipe, targets):
-        dist = distances(pipe, emb, words)
+    conds = encode_cond(pipe, targets)
+    for j in range(len(conds)):
+        dist = distances(pipe, conds[j], words)
         cands = select_candidates(dist, words, config.k, config.n_centres, exclude, config.kmeans_n_init)
         index = {w: i for i, w in enumerate(words)}
         out.append((cands, {w: float(dist[index[w]]) for w in cands}))
@@ -110,14 +112,14 @@ class GumbelDraw:
         self.index = int(torch.argmax(search.logits[target].detach() + noise))
         self.name = search.candidates[target][self.index]
 
-    def embedding(self) -> torch.Tensor:
+    def embedding(self) -> Cond:
         """sum_i y_i E_i with y = onehot - sg(softmax) + softmax: exactly one candidate in the forward pass."""
         logits = self.search.logits[self.target]
         soft = torch.softmax((logits + self.noise) / self.search.temperature, dim=0)
         hard = torch.zeros_like(soft)
         hard[self.index] = 1.0
         y = hard - soft.detach() + soft
-        return torch.einsum("n,nld->ld", y, self.search.embeddings[self.target])[None]
+        return self.search.embeddings[self.target].mix(y[None])
 
 
 class GumbelSearch:
@@ -125,7 +127,7 @@ class GumbelSearch:
 
     def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
         self.candidates = [cands for cands, _ in candidates_by_target(pipe, targets, config)]
-        self.embeddings = [encode(pipe, c) for c in self.candidates]
+        self.embeddings = [encode_cond(pipe, c) for c in self.candidates]
         self.logits = [torch.zeros(len(c), requires_grad=True) for c in self.candidates]
         self.temperature = config.gumbel_temperature
         self.optimizer = torch.optim.Adam(self.logits, lr=config.gumbel_lr)
@@ -183,11 +185,11 @@ class GumbelSearch:
 class FixedDraw:
     """A candidate chosen without search (random or nearest): a constant embedding."""
 
-    def __init__(self, name: str, emb: torch.Tensor) -> None:
+    def __init__(self, name: str, emb: Cond) -> None:
         self.name, self.emb = name, emb
 
-    def embedding(self) -> torch.Tensor:
-        """The candidate's encoder output (1 x 77 x d); nothing to differentiate."""
+    def embedding(self) -> Cond:
+        """The candidate's conditioning (one row); nothing to differentiate."""
         return self.emb
 
 
@@ -203,13 +205,13 @@ class FixedChoice:
         for cands, dist in candidates_by_target(pipe, targets, config):
             self.candidates.append(cands)
             self.nearest.append(min(range(len(cands)), key=lambda i: dist[cands[i]]))
-        self.embeddings = [encode(pipe, c) for c in self.candidates]
+        self.embeddings = [encode_cond(pipe, c) for c in self.candidates]
 
     def draw(self, target: int, generator: torch.Generator) -> FixedDraw:
         """The nearest candidate, or a uniform draw from the candidates."""
         n = len(self.candidates[target])
         i = self.nearest[target] if self.choice == "nearest" else int(torch.randint(n, (1,), generator=generator))
-        return FixedDraw(self.candidates[target][i], self.embeddings[target][i : i + 1])
+        return FixedDraw(self.candidates[target][i], self.embeddings[target][i])
 
     def ascend(self, target: int) -> None:
         """No search: nothing to step."""
@@ -239,8 +241,8 @@ class PGDDraw:
     def __init__(self, search: "PGDSearch", target: int) -> None:
         self.search, self.target, self.name = search, target, "<pgd>"
 
-    def embedding(self) -> torch.Tensor:
-        """The current adversarial embedding."""
+    def embedding(self) -> Cond:
+        """The current adversarial conditioning."""
         return self.search.embs[self.target]
 
 
@@ -248,7 +250,8 @@ class PGDSearch:
     """EAP-PGD: c_a starts at c_e's encoder output; emb += lr * g/|g| * |emb| (no projection by default)."""
 
     def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPPGDConfig) -> None:
-        self.embs = [e[None].clone().requires_grad_(True) for e in encode(pipe, targets)]
+        conds = encode_cond(pipe, targets)
+        self.embs = [conds[j].map(lambda v: v.clone().requires_grad_(True)) for j in range(len(conds))]
         self.lr = config.pgd_lr
         self.radius: list[float] | None = None
         if config.project:
@@ -256,10 +259,10 @@ class PGDSearch:
             exclude = exclusions(targets, pipe)
             self.radius = []
             for j, emb in enumerate(self.embs):
-                d = distances(pipe, emb.detach()[0], words)
+                d = distances(pipe, emb.detach(), words)
                 keep = [i for i, w in enumerate(words) if w.lower() not in exclude]
                 self.radius.append(float(torch.sort(d[keep]).values[: config.k].max()))
-        self.origin = [e.detach().clone() for e in self.embs]
+        self.origin = [e.map(lambda v: v.detach().clone()) for e in self.embs]
 
     def draw(self, target: int, generator: torch.Generator) -> PGDDraw:
         """The persistent embedding (nothing random)."""
@@ -268,35 +271,47 @@ class PGDSearch:
     @torch.no_grad()
     def ascend(self, target: int) -> None:
         """Normalised gradient ascent on the preservation loss, optionally projected."""
-        emb = self.embs[target]
-        if emb.grad is None:
+        parts, origin = self.embs[target].parts, self.origin[target].parts
+        if any(v.grad is None for v in parts.values()):
             return
-        g = emb.grad
-        emb += self.lr * g / (g.norm() + 1e-12) * emb.norm()
+        g_norm, e_norm = _norm([v.grad for v in parts.values()]), _norm(list(parts.values()))
+        for v in parts.values():
+            v += self.lr * v.grad / (g_norm + 1e-12) * e_norm
         if self.radius is not None:
-            offset = emb - self.origin[target]
-            n = offset.norm()
+            n = _norm([v - origin[k] for k, v in parts.items()])
             if n > self.radius[target]:
-                emb.copy_(self.origin[target] + offset * (self.radius[target] / n))
-        emb.grad = None
+                for k, v in parts.items():
+                    v.copy_(origin[k] + (v - origin[k]) * (self.radius[target] / n))
+        for v in parts.values():
+            v.grad = None
 
     def leader(self, target: int) -> str:
         """PGD has no discrete leader; report the distance moved."""
-        return f"<pgd |d|={(self.embs[target].detach() - self.origin[target]).norm().item():.3g}>"
+        return f"<pgd |d|={self._moved(target):.3g}>"
+
+    def _moved(self, target: int) -> float:
+        origin = self.origin[target].parts
+        return float(_norm([v.detach() - origin[k] for k, v in self.embs[target].parts.items()]))
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The current embeddings, for checkpoints."""
-        return {f"emb.{j}": e.detach() for j, e in enumerate(self.embs)}, {}
+        return {f"emb.{j}.{k}": v.detach() for j, e in enumerate(self.embs) for k, v in e.parts.items()}, {}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore :meth:`state`."""
         with torch.no_grad():
             for j, emb in enumerate(self.embs):
-                emb.copy_(tensors[f"emb.{j}"])
+                for k, v in emb.parts.items():
+                    v.copy_(tensors[f"emb.{j}.{k}"])
 
     def summary(self) -> dict[str, Any]:
         """How far each embedding moved."""
-        return {"moved": [(e.detach() - o).norm().item() for e, o in zip(self.embs, self.origin)]}
+        return {"moved": [self._moved(j) for j in range(len(self.embs))]}
+
+
+def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of several tensors taken as one vector."""
+    return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors)) if len(tensors) > 1 else tensors[0].norm()
 
 
 @register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})

@@ -16,16 +16,16 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
 from erasekit import distributed as dist
-from erasekit.concepts import check_prompt, encode
+from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.methods import checkpoint as ckpt
-from erasekit.methods.base import ErasureRequest, Progress, TrainableUNet, TrainConfig, esd_target, release_after_setup
+from erasekit.families import Cond, Family, Level, Schedule
+from erasekit.methods.base import ErasureRequest, Progress, TrainableModel, TrainConfig, esd_target, release_after_setup
 from erasekit.models import model_id, weights_hash
 from erasekit.result import ErasureResult
-from erasekit.sampling import Level, ddim_scheduler, draw_level, predict_x0, rollout, rollout_states
 
 
 class Draw(Protocol):
@@ -33,8 +33,8 @@ class Draw(Protocol):
 
     name: str
 
-    def embedding(self) -> torch.Tensor:
-        """The differentiable adversarial embedding (1 x 77 x d) of this draw."""
+    def embedding(self) -> Cond:
+        """The differentiable adversarial conditioning (one row) of this draw."""
 
 
 class Search(Protocol):
@@ -53,23 +53,26 @@ class Search(Protocol):
         """Final state (for the history file)."""
 
 
-def term_loss(pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, space: str) -> torch.Tensor:
-    """MSE between two noise predictions, in eps space (ESD) or mapped to x0 (EAP)."""
+ToX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def term_loss(pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, to_x0: ToX0, space: str) -> torch.Tensor:
+    """MSE between two model outputs, in their own space (ESD: ε) or mapped to x0 (EAP) by ``to_x0(x_t, out)``."""
     if space == "x0":
-        return F.mse_loss(predict_x0(x_t, pred, alpha_bar), predict_x0(x_t, target, alpha_bar))
+        return F.mse_loss(to_x0(x_t, pred), to_x0(x_t, target))
     return F.mse_loss(pred, target)
 
 
 def erasure_losses(
-    pred: torch.Tensor, frozen: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, eta: float, space: str
+    pred: torch.Tensor, frozen: torch.Tensor, x: torch.Tensor, to_x0: ToX0, eta: float, space: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(erase_loss, preserve_loss) from stacked predictions.
 
     ``x``/``pred``: rows [x_t, x'_1, ...] and eps_theta on them with [c_e, c_1, ...];
     ``frozen``: [eps0(x_t, 0), eps0(x_t, c_e), eps0(x'_1, c_1), ...]. preserve_loss sums over the x'_i.
     """
-    erase = term_loss(pred[:1], esd_target(frozen[:1], frozen[1:2], eta), x[:1], alpha_bar, space)
-    terms = [term_loss(pred[i : i + 1], frozen[i + 1 : i + 2], x[i : i + 1], alpha_bar, space) for i in range(1, len(x))]
+    erase = term_loss(pred[:1], esd_target(frozen[:1], frozen[1:2], eta), x[:1], to_x0, space)
+    terms = [term_loss(pred[i : i + 1], frozen[i + 1 : i + 2], x[i : i + 1], to_x0, space) for i in range(1, len(x))]
     preserve = torch.stack(terms).sum() if terms else torch.zeros((), device=pred.device)
     return erase, preserve
 
@@ -82,12 +85,12 @@ class Setup:
     config: TrainConfig
     targets: list[str]
     preserve: list[str]
-    emb_null: torch.Tensor
-    emb_targets: torch.Tensor
-    emb_preserve: torch.Tensor | None
-    scheduler: DDIMScheduler
-    alphas: torch.Tensor
-    trainable: TrainableUNet
+    emb_null: Cond
+    emb_targets: Cond
+    emb_preserve: Cond | None
+    family: Family
+    schedule: Schedule
+    trainable: TrainableModel
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     base_hash: str
@@ -121,29 +124,28 @@ class Setup:
             self.saved = self.done
 
     @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        """Shape of one start noise."""
-        c = self.pipe.unet.config
-        return (1, c.in_channels, c.sample_size, c.sample_size)
+    def uncond(self) -> Cond | None:
+        """The rollout's unconditional branch (None for guidance-distilled families, which take no CFG)."""
+        return self.emb_null if self.family.uses_cfg else None
 
-    def conditions(self, j: int, draw: Draw | None, step: int) -> list[torch.Tensor]:
+    def conditions(self, j: int, draw: Draw | None, step: int) -> list[Cond]:
         """Rollout conditions: [c_e] + [hard adversarial c_a] + [the explicit preserve concept of this step]."""
-        conds = [self.emb_targets[j : j + 1]]
+        conds = [self.emb_targets[j]]
         if draw is not None:
             conds.append(draw.embedding().detach())
         if self.emb_preserve is not None:
             p = step % len(self.preserve)
-            conds.append(self.emb_preserve[p : p + 1])
+            conds.append(self.emb_preserve[p])
         return conds
 
     def draw_levels(self, points: int) -> tuple[list[Level], torch.Tensor]:
         """``points`` rollout points (k, queried t, grid level) along one trajectory, and its start noise."""
-        levels = [draw_level(self.scheduler, self.generator) for _ in range(points)]
-        return levels, torch.randn(self.latent_shape, generator=self.generator).to(self.pipe.unet.device)
+        levels = [self.schedule.draw(self.generator) for _ in range(points)]
+        return levels, self.family.start_noise(self.pipe, self.generator).to(self.trainable.device)
 
-    def alpha_bar(self, level: Level) -> torch.Tensor:
-        """ᾱ of the DDIM grid point x_t sits at: the x0 map's (the reference's ``ddim_alphas[k]``)."""
-        return self.alphas[level.grid_t]
+    def to_x0(self, level: Level) -> ToX0:
+        """The x0 map at ``level``'s grid point (DDIM: the reference's ``ddim_alphas[k]``)."""
+        return lambda x, out: self.schedule.to_x0(x, out, level)
 
 
 def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
@@ -154,12 +156,13 @@ def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: Trai
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
     base_hash = weights_hash(pipe)
-    trainable = TrainableUNet(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy)
+    trainable = TrainableModel(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy)
+    family = trainable.family
     return Setup(
         pipe=pipe, config=config, targets=targets, preserve=preserve,
-        emb_null=encode(pipe, [""]), emb_targets=encode(pipe, targets),
-        emb_preserve=encode(pipe, preserve) if preserve else None,
-        scheduler=ddim_scheduler(pipe, config.ddim_steps), alphas=pipe.scheduler.alphas_cumprod.to(pipe.unet.device),
+        emb_null=family.uncond(pipe), emb_targets=encode_cond(pipe, targets),
+        emb_preserve=encode_cond(pipe, preserve) if preserve else None,
+        family=family, schedule=family.schedule(pipe, config.ddim_steps),
         trainable=trainable, optimizer=torch.optim.Adam(list(trainable.params.values()), lr=config.lr),
         generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started, rank=rank, world=world,
     )
@@ -181,7 +184,7 @@ class Row:
 
     j: int
     draw: Draw | None
-    conds: list[torch.Tensor] = field(default_factory=list)
+    conds: list[Cond] = field(default_factory=list)
     x: torch.Tensor | None = None
     t: torch.Tensor | None = None
     level: Level | None = None
@@ -204,11 +207,11 @@ def draw_rows(s: Setup, search: Search | None, step: int, share: int = 1) -> lis
         if b % s.world == s.rank:
             conds = s.conditions(j, draw, step)
             with dist.autocast(cfg.precision, start.device):
-                states = rollout_states(tr.eps, s.scheduler, start, torch.cat(conds), s.emb_null, [lv.steps for lv in levels], cfg.start_guidance)
+                states = s.schedule.rollout(tr.eps, start, Cond.cat(conds), s.uncond, [lv.steps for lv in levels], cfg.start_guidance)
                 n = len(conds) + 1
                 t = torch.cat([torch.full((n,), lv.t, device=start.device) for lv in levels])
                 xs = torch.cat([torch.cat([x[:1], x]) for x in states])
-                frozen = tr.frozen_eps(xs, t, torch.cat([s.emb_null, *conds]).repeat(len(states), 1, 1)).float()
+                frozen = tr.frozen_eps(xs, t, Cond.cat([s.emb_null, *conds] * len(states))).float()
             for i, (row, x) in enumerate(zip(rows, states)):
                 row.conds, row.x, row.t = conds, x.float(), t[i * n : (i + 1) * n]
                 row.frozen = frozen[i * n : (i + 1) * n]
@@ -224,13 +227,16 @@ def row_losses(s: Setup, row: Row, loss_space: str) -> tuple[torch.Tensor, torch
     if row.draw is not None:
         live[1] = row.draw.embedding()
     with dist.autocast(s.config.precision, row.x.device):
-        pred = s.trainable.eps(row.x, row.t[: len(row.x)], torch.cat(live))
-    return erasure_losses(pred.float(), row.frozen, row.x, s.alpha_bar(row.level), s.config.negative_guidance, loss_space)
+        pred = s.trainable.eps(row.x, row.t[: len(row.x)], Cond.cat(live))
+    return erasure_losses(pred.float(), row.frozen, row.x, s.to_x0(row.level), s.config.negative_guidance, loss_space)
 
 
 def search_tensors(search: Search | None) -> list[torch.Tensor]:
     """The tensors a search trains (Gumbel logits or PGD embeddings): their gradients are all-reduced with the model's."""
-    return [*getattr(search, "logits", []), *getattr(search, "embs", [])] if search is not None else []
+    if search is None:
+        return []
+    embs = [t for e in getattr(search, "embs", []) for t in (e.parts.values() if isinstance(e, Cond) else [e])]
+    return [*getattr(search, "logits", []), *embs]
 
 
 def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: int, progress: Progress | None, rollout_share: int = 1) -> None:
@@ -244,7 +250,7 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
     trajectory (distinct timesteps), each reused for ``rollout_reuse`` steps.
     """
     cfg = s.config
-    scaler = torch.amp.GradScaler(s.alphas.device.type) if cfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(s.trainable.device.type) if cfg.precision == "fp16" else None
     tensors = list(s.trainable.params.values()) + search_tensors(search)
     group = rollout_reuse * rollout_share
     groups: list[list[Row]] = []
@@ -312,7 +318,7 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
         (level,), start = s.draw_levels(1)
         draw = search.draw(j, s.generator) if search else None
         conds = s.conditions(j, draw, it // per_step)
-        xs = [rollout(tr.eps, s.scheduler, start, c, s.emb_null, level.steps, cfg.start_guidance) for c in conds]
+        xs = [s.schedule.rollout(tr.eps, start, c, s.uncond, [level.steps], cfg.start_guidance)[0] for c in conds]
         t = torch.full((1,), level.t, device=start.device)
         frozen = [tr.frozen_eps(xs[0], t, s.emb_null), tr.frozen_eps(xs[0], t, conds[0])]
         frozen += [tr.frozen_eps(xi, t, ci) for xi, ci in zip(xs[1:], conds[1:])]
@@ -320,7 +326,7 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
         if draw is not None:
             live[1] = draw.embedding()
         preds = [tr.eps(xi, t, ci) for xi, ci in zip(xs, live)]
-        erase, preserve = erasure_losses(torch.cat(preds), torch.cat(frozen), torch.cat(xs), s.alpha_bar(level), cfg.negative_guidance, loss_space)
+        erase, preserve = erasure_losses(torch.cat(preds), torch.cat(frozen), torch.cat(xs), s.to_x0(level), cfg.negative_guidance, loss_space)
         s.optimizer.zero_grad(set_to_none=True)
         if model_step:
             (erase + cfg.preserve_weight * preserve).backward()
@@ -328,8 +334,8 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
             if search:
                 for logits in getattr(search, "logits", []):
                     logits.grad = None
-                for emb in getattr(search, "embs", []):
-                    emb.grad = None
+                for tensor in search_tensors(search):
+                    tensor.grad = None
             _record(s, it // per_step + 1, j, erase, preserve, draw, search, progress)
         else:
             preserve.backward()
