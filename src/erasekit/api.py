@@ -15,7 +15,7 @@ from erasekit.result import ErasureResult
 
 
 def erase(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     concepts: str | Sequence[str],
     method: str = "eap",
     config: Any = None,
@@ -26,13 +26,18 @@ def erase(
     release_unused: bool = False,
     **overrides: Any,
 ) -> ErasureResult:
-    """Erase ``concepts`` from ``pipe``; the pipeline is left unchanged, apply the result with ``result.apply(pipe)``.
+    """Erase ``concepts`` from ``pipe`` (any supported family); the pipeline is left unchanged, apply with ``result.apply(pipe)``.
 
     ``checkpoint`` (a :class:`erasekit.methods.checkpoint.CheckpointSpec`) saves the run there and resumes from it.
     ``release_unused=True`` says the caller is done with ``pipe``: the fine-tuning methods then free its text
     encoder and VAE once their embeddings are computed, so one model's weights stay in memory while training.
     """
     spec = get_method(method)
+    from erasekit.families import family_of
+
+    family = family_of(pipe)
+    if family.name not in spec.families:
+        raise ErasekitError(f"{method} does not run on {family.label} models yet; it supports: {', '.join(spec.families)} (see `erasekit methods`)")
     targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
     if not targets:
         raise ErasekitError("no concept to erase; give at least one")

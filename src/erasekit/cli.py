@@ -100,11 +100,15 @@ def quiet_libraries() -> None:
 
 @app.command()
 def methods() -> None:
-    """List the registered erasure methods, one line each."""
+    """List the registered erasure methods: their kind, the model families each runs on, and a summary."""
+    from erasekit.families import families
     from erasekit.methods import registry
 
+    names = list(families())
+    typer.echo(f"{'method':10s} {'kind':12s} {' '.join(f'{n:5s}' for n in names)} summary")
     for name, spec in sorted(registry().items()):
-        typer.echo(f"{name:10s} {spec.summary}")
+        marks = " ".join(f"{'yes' if n in spec.families else '-':5s}" for n in names)
+        typer.echo(f"{name:10s} {spec.kind:12s} {marks} {spec.summary}")
 
 
 def _progress_bar() -> Progress:

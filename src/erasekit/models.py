@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -37,14 +38,19 @@ def toy_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     return pipe
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False) -> StableDiffusionPipeline:
+def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False, family: str = "sd") -> Any:
+    from diffusers import DiffusionPipeline
+
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
-        )
+        if family == "sd":
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
+            )
+        else:
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ErasekitError(f"cannot load a Stable Diffusion pipeline from {source!r} ({first}); pass a diffusers folder, a hub id you have cached, or 'toy'") from exc
+        raise ErasekitError(f"cannot load a {family} pipeline from {source!r} ({first}); pass a diffusers folder, a hub id you have cached, or 'toy'") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -69,11 +75,18 @@ def is_released(module: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in module.parameters())
 
 
-def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a pipeline from ``toy``, a local diffusers folder, or a hub id (cached; no downloads here)."""
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, family: str | None = None) -> Any:
+    """Load a pipeline of any supported family from ``toy``, a local diffusers folder, or a cached hub id (no downloads).
+
+    The family is read from the folder's ``model_index.json``; ``family`` (``--family``) must agree with it.
+    """
+    from erasekit.families import detect, get_family
+
     if not model or not model.strip():
         raise ErasekitError("empty --model; pass 'toy', a diffusers folder, or a hub id")
     if model == "toy":
+        if family is not None and get_family(family).name != "sd":
+            raise ErasekitError(f"--family {family} contradicts --model toy, which is an SD 1.x model; drop --family")
         pipe = toy_pipeline(dtype)
     elif os.path.isdir(model):
         from erasekit.world.config import check_world_folder
@@ -81,11 +94,15 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
         model = str(check_world_folder(Path(model)))
         if not os.path.exists(os.path.join(model, "model_index.json")):
             raise ErasekitError(f"{model} is not a diffusers pipeline folder (no model_index.json); save one with pipe.save_pretrained(DIR)")
-        pipe = _from_pretrained(model, dtype, local_only=True)
+        pipe = _from_pretrained(model, dtype, local_only=True, family=detect(model, family).name)
     elif os.path.exists(model):
         raise ErasekitError(f"{model} is a file, not a diffusers pipeline folder; pass the folder that holds model_index.json")
     elif model.count("/") == 1 and not model.startswith((".", "/")):
-        pipe = _from_pretrained(model, dtype)
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(model, "model_index.json")  # the family of a cached hub id, read offline
+        found = detect(Path(index).parent, family).name if isinstance(index, str) else get_family(family or "sd").name
+        pipe = _from_pretrained(model, dtype, family=found)
     else:
         raise ErasekitError(f"no pipeline folder at {model!r}; pass 'toy', a diffusers folder, or a hub id like CompVis/stable-diffusion-v1-4")
     return pipe.to(device)
@@ -96,10 +113,14 @@ def model_id(pipe: StableDiffusionPipeline) -> str:
     return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")
 
 
-def weights_hash(pipe: StableDiffusionPipeline) -> str:
-    """SHA-256 over the UNet's and text encoder's parameter names, shapes and bytes (first 16 hex digits)."""
+def weights_hash(pipe: Any) -> str:
+    """SHA-256 over the denoiser's and text encoders' parameter names, shapes and bytes (first 16 hex digits).
+
+    SD 1.x/2.x hash (unet, text_encoder) as they always did, so older deltas keep their base check.
+    """
     digest = hashlib.sha256()
-    for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+    named = [(name, getattr(pipe, name, None)) for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")]
+    for prefix, module in ((n, m) for n, m in named if isinstance(m, nn.Module)):
         for name, tensor in sorted(module.state_dict().items()):
             if ".lora_" in name:
                 continue

@@ -39,6 +39,7 @@ class ErasureResult:
     base_hash: str = ""
     history: tuple[dict[str, Any], ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    family: str = "sd"  # the model family the delta was made on (erasekit.families)
 
     def metadata(self) -> dict[str, str]:
         """String metadata stored in the safetensors header."""
@@ -54,6 +55,7 @@ class ErasureResult:
             "base_hash": self.base_hash,
             "erasekit_version": __version__,
             "timings": json.dumps(self.timings),
+            "family": self.family,
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -67,8 +69,16 @@ class ErasureResult:
         atomic_write_bytes(path, st_save(tensors, metadata=self.metadata()))
         return path
 
-    def apply(self, pipe: StableDiffusionPipeline, check_base: bool = True) -> StableDiffusionPipeline:
-        """Apply this delta to ``pipe`` in place (refusing a different base) and return it."""
+    def apply(self, pipe: Any, check_base: bool = True) -> Any:
+        """Apply this delta to ``pipe`` in place (refusing a different base or family) and return it."""
+        from erasekit.families import family_of
+
+        family = family_of(pipe)
+        if family.name != self.family:
+            raise ErasekitError(
+                f"this delta was made on a {self.family} model and cannot load into this {family.name} ({family.label}) pipeline; "
+                f"apply it to a {self.family} model of the same base"
+            )
         if check_base and self.base_hash:
             found = weights_hash(pipe)
             if found != self.base_hash:
@@ -81,16 +91,17 @@ class ErasureResult:
             pipe.fuse_lora(adapter_names=["erasekit"])
             pipe.unload_lora_weights()
             return pipe
-        params = dict(pipe.unet.named_parameters())
+        prefix = "unet." if hasattr(pipe, "unet") else "transformer."
+        params = dict(family.denoiser(pipe).named_parameters())
         for key, value in self.delta.items():
-            name = key.removeprefix("unet.")
-            if not key.startswith("unet.") or name not in params:
-                raise ErasekitError(f"the delta changes {key!r}, which this pipeline's UNet does not have; it was made for another architecture")
+            name = key.removeprefix(prefix)
+            if not key.startswith(prefix) or name not in params:
+                raise ErasekitError(f"the delta changes {key!r}, which this pipeline's {prefix[:-1]} does not have; it was made for another architecture")
             if params[name].shape != value.shape:
                 raise ErasekitError(f"shape mismatch for {key}: delta {tuple(value.shape)} vs model {tuple(params[name].shape)}")
         with torch.no_grad():
             for key, value in self.delta.items():
-                target = params[key.removeprefix("unet.")]
+                target = params[key.removeprefix(prefix)]
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
         return pipe
 
@@ -124,6 +135,7 @@ def load_result(path: str | Path) -> ErasureResult:
             base_model_id=meta.get("base_model_id", ""),
             base_hash=meta.get("base_hash", ""),
             timings=json.loads(meta.get("timings", "{}")),
+            family=meta.get("family", "sd"),  # deltas from before the family layer are all SD 1.x/2.x
         )
     except (KeyError, ValueError) as exc:
         raise ErasekitError(f"{path} has a damaged erasekit header ({exc})") from exc

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
-from erasekit.methods.base import ErasureRequest, Progress, register_method
+from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, register_method
 from erasekit.methods.eap import EAPConfig, GumbelSearch
 from erasekit.methods.loop import Setup, erasure_losses, prepare
 from erasekit.models import model_id
@@ -26,6 +26,7 @@ from erasekit.result import ErasureResult
 # toy: 150 steps left a fifth of the circles (ESR-1 81 %, 16 images/class, seed 0); 250 erase them (100 % on 8 images/class)
 TOY_PRESET = {"iterations": 250, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
 FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
+TINY_PRESET = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "concept_space": "toy", "k": 8, "n_centres": 8}  # tests, any family
 
 
 @dataclass
@@ -162,7 +163,8 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
         _record(s, step + 1, cache, erase, preserve, anchor, progress)
 
 
-@register_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).", AGEConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})
+@register_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).", AGEConfig,
+                 {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, lora=True)
 def fit_age(pipe: StableDiffusionPipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:
     """Run AGE; the pipeline is left as it was."""
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
@@ -176,5 +178,5 @@ def fit_age(pipe: StableDiffusionPipeline, request: ErasureRequest, config: AGEC
     return ErasureResult(
         method="age", concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind, config=asdict(config),
         base_model_id=model_id(pipe), base_hash=s.base_hash, history=tuple([*s.history, {"search": search.summary()}]),
-        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)},
+        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)}, family=s.family.name,
     )

@@ -41,27 +41,45 @@ class Method(Protocol):
 ErasureResultT = Any
 
 
+KINDS = ("fine-tune", "closed-form", "inference-time", "text-encoder")
+ALL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, one-line summary, config class, fit function and budget presets."""
+    """A registered method: name, summary, config class, fit function, budget presets, and what it can do.
+
+    The capabilities are what the CLI and the tests read (never the config's fields): the model families
+    it runs on, its kind, whether it checkpoints and resumes, trains LoRA, splits a batch across processes.
+    """
 
     name: str
     summary: str
     config_class: type
     fit: Method
     presets: dict[str, dict[str, Any]]
+    families: tuple[str, ...] = ("sd",)
+    kind: str = "fine-tune"
+    checkpointable: bool = False
+    lora: bool = False
+    distributed: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, summary: str, config_class: type, presets: dict[str, dict[str, Any]] | None = None) -> Callable[[Method], Method]:
-    """Decorator: register ``fit`` under ``name`` (names are unique, lower-case, dash-separated)."""
+def register_method(
+    name: str, summary: str, config_class: type, presets: dict[str, dict[str, Any]] | None = None, **capabilities: Any
+) -> Callable[[Method], Method]:
+    """Decorator: register ``fit`` under ``name`` (unique, lower-case, dash-separated) with its capabilities."""
 
     def wrap(fit: Method) -> Method:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(name, summary, config_class, fit, presets or {})
+        spec = MethodSpec(name, summary, config_class, fit, presets or {}, **capabilities)
+        if spec.kind not in KINDS or not set(spec.families) <= set(ALL_FAMILIES):
+            raise ValueError(f"method {name!r}: unknown kind {spec.kind!r} or family in {spec.families}")
+        _REGISTRY[name] = spec
         return fit
 
     return wrap

@@ -16,13 +16,14 @@ from diffusers import StableDiffusionPipeline
 from erasekit.concepts import concept_space, distances, encode_cond, select_candidates
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
-from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, TrainConfig, register_method
 from erasekit.methods.loop import finetune
 from erasekit.models import model_id
 from erasekit.result import ErasureResult
 
 TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
 FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
+TINY_PRESET = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "concept_space": "toy", "k": 8, "n_centres": 3}  # tests, any family
 PRESERVE_CHOICES = ("adversarial", "random", "nearest", "none")
 
 
@@ -314,7 +315,8 @@ def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors)) if len(tensors) > 1 else tensors[0].norm()
 
 
-@register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig, {"toy": TOY_PRESET, "fast": FAST_PRESET})
+@register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig,
+                 {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)
 def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP's fast path (one weight copy, batched forwards, shared rollouts); ``preserve_choice`` picks the ablation."""
     targets = [t.strip() for t in request.targets]
@@ -323,7 +325,8 @@ def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPC
     return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, rollout_share=config.rollout_share)
 
 
-@register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig, {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET})
+@register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig,
+                 {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)
 def fit_eap_pgd(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP with the PGD search."""
     search = PGDSearch(pipe, [t.strip() for t in request.targets], config)

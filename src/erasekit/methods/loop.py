@@ -152,7 +152,7 @@ def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: Trai
     """Validate the request and build the shared state of a run (under `accelerate launch`: this process's rank and the world size)."""
     started = time.perf_counter()
     dist.check_precision(config.precision)
-    rank, world, _ = dist.distributed(cpu=pipe.unet.device.type == "cpu")
+    rank, world, _ = dist.distributed(cpu=pipe.device.type == "cpu")
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
     base_hash = weights_hash(pipe)
@@ -413,5 +413,5 @@ def finetune(
     return ErasureResult(
         method=method, concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind,
         config=asdict(config), base_model_id=model_id(pipe), base_hash=s.base_hash, history=tuple(history),
-        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)},
+        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)}, family=s.family.name,
     )

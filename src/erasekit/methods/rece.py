@@ -86,6 +86,7 @@ def _select(pipe: StableDiffusionPipeline, snapshots: list[dict[str, torch.Tenso
 @register_method(
     "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
     RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}},
+    kind="closed-form",
 )
 def fit_rece(pipe: StableDiffusionPipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""

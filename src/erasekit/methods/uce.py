@@ -115,6 +115,7 @@ def result(
     # toy: the 2-layer toy CLIP carries the object in the EOS/padding rows after the word, which last-token keys miss
     # (ESR-1 0 %); the old code's rows through EOS, with '' retained, erase it (ESR-1 100 %, PSR-1 83 % on 8 images/class)
     UCEConfig, {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0}},
+    kind="closed-form",
 )
 def fit_uce(pipe: StableDiffusionPipeline, request: ErasureRequest, config: UCEConfig, progress: Progress | None) -> ErasureResult:
     """Solve UCE's closed form for every attn2.to_k/to_v matrix; the pipeline is not modified."""

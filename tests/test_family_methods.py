@@ -1,0 +1,82 @@
+"""Every fine-tuning method on every family it declares, on tiny random models saved to a folder (one row each).
+
+A new method or family is one more row: the table is built from the registry's capabilities and each
+method's ``tiny`` preset, as peft's TEST_CASES are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import erasekit
+from erasekit.errors import ErasekitError
+from erasekit.families import family_of
+from erasekit.families.tiny import build_tiny
+from erasekit.methods import registry
+from erasekit.models import load_pipeline
+from erasekit.result import load_result
+
+CASES = [(m, f) for m, spec in sorted(registry().items()) if "tiny" in spec.presets for f in spec.families]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_tiny(f, root / f) for f in ("sd", "sdxl", "sd3", "flux")}
+
+
+def _images(pipe: object) -> np.ndarray:
+    return family_of(pipe).generate(pipe, ["a red circle"], [0], steps=2, guidance=3.0)
+
+
+def _state(pipe: object) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in family_of(pipe).denoiser(pipe).state_dict().items()}
+
+
+@pytest.mark.parametrize("method, family", CASES)
+def test_method_runs_on_family_and_changes_only_its_parameters(method: str, family: str, folders: dict, tmp_path: Path) -> None:
+    pipe = load_pipeline(str(folders[family]))
+    assert family_of(pipe).name == family
+    before = _state(pipe)
+    result = erasekit.erase(pipe, "circle", method=method, budget="tiny")
+    assert result.family == family and all(torch.equal(v, before[k]) for k, v in _state(pipe).items()), "the pipeline was left changed"
+    fam = family_of(pipe)
+    train_set = result.config["train_method"]
+    prefix = "unet." if family in ("sd", "sdxl") else "transformer."
+    assert {k.removeprefix(prefix) for k in result.delta} == set(fam.parameters(fam.denoiser(pipe), train_set))
+    assert any(not torch.equal(result.delta[prefix + k], before[k]) for k in before if prefix + k in result.delta)
+    # save -> load -> apply gives the same images as applying the result in memory
+    path = result.save(tmp_path / "delta.safetensors")
+    direct = _images(result.apply(load_pipeline(str(folders[family]))))
+    reloaded = _images(load_result(path).apply(load_pipeline(str(folders[family]))))
+    assert np.array_equal(direct, reloaded)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_lora_result_loads_with_the_familys_own_load_lora_weights(family: str, folders: dict, tmp_path: Path) -> None:
+    pipe = load_pipeline(str(folders[family]))
+    base = _images(pipe)
+    result = erasekit.erase(pipe, "circle", method="esd-x", budget="tiny", train_method="lora", lr=1e-1)
+    assert result.kind == "lora" and all(k.startswith(("unet.", "transformer.")) for k in result.delta)
+    fresh = load_pipeline(str(folders[family]))
+    fresh.load_lora_weights({k: v.clone() for k, v in result.delta.items()})  # the family's own loader
+    with_lora = _images(fresh)
+    assert not np.array_equal(with_lora, base)
+    applied = _images(load_result(result.save(tmp_path / "lora.safetensors")).apply(load_pipeline(str(folders[family]))))
+    assert np.abs(applied.astype(int) - with_lora.astype(int)).max() <= 1  # fused against unfused: one uint8 level
+
+
+def test_a_delta_refuses_another_family_and_a_method_its_unsupported_family(folders: dict) -> None:
+    sd = load_pipeline(str(folders["sd"]))
+    result = erasekit.erase(sd, "circle", method="esd-x", budget="tiny")
+    with pytest.raises(ErasekitError, match="made on a sd model and cannot load into this flux") as info:
+        result.apply(load_pipeline(str(folders["flux"])))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ErasekitError, match="uce does not run on FLUX.1 models yet; it supports: sd"):
+        erasekit.erase(load_pipeline(str(folders["flux"])), "circle", method="uce")
+    with pytest.raises(ErasekitError, match="--family sdxl contradicts"):
+        load_pipeline(str(folders["sd"]), family="sdxl")
