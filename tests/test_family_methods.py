@@ -80,3 +80,30 @@ def test_a_delta_refuses_another_family_and_a_method_its_unsupported_family(fold
         erasekit.erase(load_pipeline(str(folders["flux"])), "circle", method="uce")
     with pytest.raises(ErasekitError, match="--family sdxl contradicts"):
         load_pipeline(str(folders["sd"]), family="sdxl")
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_cli_erase_generate_evaluate_on_a_saved_folder_of_each_family(family: str, folders: dict, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    runner = CliRunner()
+    model, run = str(folders[family]), tmp_path / "run"
+    erased = runner.invoke(app, ["erase", "--model", model, "--concept", "circle", "--method", "eap", "--budget", "tiny", "--out", str(run)])
+    assert erased.exit_code == 0, erased.output
+    assert load_result(run / "delta.safetensors").family == family
+    grid = runner.invoke(app, ["generate", "--model", model, "--delta", str(run), "--prompt", "a red circle", "--images", "1",
+                               "--steps", "2", "--out", str(tmp_path / "g.png")])
+    assert grid.exit_code == 0, grid.output
+    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
+    evaluated = runner.invoke(app, ["evaluate", str(run), "--suite", "toy-objects", "--images-per-class", "1", "--steps", "2",
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert evaluated.exit_code == 0, evaluated.output
+    record = json.loads((run / "eval-toy-objects.json").read_text())
+    assert set(record["metrics"]) == {"base", "erased"}
+    forced = runner.invoke(app, ["erase", "--model", model, "--family", "flux" if family != "flux" else "sd", "--concept", "circle",
+                                 "--budget", "tiny", "--out", str(tmp_path / "other")])
+    assert forced.exit_code == 2 and "contradicts" in forced.stderr and not (tmp_path / "other").exists()

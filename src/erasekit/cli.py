@@ -130,6 +130,7 @@ def erase(
     ctx: typer.Context,
     concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to erase (repeat for several)."),
     model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux); read from the folder's model_index.json when not given."),
     method: str = typer.Option("eap", "--method", help="Registered method (see `erasekit methods`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to create (delta.safetensors, history.json, run.json)."),
     preserve: list[str] = typer.Option([], "--preserve", help="Concept to keep, in addition to the adversarial one (repeatable)."),
@@ -148,6 +149,7 @@ def erase(
         if resume is not None:
             request = read_request(resume)
             out, model, method, device = resume, request["model"], request["method"], request.get("device", device)
+            family = request.get("family")
             concept, preserve = request["concepts"], request["preserve"]
             spec = get_method(method)
             cfg = make_config(spec, None, **request["config"])
@@ -178,8 +180,8 @@ def erase(
         from erasekit.distributed import distributed, resolve_device
         from erasekit.models import load_pipeline
 
-        pipe = load_pipeline(model, device=resolve_device(device))
-        rank, _, barrier = distributed(cpu=pipe.unet.device.type == "cpu")
+        pipe = load_pipeline(model, device=resolve_device(device), family=family)
+        rank, _, barrier = distributed(cpu=pipe.device.type == "cpu")
         console.quiet = rank != 0  # under accelerate launch the main process reports and writes
         barrier()  # every process has checked --out before the main process creates it
         work = partial_dir(out)
@@ -189,7 +191,7 @@ def erase(
                 work.mkdir()
             except OSError as exc:
                 raise ErasekitError(f"cannot create {work}: {exc.strerror or exc}; choose a writable --out") from None
-            write_request(work, {"model": model, "method": method, "concepts": concept, "preserve": list(preserve), "device": device,
+            write_request(work, {"model": model, "family": family, "method": method, "concepts": concept, "preserve": list(preserve), "device": device,
                                  "config": dataclasses.asdict(cfg), "checkpoint_every": checkpoint_every, "argv": sys.argv})
         total = getattr(cfg, "iterations", 1)
         console.print(plan_line(method, cfg))
@@ -229,7 +231,7 @@ def plan_line(method: str, cfg: Any) -> str:
         rollouts, how = 4 * steps, "faithful: 2 iterations per model step, 2 rollouts each"
     else:
         rollouts, how = -(-steps // reuse), f"one batched rollout per {reuse} step(s)"
-    return f"{method}: {steps} model steps, {rollouts} DDIM rollouts of up to {getattr(cfg, 'ddim_steps', 0)} steps ({how})"
+    return f"{method}: {steps} model steps, {rollouts} rollouts of up to {getattr(cfg, 'ddim_steps', 0)} steps ({how})"
 
 
 class Estimate:
@@ -262,6 +264,7 @@ def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Text file, one prompt per line."),
     model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux); read from the folder when not given."),
     delta: Optional[Path] = typer.Option(None, "--delta", help="Erasure delta (file or run folder): base and erased side by side."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG grid to write."),
     images: int = typer.Option(4, "--images", help="Images per prompt."),
@@ -296,7 +299,7 @@ def generate(
         from erasekit.result import load_result
         from erasekit.sampling import generate as gen_images
 
-        pipe = load_pipeline(model, device=device)
+        pipe = load_pipeline(model, device=device, family=family)
         for p in prompts:
             check_prompt(pipe, p, "prompt")
         result = load_result(_resolve_delta(delta)) if delta is not None else None

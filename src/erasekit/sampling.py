@@ -134,6 +134,14 @@ def generate(
     """Images (uint8 N x H x W x 3) for prompts with one seed each; the same seed gives the same image."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    from erasekit.families import family_of
+
+    family = family_of(pipe)
+    if family.name != "sd":  # the other families sample through their own pipeline, one seed per image
+        images = family.generate(pipe, prompts, seeds, steps, guidance)
+        if progress:
+            progress(len(prompts))
+        return images
     pipe.set_progress_bar_config(disable=True)
     device = pipe.unet.device
     out = []

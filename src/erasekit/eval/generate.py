@@ -89,7 +89,9 @@ class GenerationCache:
 
 def sampler_settings(pipe: StableDiffusionPipeline, steps: int, guidance: float) -> SamplerSettings:
     """The settings of images this pipeline generates (size from its UNet and VAE)."""
-    side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    from erasekit.families import family_of
+
+    side = family_of(pipe).image_size(pipe)
     return SamplerSettings(steps=int(steps), guidance=float(guidance), height=side, width=side)
 
 
@@ -129,7 +131,7 @@ def generate_cached(
     model_hash = model_hash or weights_hash(pipe)
     keys = [image_key(model_hash, p, s, sampler_settings(pipe, steps, g)) for p, s, g in zip(prompts, seeds, scales)]
     counts = Counter(keys)
-    rank, world, barrier = distributed(cpu=pipe.unet.device.type == "cpu")
+    rank, world, barrier = distributed(cpu=pipe.device.type == "cpu")
     found = {key: cache.get(key) for key in counts}
     barrier()  # every process splits the work from the same view of the cache
     if progress and (cached := sum(found[k] is not None for k in keys)):

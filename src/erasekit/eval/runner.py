@@ -87,7 +87,7 @@ def run_suite(
         model_hash = weights_hash(pipe)
         tick = (lambda n, name=name: progress(name, n, len(plan.prompts))) if progress else None
         gen = generate_cached(pipe, plan.prompts, plan.seeds, cache, settings.steps, plan.guidance, settings.batch_size, tick, model_hash)
-        scores[name] = score_sharded(scorer, gen.images, gen.paths, plan, pipe.unet.device)
+        scores[name] = score_sharded(scorer, gen.images, gen.paths, plan, pipe.device)
         images[name] = gen.images
         record["metrics"][name] = suite.measure(plan, scores[name])
         record["generated"][name] = gen.generated

@@ -211,6 +211,10 @@ class Family(ABC):
             raise ErasekitError(f"train method {train_set!r} selects no parameter of this {self.label} model")
         return chosen
 
+    @abstractmethod
+    def image_size(self, pipe: Any) -> int:
+        """Pixels per side of the images the pipeline generates by default."""
+
     def start_noise(self, pipe: Any, generator: torch.Generator) -> torch.Tensor:
         """One start noise of :meth:`latent_shape` (drawn on the CPU, so a seed means the same noise everywhere)."""
         return torch.randn(self.latent_shape(pipe), generator=generator)

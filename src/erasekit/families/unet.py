@@ -28,6 +28,10 @@ class UNetFamily(Family):
         """DDIM (eta 0) on the pipeline's DDPM betas, ε or v as its scheduler says."""
         return DDIMSchedule(pipe.scheduler.config, steps)
 
+    def image_size(self, pipe: Any) -> int:
+        """Pixels per side: the UNet's sample size times the VAE's downsampling."""
+        return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
     def latent_shape(self, pipe: Any) -> tuple[int, ...]:
         """(1, C, H, W) at the UNet's sample size."""
         c = pipe.unet.config
