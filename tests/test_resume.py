@@ -123,3 +123,33 @@ def test_sigint_to_a_real_erase_saves_a_checkpoint_and_says_how_to_resume(tiny_d
     assert reference.keys() == b.keys()
     # the first Ctrl-C lets the current step finish and checkpoints at its boundary, so the resume is exact
     assert all(torch.equal(reference[k], b[k]) for k in b)
+
+
+CHECKPOINTABLE = sorted(name for name, spec in __import__("erasekit.methods", fromlist=["registry"]).registry().items()
+                        if spec.checkpointable and "tiny" in spec.presets)
+
+
+@pytest.mark.parametrize("method", CHECKPOINTABLE)
+@pytest.mark.parametrize("faithful", [False, True])
+def test_every_checkpointable_method_resumes_exactly_after_ctrl_c(method: str, faithful: bool, tmp_path: Path) -> None:
+    import dataclasses
+
+    from erasekit.methods import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    if faithful and "faithful" not in fields:
+        pytest.skip(f"{method} has no faithful mode")
+    settings = {"budget": "tiny", "iterations": 6, **({"faithful": True} if faithful else {}),
+                **({"rollout_reuse": 2} if "rollout_reuse" in fields and not faithful else {})}
+    reference = erasekit.erase(tiny_pipeline(), "circle", method=method, **settings)
+    spec = CheckpointSpec(tmp_path / "work", every=0)
+
+    def interrupt(step: int, total: int, record: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ErasekitError, match="checkpoint of step 4"):
+        erasekit.erase(tiny_pipeline(), "circle", method=method, progress=interrupt, checkpoint=spec, **settings)
+    resumed = erasekit.erase(tiny_pipeline(), "circle", method=method, checkpoint=spec, **settings)
+    assert all(torch.equal(reference.delta[k], resumed.delta[k]) for k in reference.delta)
+    assert [h["step"] for h in resumed.history if "step" in h] == list(range(1, 7))

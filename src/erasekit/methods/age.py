@@ -8,8 +8,7 @@ whole-prompt embeddings, and the same c_t is the preserved concept (DESIGN.md §
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ from erasekit.errors import ErasekitError
 from erasekit.families import Cond
 from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, register_method
 from erasekit.methods.eap import EAPConfig, GumbelSearch
-from erasekit.methods.loop import Setup, erasure_losses, prepare
-from erasekit.models import model_id
+from erasekit.methods.loop import erasure_losses
+from erasekit.methods.trainer import Setup, prepare, train
 from erasekit.result import ErasureResult
 
 # toy: 150 steps left a fifth of the circles (ESR-1 81 %, 16 images/class, seed 0); 250 erase them (100 % on 8 images/class)
@@ -135,23 +134,29 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
     """Fast path: one backward serves both players (theta descends erase + lambda preserve, pi ascends preserve).
 
     Faithful path: 2 x iterations, even = model step, odd = pi step, with fresh rollouts every iteration.
+    Both start at ``s.done`` (a resumed run) and report every finished step to ``s.after_step``.
     """
     search, cache = anchor.search, None
     if config.faithful:
-        for it in range(2 * config.iterations):
+        for it in range(2 * s.done, 2 * config.iterations):
+            s.between_steps = False
             erase, preserve, cache = age_step(s, anchor, None, True, it // 2)
             s.optimizer.zero_grad(set_to_none=True)
             if it % 2 == 0:
                 (erase + config.preserve_weight * preserve).backward()
                 s.optimizer.step()
                 _clear(search)
-                _record(s, it // 2 + 1, cache, erase, preserve, anchor, progress)
-            else:
-                (config.preserve_weight * preserve).backward()
-                s.optimizer.zero_grad(set_to_none=True)
-                search.ascend(cache["j"])
+                model_step = (cache, erase.detach(), preserve.detach())  # reported once its pi step is done too
+                continue
+            (config.preserve_weight * preserve).backward()
+            s.optimizer.zero_grad(set_to_none=True)
+            search.ascend(cache["j"])
+            s.done, s.between_steps = it // 2 + 1, True
+            _record(s, s.done, *model_step, anchor, progress)
+            s.after_step(erase, preserve, search, boundary=True)
         return
-    for step in range(config.iterations):
+    for step in range(s.done, config.iterations):
+        s.between_steps = False
         erase, preserve, cache = age_step(s, anchor, cache, step % config.rollout_reuse == 0, step)
         s.optimizer.zero_grad(set_to_none=True)
         (erase + config.preserve_weight * preserve).backward()
@@ -160,23 +165,17 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
             search.ascend(cache["j"])
         else:
             _clear(search)
+        s.done, s.between_steps = step + 1, True
         _record(s, step + 1, cache, erase, preserve, anchor, progress)
+        s.after_step(erase, preserve, search, boundary=s.done % config.rollout_reuse == 0)
 
 
 @register_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).", AGEConfig,
-                 {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, lora=True)
+                 {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, lora=True, checkpointable=True)
 def fit_age(pipe: StableDiffusionPipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:
-    """Run AGE; the pipeline is left as it was."""
+    """Run AGE through the shared run life cycle (checkpoints, resume, Ctrl-C); the pipeline is left as it was."""
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
     s = prepare(pipe, request, config, separate_copy=config.faithful)
-    setup_s = time.perf_counter() - s.started
-    try:
-        age_loop(s, AdaptiveAnchor(search, config), config, progress)
-        delta, kind = s.trainable.delta()
-    finally:
-        s.trainable.restore()
-    return ErasureResult(
-        method="age", concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind, config=asdict(config),
-        base_model_id=model_id(pipe), base_hash=s.base_hash, history=tuple([*s.history, {"search": search.summary()}]),
-        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)}, family=s.family.name,
-    )
+    anchor = AdaptiveAnchor(search, config)
+    period = 1 if config.faithful else config.rollout_reuse  # a checkpoint is exact where no rollout carries over
+    return train(s, request, "age", lambda s, progress: age_loop(s, anchor, config, progress), search, period, progress)

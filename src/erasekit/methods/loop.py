@@ -7,53 +7,19 @@ frozen copy, redoes both rollouts every iteration and alternates model and searc
 
 from __future__ import annotations
 
-import signal
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
 from erasekit import distributed as dist
-from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
-from erasekit.methods import checkpoint as ckpt
-from erasekit.families import Cond, Family, Level, Schedule
-from erasekit.methods.base import ErasureRequest, Progress, TrainableModel, TrainConfig, esd_target, release_after_setup
-from erasekit.models import model_id, weights_hash
+from erasekit.families import Cond, Level
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, esd_target
+from erasekit.methods.trainer import Draw, Search, Setup, ToX0, prepare, train
 from erasekit.result import ErasureResult
-
-
-class Draw(Protocol):
-    """One draw of the search: its concept's name, and its embedding rebuilt from the current logits."""
-
-    name: str
-
-    def embedding(self) -> Cond:
-        """The differentiable adversarial conditioning (one row) of this draw."""
-
-
-class Search(Protocol):
-    """An adversarial search over concepts to preserve (EAP's Gumbel-Softmax, or PGD)."""
-
-    def draw(self, target: int, generator: torch.Generator) -> Draw:
-        """Draw the adversarial concept for ``target`` (one hard sample)."""
-
-    def ascend(self, target: int) -> None:
-        """Apply the accumulated gradient as a maximisation step and clear it."""
-
-    def leader(self, target: int) -> str:
-        """The concept the search currently finds most sensitive."""
-
-    def summary(self) -> dict[str, Any]:
-        """Final state (for the history file)."""
-
-
-ToX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def term_loss(pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor, to_x0: ToX0, space: str) -> torch.Tensor:
@@ -75,97 +41,6 @@ def erasure_losses(
     terms = [term_loss(pred[i : i + 1], frozen[i + 1 : i + 2], x[i : i + 1], to_x0, space) for i in range(1, len(x))]
     preserve = torch.stack(terms).sum() if terms else torch.zeros((), device=pred.device)
     return erase, preserve
-
-
-@dataclass
-class Setup:
-    """Everything a loop needs, prepared once: embeddings, schedules, the trainable model."""
-
-    pipe: StableDiffusionPipeline
-    config: TrainConfig
-    targets: list[str]
-    preserve: list[str]
-    emb_null: Cond
-    emb_targets: Cond
-    emb_preserve: Cond | None
-    family: Family
-    schedule: Schedule
-    trainable: TrainableModel
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    base_hash: str
-    started: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint: ckpt.CheckpointSpec | None = None
-    done: int = 0  # completed model steps
-    saved: int = 0  # model steps in the newest checkpoint
-    interrupted: bool = False  # Ctrl-C arrived: stop (and checkpoint) at the next step boundary
-    between_steps: bool = True  # no step is under way: the state (RNG included) is exactly that of ``done`` steps
-    rank: int = 0  # this process under `accelerate launch` (0 alone)
-    world: int = 1  # processes sharing each step's batch of rollout points
-
-    def after_step(self, erase: torch.Tensor, preserve: torch.Tensor, search: Any, boundary: bool) -> None:
-        """Guard against NaN/inf and checkpoint at round boundaries every ``checkpoint.every`` steps."""
-        if not (torch.isfinite(erase) and torch.isfinite(preserve)):
-            where = f"; the last good checkpoint (step {self.saved}) is kept in {self.checkpoint.folder}" if self.checkpoint and self.saved else ""
-            raise ErasekitError(f"the loss became {erase.item():.3g}/{preserve.item():.3g} (erase/preserve) at step {self.done}{where}; lower --lr and run again")
-        if self.interrupted and boundary:  # a whole step is done and nothing of the next one is drawn yet
-            if self.checkpoint is not None and self.done > self.saved:
-                self.save(search)
-            raise KeyboardInterrupt
-        spec = self.checkpoint
-        if spec and spec.every and boundary and self.done % spec.every == 0 and self.done < self.config.iterations:
-            self.save(search)
-
-    def save(self, search: Any) -> None:
-        """Write a checkpoint of the completed steps (the main process writes; every process knows it exists)."""
-        if self.checkpoint is not None:
-            ckpt.save(self.checkpoint, self.done, self, search)
-            self.saved = self.done
-
-    @property
-    def uncond(self) -> Cond | None:
-        """The rollout's unconditional branch (None for guidance-distilled families, which take no CFG)."""
-        return self.emb_null if self.family.uses_cfg else None
-
-    def conditions(self, j: int, draw: Draw | None, step: int) -> list[Cond]:
-        """Rollout conditions: [c_e] + [hard adversarial c_a] + [the explicit preserve concept of this step]."""
-        conds = [self.emb_targets[j]]
-        if draw is not None:
-            conds.append(draw.embedding().detach())
-        if self.emb_preserve is not None:
-            p = step % len(self.preserve)
-            conds.append(self.emb_preserve[p])
-        return conds
-
-    def draw_levels(self, points: int) -> tuple[list[Level], torch.Tensor]:
-        """``points`` rollout points (k, queried t, grid level) along one trajectory, and its start noise."""
-        levels = [self.schedule.draw(self.generator) for _ in range(points)]
-        return levels, self.family.start_noise(self.pipe, self.generator).to(self.trainable.device)
-
-    def to_x0(self, level: Level) -> ToX0:
-        """The x0 map at ``level``'s grid point (DDIM: the reference's ``ddim_alphas[k]``)."""
-        return lambda x, out: self.schedule.to_x0(x, out, level)
-
-
-def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
-    """Validate the request and build the shared state of a run (under `accelerate launch`: this process's rank and the world size)."""
-    started = time.perf_counter()
-    dist.check_precision(config.precision)
-    rank, world, _ = dist.distributed(cpu=pipe.device.type == "cpu")
-    targets = [check_prompt(pipe, t, "concept") for t in request.targets]
-    preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
-    base_hash = weights_hash(pipe)
-    trainable = TrainableModel(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy)
-    family = trainable.family
-    return Setup(
-        pipe=pipe, config=config, targets=targets, preserve=preserve,
-        emb_null=family.uncond(pipe), emb_targets=encode_cond(pipe, targets),
-        emb_preserve=encode_cond(pipe, preserve) if preserve else None,
-        family=family, schedule=family.schedule(pipe, config.ddim_steps),
-        trainable=trainable, optimizer=torch.optim.Adam(list(trainable.params.values()), lr=config.lr),
-        generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started, rank=rank, world=world,
-    )
 
 
 def _record(s: Setup, step: int, j: int, erase: torch.Tensor, preserve: torch.Tensor, draw: Draw | None, search: Search | None, progress: Progress | None) -> None:
@@ -331,12 +206,9 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
         if model_step:
             (erase + cfg.preserve_weight * preserve).backward()
             s.optimizer.step()
-            if search:
-                for logits in getattr(search, "logits", []):
-                    logits.grad = None
-                for tensor in search_tensors(search):
-                    tensor.grad = None
-            _record(s, it // per_step + 1, j, erase, preserve, draw, search, progress)
+            for tensor in search_tensors(search):
+                tensor.grad = None
+            reported = (j, erase.detach(), preserve.detach(), draw)  # reported once the search step of the pair is done
         else:
             preserve.backward()
             s.optimizer.zero_grad(set_to_none=True)
@@ -344,26 +216,8 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
         if (it + 1) % per_step == 0:
             s.done = (it + 1) // per_step
             s.between_steps = True
+            _record(s, s.done, *reported, search, progress)
             s.after_step(erase, preserve, search, boundary=True)
-
-
-def _defer_ctrl_c(s: Setup) -> Callable[[], None]:
-    """Make the first Ctrl-C finish the current step and checkpoint at its boundary (a second one stops at once).
-
-    A checkpoint taken mid-step would hold a random-number state already advanced by that step, so the resumed
-    run would differ from an uninterrupted one. Returns a function that puts the previous handler back.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
-    fallback = previous if previous is not None else signal.default_int_handler
-
-    def first(signum: int, frame: Any) -> None:
-        s.interrupted = True
-        signal.signal(signal.SIGINT, fallback)
-
-    signal.signal(signal.SIGINT, first)
-    return lambda: signal.signal(signal.SIGINT, fallback)
 
 
 def finetune(
@@ -381,37 +235,13 @@ def finetune(
 ) -> ErasureResult:
     """Erase ``request.targets`` with the ESD objective plus adversarial/explicit preservation terms."""
     s = setup or prepare(pipe, request, config, separate_copy=faithful)
-    release_after_setup(pipe, request)  # every embedding (targets, candidates, preserve) exists by now
     if faithful and (config.batch_size != 1 or config.precision != "fp32" or s.world > 1):
         raise ErasekitError("faithful mode follows the reference: one process, batch_size 1, fp32; drop --faithful to scale out")
-    if config.batch_size < s.world:
-        raise ErasekitError(f"batch_size {config.batch_size} is smaller than the {s.world} processes; pass --batch-size {s.world} (or a multiple) so every process has rollouts")
-    if request.checkpoint is not None:
-        s.checkpoint = request.checkpoint
-        s.done = s.saved = ckpt.load(request.checkpoint, s, search)
-    setup_s = time.perf_counter() - s.started
-    try:
-        restore = _defer_ctrl_c(s)
-        try:
-            if faithful:
-                faithful_loop(s, loss_space, search, progress)
-            else:
-                fast_loop(s, loss_space, search, rollout_reuse, progress, rollout_share)
-        except KeyboardInterrupt:
-            # a Ctrl-C already checkpointed at a boundary; an interrupt between steps (from a progress callback) can still be
-            # saved exactly; one in the middle of a step (a second Ctrl-C) keeps the last checkpoint
-            if s.checkpoint is not None and s.between_steps and s.done % (1 if faithful else rollout_reuse * rollout_share) == 0 and s.done > s.saved:
-                s.save(search)
-            where = f"a checkpoint of step {s.saved} is in {s.checkpoint.folder}" if s.checkpoint and s.saved else "no checkpoint was written"
-            raise ErasekitError(f"interrupted after step {s.done}; {where}") from None
-        finally:
-            restore()
-        delta, kind = s.trainable.delta()
-    finally:
-        s.trainable.restore()
-    history = list(s.history) + ([{"search": search.summary()}] if search else [])
-    return ErasureResult(
-        method=method, concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind,
-        config=asdict(config), base_model_id=model_id(pipe), base_hash=s.base_hash, history=tuple(history),
-        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)}, family=s.family.name,
-    )
+
+    def loop(s: Setup, progress: Progress | None) -> None:
+        if faithful:
+            faithful_loop(s, loss_space, search, progress)
+        else:
+            fast_loop(s, loss_space, search, rollout_reuse, progress, rollout_share)
+
+    return train(s, request, method, loop, search, 1 if faithful else rollout_reuse * rollout_share, progress)
