@@ -6,8 +6,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
-
 from erasekit.errors import ErasekitError
 from erasekit.methods import ErasureRequest, get_method, make_config
 from erasekit.methods.base import Progress

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, family_of
+from erasekit.families.base import Pipeline
 
 _WORD = re.compile(r"^[A-Za-z][A-Za-z \-]*$")
 
@@ -25,7 +25,7 @@ class ConceptSpace:
     words: tuple[str, ...]
 
 
-def concept_space(source: str, pipe: StableDiffusionPipeline | None = None) -> ConceptSpace:
+def concept_space(source: str, pipe: Pipeline | None = None) -> ConceptSpace:
     """Resolve ``toy`` (the world's vocabulary), ``clip`` (the tokenizer's whole words) or a word-list file."""
     if source == "toy":
         from erasekit.world.vocab import load_vocab
@@ -47,7 +47,7 @@ def concept_space(source: str, pipe: StableDiffusionPipeline | None = None) -> C
     return ConceptSpace(path.stem, tuple(words))
 
 
-def check_prompt(pipe: StableDiffusionPipeline, text: str, what: str = "concept") -> str:
+def check_prompt(pipe: Pipeline, text: str, what: str = "concept") -> str:
     """Strip ``text`` and refuse empty prompts and prompts longer than the encoder's 77 tokens."""
     text = (text or "").strip()
     if not text:
@@ -70,7 +70,7 @@ def encode_cond(pipe: Any, prompts: list[str], batch_size: int = 64) -> Cond:
 
 
 @torch.no_grad()
-def encode(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+def encode(pipe: Pipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Full text-encoder outputs (N x 77 x d last hidden states), the conditioning an SD 1.x/2.x UNet sees."""
     return encode_cond(pipe, prompts, batch_size).parts["hidden"]
 

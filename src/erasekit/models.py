@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from erasekit.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from erasekit.errors import ErasekitError
+from erasekit.families.base import Pipeline
 
 TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "lora")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -28,8 +28,8 @@ def toy_dir() -> Path:
     return Path(str(resources.files("erasekit.world").joinpath("assets/toy")))
 
 
-def toy_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The shipped toy StableDiffusionPipeline, loaded offline with ``from_pretrained``."""
+def toy_pipeline(dtype: torch.dtype = torch.float32) -> Pipeline:
+    """The shipped toy Pipeline, loaded offline with ``from_pretrained``."""
     folder = toy_dir() / "pipeline"
     if not (folder / "model_index.json").exists():
         raise ErasekitError("the toy model is not shipped in this install; build it with `erasekit world train --out DIR` and pass --model DIR")
@@ -39,7 +39,8 @@ def toy_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False, family: str = "sd") -> Any:
-    from diffusers import DiffusionPipeline
+
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     try:
         if family == "sd":
@@ -48,14 +49,14 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False, 
             )
         else:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_only)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ErasekitError(f"cannot load a {family} pipeline from {source!r} ({first}); pass a diffusers folder, a hub id you have cached, or 'toy'") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def release_unused(pipe: StableDiffusionPipeline) -> int:
+def release_unused(pipe: Pipeline) -> int:
     """Free the text encoder's and VAE's weights of a pipeline whose UNet alone is used from now on; returns bytes freed.
 
     For a caller that will not use the pipeline again (the CLI's ``erase``): the embeddings a fine-tuning run
@@ -108,7 +109,7 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     return pipe.to(device)
 
 
-def model_id(pipe: StableDiffusionPipeline) -> str:
+def model_id(pipe: Pipeline) -> str:
     """A human-readable identifier of the pipeline's base model."""
     return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")
 
@@ -151,7 +152,7 @@ def select_parameters(unet: nn.Module, train_method: str) -> dict[str, nn.Parame
     return chosen
 
 
-def add_lora(unet: nn.Module, rank: int, targets: list[str] | None = None) -> dict[str, nn.Parameter]:
+def add_lora(unet: Any, rank: int, targets: list[str] | None = None) -> dict[str, nn.Parameter]:
     """Attach a PEFT LoRA adapter of ``rank`` to every attention projection (``targets``); return its parameters."""
     from peft import LoraConfig
 
@@ -163,7 +164,7 @@ def add_lora(unet: nn.Module, rank: int, targets: list[str] | None = None) -> di
 
 
 @contextmanager
-def lora_disabled(unet: nn.Module) -> Iterator[None]:
+def lora_disabled(unet: Any) -> Iterator[None]:
     """Run the UNet as its frozen base: the LoRA adapter switched off."""
     unet.disable_adapters()
     try:
@@ -172,7 +173,7 @@ def lora_disabled(unet: nn.Module) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def lora_state_dict(unet: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: Any, prefix: str = "unet") -> dict[str, torch.Tensor]:
     """The adapter's weights in diffusers' LoRA key format (loadable with ``load_lora_weights``)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -181,7 +182,7 @@ def lora_state_dict(unet: nn.Module, prefix: str = "unet") -> dict[str, torch.Te
     return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def remove_lora(unet: nn.Module) -> None:
+def remove_lora(unet: Any) -> None:
     """Drop the erasekit adapter and PEFT's wrapper layers: the UNet is its base module again (same state-dict keys)."""
     unet.delete_adapters(LORA_ADAPTER)
     if not getattr(unet, "peft_config", None):  # no other adapter left: unwrap the layers PEFT injected

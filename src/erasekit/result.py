@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from erasekit import __version__
 from erasekit.errors import ErasekitError
+from erasekit.families.base import Pipeline
 from erasekit.models import atomic_write_bytes, weights_hash
 
 FORMAT = "erasekit-delta"
@@ -141,6 +141,6 @@ def load_result(path: str | Path) -> ErasureResult:
         raise ErasekitError(f"{path} has a damaged erasekit header ({exc})") from exc
 
 
-def load(pipe: StableDiffusionPipeline, path: str | Path, check_base: bool = True) -> StableDiffusionPipeline:
+def load(pipe: Pipeline, path: str | Path, check_base: bool = True) -> Pipeline:
     """Apply the delta saved at ``path`` to ``pipe`` (in place) and return the pipeline."""
     return load_result(path).apply(pipe, check_base=check_base)

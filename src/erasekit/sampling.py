@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
+
+from erasekit.families.base import Pipeline
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def ddim_scheduler(pipe: StableDiffusionPipeline, steps: int) -> DDIMScheduler:
+def ddim_scheduler(pipe: Pipeline, steps: int) -> DDIMScheduler:
     """A private DDIM scheduler with the pipeline's noise schedule, set to ``steps`` steps (eta 0)."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
@@ -31,7 +34,7 @@ def unet_eps(unet: torch.nn.Module) -> EpsFn:
 @torch.no_grad()
 def rollout(
     eps_fn: EpsFn,
-    scheduler: DDIMScheduler,
+    scheduler: Any,
     start: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -50,7 +53,7 @@ def rollout(
 @torch.no_grad()
 def rollout_states(
     eps_fn: EpsFn,
-    scheduler: DDIMScheduler,
+    scheduler: Any,
     start: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -86,7 +89,7 @@ class Level:
     grid_t: int
 
 
-def grid_steps(scheduler: DDIMScheduler, k: int) -> tuple[int, int]:
+def grid_steps(scheduler: Any, k: int) -> tuple[int, int]:
     """(DDIM steps from pure noise, grid timestep) that leave x_t at the noise level of bin ``k``.
 
     The grid (``scheduler.timesteps``) runs downwards from pure noise; after n steps the state sits at the n-th
@@ -100,7 +103,7 @@ def grid_steps(scheduler: DDIMScheduler, k: int) -> tuple[int, int]:
     return len(grid) - 1 - k, grid[len(grid) - 1 - k]
 
 
-def draw_level(scheduler: DDIMScheduler, generator: torch.Generator) -> Level:
+def draw_level(scheduler: Any, generator: torch.Generator) -> Level:
     """Draw k uniform in 0..S-1 and the DDPM timestep queried for it (the reference's two draws, in its order)."""
     n = len(scheduler.timesteps)
     k = int(torch.randint(n, (1,), generator=generator))
@@ -123,7 +126,7 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) ->
 
 @torch.no_grad()
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int = 25,

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from erasekit.errors import ErasekitError
-from erasekit.families.base import Cond, Family, Level, Schedule
+from erasekit.families.base import Cond, Family, Level, Pipeline, Schedule
 
-__all__ = ["Cond", "Family", "Level", "Schedule", "detect", "families", "family_of", "get_family"]
+__all__ = ["Cond", "Family", "Level", "Pipeline", "Schedule", "detect", "families", "family_of", "get_family"]
 
 
 def families() -> dict[str, Family]:

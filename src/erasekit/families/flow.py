@@ -143,7 +143,7 @@ class Flux(FlowFamily):
     def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The flow velocity on packed latents; the transformer takes σ (not 1000 σ) and the embedded guidance."""
         guidance = None
-        if model.config.guidance_embeds:
+        if getattr(model.config, "guidance_embeds", False):
             guidance = torch.full((x.shape[0],), float(cond.static["guidance"]), device=x.device, dtype=torch.float32)
         return model(hidden_states=x, timestep=(t / 1000).to(x.dtype), guidance=guidance, pooled_projections=cond.parts["pooled"],
                      encoder_hidden_states=cond.parts["hidden"], txt_ids=cond.static["txt_ids"], img_ids=cond.static["img_ids"],

@@ -97,6 +97,7 @@ class SDXL(UNetFamily):
             out = encoder(_tokens(tokenizer, prompts, encoder.device), output_hidden_states=True)
             pooled = out[0]  # the projected pooled output of the last encoder is what the UNet takes
             hidden.append(out.hidden_states[-2])
+        assert pooled is not None, "SDXL has a second text encoder"
         size = pipe.default_sample_size * pipe.vae_scale_factor
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden[0].dtype).expand(len(prompts), 6)
         return Cond({"hidden": torch.cat(hidden, dim=-1), "pooled": pooled, "time_ids": time_ids.to(hidden[0].device)})

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, register_method
 from erasekit.methods.eap import EAPConfig, GumbelSearch
 from erasekit.methods.loop import erasure_losses
@@ -172,7 +172,7 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
 
 @register_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).", AGEConfig,
                  {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, lora=True, checkpointable=True)
-def fit_age(pipe: StableDiffusionPipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:
+def fit_age(pipe: Pipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:
     """Run AGE through the shared run life cycle (checkpoints, resume, Ctrl-C); the pipeline is left as it was."""
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)
     s = prepare(pipe, request, config, separate_copy=config.faithful)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from diffusers import StableDiffusionPipeline
 from torch import nn
 from torch.func import functional_call
 
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, Family, family_of
+from erasekit.families.base import Pipeline
 from erasekit.models import add_lora, lora_disabled, lora_state_dict, remove_lora
 
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -34,7 +34,7 @@ class ErasureRequest:
 class Method(Protocol):
     """Every method has the same signature, so they compose (k-diffusion style)."""
 
-    def __call__(self, pipe: StableDiffusionPipeline, request: ErasureRequest, config: Any, progress: Progress | None) -> "ErasureResultT":
+    def __call__(self, pipe: Pipeline, request: ErasureRequest, config: Any, progress: Progress | None) -> ErasureResultT:
         """Fit the erasure and return an ErasureResult; the pipeline is left as it was."""
 
 
@@ -244,7 +244,7 @@ class TrainableModel:
 TrainableUNet = TrainableModel  # the name the SD-only code used
 
 
-def release_after_setup(pipe: StableDiffusionPipeline, request: ErasureRequest) -> None:
+def release_after_setup(pipe: Pipeline, request: ErasureRequest) -> None:
     """Free the text encoder and VAE when the request allows it (call once every embedding is computed)."""
     if request.release_unused:
         from erasekit.models import release_unused

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from erasekit.concepts import check_prompt, encode
 from erasekit.errors import ErasekitError
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, Progress, register_method
 from erasekit.models import TRAIN_METHODS, model_id, select_parameters, weights_hash
 from erasekit.result import ErasureResult
@@ -103,7 +103,7 @@ def fill(template: str, concept: str) -> str:
 
 
 @torch.no_grad()
-def anchor_latents(pipe: StableDiffusionPipeline, prompts: list[str], config: CAConfig, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
+def anchor_latents(pipe: Pipeline, prompts: list[str], config: CAConfig, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
     """The pipeline's own generations for the anchor prompts, as final DDIM latents (no VAE round trip)."""
     unet, scheduler = pipe.unet, ddim_scheduler(pipe, config.ddim_steps)
     c = unet.config
@@ -166,7 +166,7 @@ def ablate(
     # PSR-1 42 %, 1e-4 100 % at 17 %); 4e-5 is the smallest that erases, 20x the paper's 2e-6 for a 3 M-parameter model
     CAConfig, {"toy": {"lr": 4e-5, "anchor_images": 64, "ddim_steps": 20, "iterations": 150}, "fast": {"anchor_images": 64, "ddim_steps": 25}},
 )
-def fit_ca(pipe: StableDiffusionPipeline, request: ErasureRequest, config: CAConfig, progress: Progress | None) -> ErasureResult:
+def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: Progress | None) -> ErasureResult:
     """Generate anchor images, then train the target prompts' predictions onto the anchor's; the pipeline is left unchanged."""
     started = time.perf_counter()
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]

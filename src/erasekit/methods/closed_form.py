@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from erasekit.concepts import encode
 from erasekit.errors import ErasekitError
+from erasekit.families.base import Pipeline
 
 KEY_ROWS = ("last-token", "through-eos")
 OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
@@ -36,19 +36,19 @@ def weights_of(unet: nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": m.weight.detach().to(torch.float64).clone() for name, m in edit_matrices(unet, keys).items()}
 
 
-def last_token_index(pipe: StableDiffusionPipeline, text: str) -> int:
+def last_token_index(pipe: Pipeline, text: str) -> int:
     """Row of the text's last word token in the 77-row encoder output (0, the start token, for '')."""
     ids = pipe.tokenizer(text, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
     return max(len(ids) - 2, 0)
 
 
 @torch.no_grad()
-def encoder_rows(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+def encoder_rows(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
     """Full encoder outputs (N x 77 x d) in float64, on the CPU."""
     return encode(pipe, texts).to(device="cpu", dtype=torch.float64)
 
 
-def last_token_rows(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+def last_token_rows(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
     """One key per text: its last word token's row (UCE's new code; multi-token concepts use their last sub-token)."""
     if not texts:
         return torch.empty(0)
@@ -56,7 +56,7 @@ def last_token_rows(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Te
     return torch.stack([emb[i, last_token_index(pipe, t)] for i, t in enumerate(texts)])
 
 
-def aligned_rows(pipe: StableDiffusionPipeline, concept: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_rows(pipe: Pipeline, concept: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
     """UCE's old code: rows from each text's last word token through EOS and padding, aligned row by row."""
     emb = encoder_rows(pipe, [concept, guide])
     i_c, i_g = last_token_index(pipe, concept), last_token_index(pipe, guide)
@@ -73,7 +73,7 @@ class EditRows:
     preserve_keys: torch.Tensor
 
 
-def edit_rows(pipe: StableDiffusionPipeline, erase: list[str], guides: list[str], preserve: list[str], key_rows: str) -> EditRows:
+def edit_rows(pipe: Pipeline, erase: list[str], guides: list[str], preserve: list[str], key_rows: str) -> EditRows:
     """Build the key rows of a UCE edit from prompts, in either of the reference's two conventions."""
     if key_rows not in KEY_ROWS:
         raise ErasekitError(f"unknown key_rows {key_rows!r}; choose one of: {', '.join(KEY_ROWS)}")

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit.concepts import concept_space, distances, encode_cond, select_candidates
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, TrainConfig, register_method
 from erasekit.methods.loop import finetune
 from erasekit.models import model_id
@@ -71,7 +71,7 @@ class EAPPGDConfig(EAPConfig):
             raise ErasekitError("preserve_choice applies to eap; eap-pgd always preserves its PGD embedding (use --method eap --preserve-choice ...)")
 
 
-def exclusions(targets: list[str], pipe: StableDiffusionPipeline) -> set[str]:
+def exclusions(targets: list[str], pipe: Pipeline) -> set[str]:
     """The targets, their toy-world synonyms and every other target: never candidates to preserve."""
     out = {t.lower() for t in targets}
     if model_id(pipe) == "toy":
@@ -85,13 +85,13 @@ def exclusions(targets: list[str], pipe: StableDiffusionPipeline) -> set[str]:
     return out
 
 
-def _space(pipe: StableDiffusionPipeline, name: str) -> list[str]:
+def _space(pipe: Pipeline, name: str) -> list[str]:
     if name == "auto":
         name = "toy" if model_id(pipe) == "toy" else "clip"
     return list(concept_space(name, pipe).words)
 
 
-def candidates_by_target(pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> list[tuple[list[str], dict[str, float]]]:
+def candidates_by_target(pipe: Pipeline, targets: list[str], config: EAPConfig) -> list[tuple[list[str], dict[str, float]]]:
     """Per target: EAP's candidates (DESIGN.md §3 step 1) and each candidate's L2 distance to the target."""
     words = _space(pipe, config.concept_space)
     exclude = exclusions(targets, pipe)
@@ -108,7 +108,7 @@ def candidates_by_target(pipe: StableDiffusionPipeline, targets: list[str], conf
 class GumbelDraw:
     """One hard Gumbel sample; its straight-through embedding follows the logits as they move."""
 
-    def __init__(self, search: "GumbelSearch", target: int, noise: torch.Tensor) -> None:
+    def __init__(self, search: GumbelSearch, target: int, noise: torch.Tensor) -> None:
         self.search, self.target, self.noise = search, target, noise
         self.index = int(torch.argmax(search.logits[target].detach() + noise))
         self.name = search.candidates[target][self.index]
@@ -126,7 +126,7 @@ class GumbelDraw:
 class GumbelSearch:
     """Candidates per target, uniform-initialised logits, and their (maximising) Adam optimiser."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
+    def __init__(self, pipe: Pipeline, targets: list[str], config: EAPConfig) -> None:
         self.candidates = [cands for cands, _ in candidates_by_target(pipe, targets, config)]
         self.embeddings = [encode_cond(pipe, c) for c in self.candidates]
         self.logits = [torch.zeros(len(c), requires_grad=True) for c in self.candidates]
@@ -200,7 +200,7 @@ class FixedChoice:
     Same candidates as :class:`GumbelSearch`, no logits and no search step.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPConfig) -> None:
+    def __init__(self, pipe: Pipeline, targets: list[str], config: EAPConfig) -> None:
         self.choice = config.preserve_choice
         self.candidates, self.nearest = [], []
         for cands, dist in candidates_by_target(pipe, targets, config):
@@ -239,7 +239,7 @@ class FixedChoice:
 class PGDDraw:
     """The persistent continuous embedding (requires grad)."""
 
-    def __init__(self, search: "PGDSearch", target: int) -> None:
+    def __init__(self, search: PGDSearch, target: int) -> None:
         self.search, self.target, self.name = search, target, "<pgd>"
 
     def embedding(self) -> Cond:
@@ -250,7 +250,7 @@ class PGDDraw:
 class PGDSearch:
     """EAP-PGD: c_a starts at c_e's encoder output; emb += lr * g/|g| * |emb| (no projection by default)."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, targets: list[str], config: EAPPGDConfig) -> None:
+    def __init__(self, pipe: Pipeline, targets: list[str], config: EAPPGDConfig) -> None:
         conds = encode_cond(pipe, targets)
         self.embs = [conds[j].map(lambda v: v.clone().requires_grad_(True)) for j in range(len(conds))]
         self.lr = config.pgd_lr
@@ -275,9 +275,10 @@ class PGDSearch:
         parts, origin = self.embs[target].parts, self.origin[target].parts
         if any(v.grad is None for v in parts.values()):
             return
-        g_norm, e_norm = _norm([v.grad for v in parts.values()]), _norm(list(parts.values()))
-        for v in parts.values():
-            v += self.lr * v.grad / (g_norm + 1e-12) * e_norm
+        grads = {k: v.grad for k, v in parts.items() if v.grad is not None}
+        g_norm, e_norm = _norm(list(grads.values())), _norm(list(parts.values()))
+        for k, v in parts.items():
+            v += self.lr * grads[k] / (g_norm + 1e-12) * e_norm
         if self.radius is not None:
             n = _norm([v - origin[k] for k, v in parts.items()])
             if n > self.radius[target]:
@@ -312,12 +313,12 @@ class PGDSearch:
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of several tensors taken as one vector."""
-    return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors)) if len(tensors) > 1 else tensors[0].norm()
+    return torch.stack([(t.float() ** 2).sum() for t in tensors]).sum().sqrt() if len(tensors) > 1 else tensors[0].norm()
 
 
 @register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig,
                  {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)
-def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
+def fit_eap(pipe: Pipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP's fast path (one weight copy, batched forwards, shared rollouts); ``preserve_choice`` picks the ablation."""
     targets = [t.strip() for t in request.targets]
     choice = config.preserve_choice
@@ -327,7 +328,7 @@ def fit_eap(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPC
 
 @register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig,
                  {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)
-def fit_eap_pgd(pipe: StableDiffusionPipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
+def fit_eap_pgd(pipe: Pipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP with the PGD search."""
     search = PGDSearch(pipe, [t.strip() for t in request.targets], config)
     return finetune(pipe, request, config, progress, "eap-pgd", "x0", search, config.rollout_reuse, config.faithful, rollout_share=config.rollout_share)

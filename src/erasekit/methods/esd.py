@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffusers import StableDiffusionPipeline
-
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, TrainConfig, register_method
 from erasekit.methods.loop import finetune
 from erasekit.result import ErasureResult
@@ -30,7 +29,7 @@ class ESDUConfig(TrainConfig):
 
 
 def _fit(name: str):  # type: ignore[no-untyped-def]
-    def fit(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
+    def fit(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
         return finetune(pipe, request, config, progress, method=name, loss_space="eps")
 
     return fit

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 
 from erasekit import distributed as dist
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, Level
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, esd_target
 from erasekit.methods.trainer import Draw, Search, Setup, ToX0, prepare, train
 from erasekit.result import ErasureResult
@@ -221,7 +221,7 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
 
 
 def finetune(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     request: ErasureRequest,
     config: TrainConfig,
     progress: Progress | None,

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit.errors import ErasekitError
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, Progress, register_method
 from erasekit.methods.closed_form import EditRows, applied, derive_embedding, edit_rows, encoder_rows, relative_change, residuals, uce_edit, weights_of
 from erasekit.methods.uce import UCEConfig, resolve_prompts, result
 from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 
-RoundSelector = Callable[[StableDiffusionPipeline, int], float]
+RoundSelector = Callable[[Pipeline, int], float]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def rece_start(original: dict[str, torch.Tensor], rows: EditRows, config: RECECo
     return uce_edit(original, rows, config.start_lam, config.erase_scale, scale)
 
 
-def _select(pipe: StableDiffusionPipeline, snapshots: list[dict[str, torch.Tensor]], selector: RoundSelector | None) -> tuple[int, list[float]]:
+def _select(pipe: Pipeline, snapshots: list[dict[str, torch.Tensor]], selector: RoundSelector | None) -> tuple[int, list[float]]:
     """The chosen round (1-based) and every round's score."""
     if selector is None:
         return len(snapshots), []
@@ -88,7 +88,7 @@ def _select(pipe: StableDiffusionPipeline, snapshots: list[dict[str, torch.Tenso
     RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}},
     kind="closed-form",
 )
-def fit_rece(pipe: StableDiffusionPipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
+def fit_rece(pipe: Pipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""
     started = time.perf_counter()
     prompts = resolve_prompts(pipe, request, config)

@@ -15,16 +15,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit import distributed as dist
 from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, Family, Level, Schedule
+from erasekit.families.base import Pipeline
 from erasekit.methods import checkpoint as ckpt
 from erasekit.methods.base import ErasureRequest, Progress, TrainableModel, TrainConfig, release_after_setup
 from erasekit.models import model_id, weights_hash
 from erasekit.result import ErasureResult
+
 
 class Draw(Protocol):
     """One draw of the search: its concept's name, and its embedding rebuilt from the current logits."""
@@ -58,7 +59,7 @@ ToX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Setup:
     """Everything a loop needs, prepared once: embeddings, schedules, the trainable model."""
 
-    pipe: StableDiffusionPipeline
+    pipe: Pipeline
     config: TrainConfig
     targets: list[str]
     preserve: list[str]
@@ -125,7 +126,7 @@ class Setup:
         return lambda x, out: self.schedule.to_x0(x, out, level)
 
 
-def prepare(pipe: StableDiffusionPipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
+def prepare(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
     """Validate the request and build the shared state of a run (under `accelerate launch`: this process's rank and the world size)."""
     started = time.perf_counter()
     dist.check_precision(config.precision)
@@ -161,7 +162,11 @@ def _defer_ctrl_c(s: Setup) -> Callable[[], None]:
         signal.signal(signal.SIGINT, fallback)
 
     signal.signal(signal.SIGINT, first)
-    return lambda: signal.signal(signal.SIGINT, fallback)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, fallback)
+
+    return restore
 
 
 Loop = Callable[[Setup, Progress | None], None]

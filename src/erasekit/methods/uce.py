@@ -10,10 +10,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit.concepts import check_prompt, concept_space
 from erasekit.errors import ErasekitError
+from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, Progress, register_method
 from erasekit.methods.closed_form import ART_TEMPLATES, KEY_ROWS, OBJECT_TEMPLATES, as_delta, edit_rows, relative_change, residuals, uce_edit, weights_of
 from erasekit.methods.eap import exclusions
@@ -70,7 +70,7 @@ class Prompts:
         return self.guides[0]
 
 
-def resolve_prompts(pipe: StableDiffusionPipeline, request: ErasureRequest, config: UCEConfig) -> Prompts:
+def resolve_prompts(pipe: Pipeline, request: ErasureRequest, config: UCEConfig) -> Prompts:
     """Targets, templated erase prompts with their guides, and the retained prompts; one-line errors on bad input."""
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     if not targets:
@@ -99,7 +99,7 @@ def resolve_prompts(pipe: StableDiffusionPipeline, request: ErasureRequest, conf
 
 
 def result(
-    pipe: StableDiffusionPipeline, method: str, prompts: Prompts, request: ErasureRequest, weights: dict[str, torch.Tensor],
+    pipe: Pipeline, method: str, prompts: Prompts, request: ErasureRequest, weights: dict[str, torch.Tensor],
     config: UCEConfig, base_hash: str, history: list[dict], started: float,
 ) -> ErasureResult:
     """Package edited matrices as an ErasureResult (kind ``weights``)."""
@@ -117,7 +117,7 @@ def result(
     UCEConfig, {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0}},
     kind="closed-form",
 )
-def fit_uce(pipe: StableDiffusionPipeline, request: ErasureRequest, config: UCEConfig, progress: Progress | None) -> ErasureResult:
+def fit_uce(pipe: Pipeline, request: ErasureRequest, config: UCEConfig, progress: Progress | None) -> ErasureResult:
     """Solve UCE's closed form for every attn2.to_k/to_v matrix; the pipeline is not modified."""
     started = time.perf_counter()
     prompts = resolve_prompts(pipe, request, config)
