@@ -77,7 +77,7 @@ def edit_rows(pipe: Pipeline, erase: list[str], guides: list[str], preserve: lis
     """Build the key rows of a UCE edit from prompts, in either of the reference's two conventions."""
     if key_rows not in KEY_ROWS:
         raise ErasekitError(f"unknown key_rows {key_rows!r}; choose one of: {', '.join(KEY_ROWS)}")
-    d = pipe.text_encoder.config.hidden_size
+    d = int(pipe.unet.config.cross_attention_dim)  # the keys' width: SDXL's two encoders side by side
     if key_rows == "last-token":
         erase_keys, guide_rows = last_token_rows(pipe, erase), last_token_rows(pipe, guides)
         preserve_keys = last_token_rows(pipe, preserve) if preserve else torch.zeros(0, d, dtype=torch.float64)

@@ -85,8 +85,8 @@ def _select(pipe: Pipeline, snapshots: list[dict[str, torch.Tensor]], selector: 
 
 @register_method(
     "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
-    RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}},
-    kind="closed-form",
+    RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
+    kind="closed-form", families=("sd", "sdxl"),
 )
 def fit_rece(pipe: Pipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""

@@ -13,6 +13,7 @@ import torch
 
 from erasekit.concepts import check_prompt, concept_space
 from erasekit.errors import ErasekitError
+from erasekit.families import family_of
 from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, Progress, register_method
 from erasekit.methods.closed_form import ART_TEMPLATES, KEY_ROWS, OBJECT_TEMPLATES, as_delta, edit_rows, relative_change, residuals, uce_edit, weights_of
@@ -106,7 +107,7 @@ def result(
     return ErasureResult(
         method=method, concepts=tuple(prompts.targets), preserve=tuple(p for p in prompts.retain if p), delta=as_delta(weights, pipe.unet),
         kind="weights", config=asdict(config), base_model_id=model_id(pipe), base_hash=base_hash, history=tuple(history),
-        timings={"total_s": round(time.perf_counter() - started, 3)},
+        timings={"total_s": round(time.perf_counter() - started, 3)}, family=family_of(pipe).name,
     )
 
 
@@ -114,8 +115,9 @@ def result(
     "uce", "UCE: closed-form edit of cross-attention keys/values mapping the concept to a guide (seconds, no training).",
     # toy: the 2-layer toy CLIP carries the object in the EOS/padding rows after the word, which last-token keys miss
     # (ESR-1 0 %); the old code's rows through EOS, with '' retained, erase it (ESR-1 100 %, PSR-1 83 % on 8 images/class)
-    UCEConfig, {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0}},
-    kind="closed-form",
+    UCEConfig, {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0},
+             "tiny": {}},
+    kind="closed-form", families=("sd", "sdxl"),
 )
 def fit_uce(pipe: Pipeline, request: ErasureRequest, config: UCEConfig, progress: Progress | None) -> ErasureResult:
     """Solve UCE's closed form for every attn2.to_k/to_v matrix; the pipeline is not modified."""
