@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_pipeline
 from safetensors.torch import load_file
 
+from conftest import tiny_pipeline
 from erasekit import distributed as dist
 from erasekit.errors import ErasekitError
 from erasekit.models import toy_dir

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_pipeline
 from PIL import Image
 
 import erasekit
+from conftest import tiny_pipeline
 from erasekit.attack import attack
 from erasekit.errors import ErasekitError
 from erasekit.methods import registry

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import erasekit
+from conftest import tiny_pipeline
 from erasekit.concepts import encode
 from erasekit.errors import ErasekitError
 from erasekit.methods import get_method
 from erasekit.methods.age import AdaptiveAnchor, AGEConfig
-from erasekit.methods.closed_form import EditRows, derive_embedding, edit_rows, encoder_rows, last_token_index, uce_edit, weights_of
+from erasekit.methods.closed_form import derive_embedding, edit_rows, encoder_rows, last_token_index, uce_edit, weights_of
 from erasekit.methods.eap import GumbelSearch
-
-from conftest import tiny_pipeline
 
 KV = (".attn2.to_k.weight", ".attn2.to_v.weight")
 SMALL = {

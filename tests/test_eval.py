@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_pipeline
+import typer
 from diffusers import StableDiffusionPipeline
 
+from conftest import tiny_pipeline
 from erasekit.errors import ErasekitError
 from erasekit.eval import metrics
 from erasekit.eval.generate import GenerationCache, generate_cached, image_key, sampler_settings
 from erasekit.eval.runner import evaluate, resolve_target, run_suite
 from erasekit.eval.scorers import detector_scorer, judge_scorer
-from erasekit.eval.suites import Plan, Settings, get_suite, plan_i2p, read_i2p, resolve_settings, suites
+from erasekit.eval.suites import Plan, Settings, get_suite, plan_i2p, read_i2p, resolve_settings
 from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 from erasekit.world.judge import Judge, judge_images
@@ -294,9 +295,7 @@ def test_spectrum_writes_csv_and_plot_into_the_run_folder(run_dir: Path, judge_d
 
 # ---- command line ----
 
-def _app() -> "typer.Typer":
-    import typer
-
+def _app() -> typer.Typer:
     from erasekit.eval.cli import evaluate as evaluate_cmd
     from erasekit.eval.cli import report, spectrum
 

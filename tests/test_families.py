@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from diffusers import DDIMScheduler
 
 from erasekit.errors import ErasekitError

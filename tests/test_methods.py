@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import erasekit
+from conftest import tiny_pipeline
 from erasekit.concepts import encode, encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
@@ -18,8 +19,6 @@ from erasekit.methods.base import TrainableUNet, esd_target
 from erasekit.methods.eap import GumbelSearch
 from erasekit.models import select_parameters
 from erasekit.sampling import generate, predict_x0
-
-from conftest import tiny_pipeline
 
 FAST = {"iterations": 3, "ddim_steps": 3, "lr": 1e-3}
 

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import erasekit
+from conftest import tiny_pipeline
 from erasekit.concepts import select_candidates
 from erasekit.errors import ErasekitError
 from erasekit.methods import get_method, make_config
 from erasekit.methods.base import ErasureRequest
 from erasekit.methods.eap import GumbelSearch
-
-from conftest import tiny_pipeline
 
 
 def _fast_eap(words_file: Path, iterations: int) -> tuple[GumbelSearch, list[torch.Tensor], list[torch.Tensor]]:
@@ -95,8 +94,7 @@ def test_preserve_choice_nearest_keeps_the_closest_candidate_every_step(words_fi
     summary = result.history[-1]["search"]
     assert {h["adversarial"] for h in steps} == {summary["nearest"][0]}
     assert summary["nearest"][0] in summary["candidates"][0]
-    from erasekit.concepts import distances, encode
-    from erasekit.concepts import concept_space
+    from erasekit.concepts import concept_space, distances, encode
 
     pipe = tiny_pipeline()
     words = list(concept_space(str(words_file)).words)

@@ -22,13 +22,12 @@ from typer.testing import CliRunner
 
 import erasekit
 import erasekit.atomic as atomic
+from conftest import tiny_pipeline
 from erasekit.atomic import OutputError, atomic_write_bytes, atomic_write_files, atomic_write_text
 from erasekit.cli import app
 from erasekit.errors import ErasekitError
 from erasekit.world.judge import Judge
 from erasekit.world.vocab import load_vocab
-
-from conftest import tiny_pipeline
 
 runner = CliRunner()
 EVAL = ["--suite", "toy-objects", "--images-per-class", "1", "--steps", "2"]

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import erasekit
+from conftest import tiny_pipeline
 from erasekit.errors import ErasekitError
 from erasekit.methods.checkpoint import CheckpointSpec
 from erasekit.result import load_result
-
-from conftest import tiny_pipeline
 
 ARGS = ["-c", "circle", "--method", "eap", "--k", "8", "--n-centres", "3", "--iterations", "40", "--ddim-steps", "20",
         "--lr", "1e-3", "--checkpoint-every", "4"]

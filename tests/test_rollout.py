@@ -17,10 +17,9 @@ import torch
 import erasekit
 import erasekit.methods.age as age
 import erasekit.methods.loop as loop
+from conftest import tiny_pipeline
 from erasekit.methods.base import TrainableUNet
 from erasekit.sampling import ddim_scheduler, rollout
-
-from conftest import tiny_pipeline
 
 S = 10  # DDIM steps of the rollouts here: bins of T/S = 100 timesteps
 
@@ -153,7 +152,7 @@ def test_each_bin_of_the_grid_is_reached_by_its_own_number_of_steps() -> None:
         for k in range(steps):
             n, grid_t = grid_steps(scheduler, k)
             assert k * width <= grid_t < (k + 1) * width
-            x = rollout(lambda x, t, emb: eps(x, t), scheduler, start, torch.zeros(1, 77, 16), torch.zeros(1, 77, 16), n, 3.0)
+            x = rollout(lambda x, t, emb, eps=eps: eps(x, t), scheduler, start, torch.zeros(1, 77, 16), torch.zeros(1, 77, 16), n, 3.0)
             ratio = float(x.double().norm() / start.double().norm())
             implied = 1 - ratio**2 * (1 - float(alphas[int(scheduler.timesteps[0])]))
             assert implied == pytest.approx(float(alphas[grid_t]), rel=1e-4)

@@ -15,13 +15,18 @@ from typer.testing import CliRunner
 
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
-from erasekit.world.clip import (
-    build_clip, contrastive_loss, load_clip, multi_positive_infonce, save_clip, text_encoder_of, token_ids,
-)
 from erasekit.world.cli import app
+from erasekit.world.clip import (
+    build_clip,
+    contrastive_loss,
+    load_clip,
+    multi_positive_infonce,
+    save_clip,
+    text_encoder_of,
+    token_ids,
+)
 from erasekit.world.config import WorldTrainConfig
 from erasekit.world.train import WorldTrainer
-
 from test_world import SmokeRun, smoke_run, tiny_config  # noqa: F401  (the module-scoped smoke training)
 
 

@@ -39,11 +39,17 @@ def erase(
     targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
     if not targets:
         raise ErasekitError("no concept to erase; give at least one")
+    from erasekit.concepts import check_prompt
+    from erasekit.models import weights_hash
+
+    # made once here for every method: the checked prompts and the base weights' hash
+    targets = tuple(check_prompt(pipe, t, "concept") for t in targets)
+    preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in preserve)
     if config is None:
         config = make_config(spec, budget, **overrides)
     elif overrides or budget:
         raise ErasekitError("pass either a config object or keyword settings, not both")
-    request = ErasureRequest(targets=targets, preserve=tuple(preserve), checkpoint=checkpoint, release_unused=release_unused)
+    request = ErasureRequest(targets=targets, preserve=preserve, checkpoint=checkpoint, release_unused=release_unused, base_hash=weights_hash(pipe))
     with flush_denormals():
         return spec.fit(pipe, request, config, progress)
 

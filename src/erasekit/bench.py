@@ -21,8 +21,8 @@ from erasekit.errors import ErasekitError
 SD14_NOTE = "SD-1.4 UNet and text encoder with random weights; latent reduced to 16x16 (CPU), DDIM rollout of 10 steps"
 
 
-def sd14_pipeline(latent: int = 16):  # type: ignore[no-untyped-def]
-    """A StableDiffusionPipeline with SD 1.4's UNet and text-encoder architecture (random weights)."""
+def sd14_pipeline(latent: int = 16) -> Any:
+    """A diffusers StableDiffusionPipeline with SD 1.4's UNet and text-encoder architecture (random weights)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -42,7 +42,7 @@ def sd14_pipeline(latent: int = 16):  # type: ignore[no-untyped-def]
     ))
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
+    pipe: Any = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.register_to_config(_name_or_path="sd14-architecture-random")
     return pipe
@@ -121,7 +121,7 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs: dict[str, list[dict[str, Any]]] = {"fast": [], "faithful": [], "esd-x": []}
-        plan = [(name, method, settings, seed) for seed in range(seeds)
+        plan: list[tuple[str, str, dict[str, Any], int]] = [(name, method, settings, seed) for seed in range(seeds)
                 for name, method, settings in (("fast", "eap", {}), ("faithful", "eap", {"faithful": True}))]
         plan.append(("esd-x", "esd-x", {}, 0))
         for name, method, settings, seed in plan:

@@ -19,15 +19,16 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from erasekit import __version__
-from erasekit.demo import DEMO_SEED
-from erasekit.errors import ErasekitError
 from erasekit.attack.cli import attack  # noqa: E402
 from erasekit.bench import app as bench_app  # noqa: E402
 from erasekit.compare import compare  # noqa: E402
+from erasekit.demo import DEMO_SEED
+from erasekit.errors import ErasekitError
 from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
-from erasekit.world.cli import app as world_app
 from erasekit.runs import parse_method_flags, partial_dir, read_request, read_toml_config, write_request, write_run  # noqa: F401
+from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
+
 
 class OneLineErrors(typer.core.TyperGroup):
     """Usage errors (a bad flag, a value of the wrong type) as one `error:` line and exit code 2, like ours."""
@@ -44,7 +45,8 @@ class OneLineErrors(typer.core.TyperGroup):
             exc.show()
             sys.exit(0)
         except click_errors.ClickException as exc:
-            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "erasekit"
+            ctx = getattr(exc, "ctx", None)  # usage errors carry the click context; other ClickExceptions do not
+            where = ctx.command_path if ctx is not None else "erasekit"
             typer.echo(f"error: {' '.join(exc.format_message().split())} (see `{where} --help`)", err=True)
             sys.exit(exc.exit_code)
         except typer.Abort:

@@ -61,8 +61,8 @@ def default_suites(concepts: Sequence[str]) -> list[str]:
 
 def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """`METHOD.KEY=VALUE` strings -> {method: {key: value}}, converted to each config field's type."""
-    from erasekit.runs import parse_method_flags
     from erasekit.methods import get_method
+    from erasekit.runs import parse_method_flags
 
     out: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -101,11 +101,10 @@ def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None]
     import torch
 
     from erasekit.api import erase
-    from erasekit.runs import write_run
+    from erasekit.bench import own_peak_rss_mib
     from erasekit.methods import get_method, make_config
     from erasekit.models import load_pipeline
-
-    from erasekit.bench import own_peak_rss_mib
+    from erasekit.runs import write_run
 
     pipe = load_pipeline(spec["model"], device=spec["device"])
     loaded = own_peak_rss_mib() or _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -258,7 +257,7 @@ def compare_methods(
         attack_config = attack_settings(dict(attack), seed, steps)
         plans = plan_attacks(model, targets, judge, attack_config)
     tell = progress or (lambda label, done, total, info: None)
-    eval_kwargs = {"images_per_class": images_per_class, "steps": steps, "seed": seed, "judge": judge, "device": device,
+    eval_kwargs: dict[str, Any] = {"images_per_class": images_per_class, "steps": steps, "seed": seed, "judge": judge, "device": device,
                    "cache_dir": out / "cache", "command": command}
 
     def images(label: str) -> Callable[[str, int, int], None]:
@@ -300,13 +299,13 @@ def compare_methods(
         for train_seed in range(seed, seed + seeds):
             run = name if seeds == 1 else f"{name}-seed{train_seed}"
             settings_s = {**settings[name], **({"seed": train_seed} if "seed" in settings[name] and "seed" not in overrides.get(name, {}) else {})}
-            spec = {"model": model, "concepts": targets, "method": name, "out": str(out / run), "preserve": list(preserve), "budget": budget,
+            run_spec = {"model": model, "concepts": targets, "method": name, "out": str(out / run), "preserve": list(preserve), "budget": budget,
                     "settings": settings_s, "seed": train_seed, "device": device, "threads": torch.get_num_threads()}
-            record: dict[str, Any] = {"method": name, "run": run, "seed": train_seed, "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
+            record = {"method": name, "run": run, "seed": train_seed, "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
             label = name if seeds == 1 else f"{name} seed {train_seed}"
             erase_progress = lambda step, total, info, label=label: tell(f"{label} erase", step, total, info)  # noqa: E731
             try:
-                record.update(_run_isolated(spec, out / "logs" / f"{run}.log", erase_progress) if isolate else _run_in_process(spec, erase_progress))
+                record.update(_run_isolated(run_spec, out / "logs" / f"{run}.log", erase_progress) if isolate else _run_in_process(run_spec, erase_progress))
                 record["wall_s"] = record.pop("erase_s")
                 for suite in suite_names:
                     evaluation = evaluate(str(out / run), suite, progress=images(f"{label} {suite}"), **eval_kwargs)

@@ -49,10 +49,10 @@ def run_demo(out: Path, concept: str = "circle", images_per_class: int = 16, pro
     ``announce(seconds)`` is told the expected wall time before anything runs.
     """
     from erasekit.api import erase
-    from erasekit.runs import write_run
     from erasekit.eval.report import write_report
     from erasekit.eval.runner import evaluate
     from erasekit.models import toy_pipeline
+    from erasekit.runs import write_run
     from erasekit.world.vocab import load_vocab
 
     if out.exists():

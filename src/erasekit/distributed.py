@@ -145,7 +145,7 @@ def all_reduce_grads(tensors: Sequence[torch.Tensor], extra: torch.Tensor) -> to
         for t in present:
             if t.grad is None:
                 t.grad = torch.zeros_like(t)
-        for bucket in _buckets([t.grad for t in present]):
+        for bucket in _buckets([t.grad for t in present if t.grad is not None]):  # every one has a gradient by now
             flat = torch.cat([g.reshape(-1) for g in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1).clone()
             torch.distributed.all_reduce(flat)
             offset = 0

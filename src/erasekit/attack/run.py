@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 
 from erasekit.attack.detect import Detector
 from erasekit.errors import ErasekitError
@@ -65,9 +64,12 @@ class AttackConfig:
 
 @torch.no_grad()
 def generate_latents(
-    pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch_size: int = 10
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch_size: int = 10
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """The final latents (the UNet's space) and uint8 images of prompts, one seed each (start noise as erasekit.sampling draws it)."""
+    """The final latents (the UNet's space) and uint8 images of prompts, one seed each (start noise as erasekit.sampling draws it).
+
+    ``pipe`` is a diffusers StableDiffusionPipeline (typed ``Any``: its components are set at run time).
+    """
     device, dtype = pipe.unet.device, pipe.unet.dtype
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     latents, images = [], []
@@ -83,7 +85,7 @@ def generate_latents(
 
 
 def attack_pipeline(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     erased: ErasureResult,
     concept: str,
     prompts: Sequence[str],
@@ -95,6 +97,8 @@ def attack_pipeline(
     base: tuple[torch.Tensor, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Attack ``erased`` applied to ``pipe`` (the base; it is left erased). Returns the JSON-able record and the images.
+
+    ``pipe`` is a diffusers StableDiffusionPipeline (typed ``Any``: its components are set at run time).
 
     ASR counts a prompt as broken when the erased model shows the concept for it with the adversarial
     prefix or already without one (UnlearnDiffAtk's convention); the rates beside it separate the two.
@@ -155,12 +159,12 @@ def attack_pipeline(
     return record, images
 
 
-def base_images(pipe: StableDiffusionPipeline, prompts: Sequence[str], config: AttackConfig) -> tuple[torch.Tensor, np.ndarray]:
-    """The base model's latents (the search's x0) and images of the attack prompts; call before any delta is applied."""
+def base_images(pipe: Any, prompts: Sequence[str], config: AttackConfig) -> tuple[torch.Tensor, np.ndarray]:
+    """The base model's latents (the search's x0) and images of the attack prompts (``pipe``: a diffusers pipeline); call before any delta is applied."""
     return generate_latents(pipe, prompts, [config.seed + i for i in range(len(prompts))], config.steps, config.guidance, config.batch_size)
 
 
-def _search_in_batches(pipe: StableDiffusionPipeline, prompts: Sequence[str], x0: torch.Tensor, candidates: Any, config: AttackConfig,
+def _search_in_batches(pipe: Any, prompts: Sequence[str], x0: torch.Tensor, candidates: Any, config: AttackConfig,
                        progress: Callable[..., None] | None) -> Any:
     """:func:`search_tokens` over chunks of ``batch_size`` prompts, merged into one result (loss history: mean over all prompts)."""
     from erasekit.attack.search import SearchResult, search_tokens

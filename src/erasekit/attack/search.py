@@ -64,9 +64,9 @@ def candidate_tokens(tokenizer: object, extra_words: Sequence[str] = (), exclude
     """
     vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
     excluded = set(_split(exclude_words))
-    words = {tok[: -len("</w>")] for tok in vocab if tok.endswith("</w>")} if whole_vocab else set()
-    words |= set(_split(extra_words))
-    words = sorted(w for w in words if _ALPHA.match(w) and w not in excluded)
+    pool = {tok[: -len("</w>")] for tok in vocab if tok.endswith("</w>")} if whole_vocab else set()
+    pool |= set(_split(extra_words))
+    words = sorted(w for w in pool if _ALPHA.match(w) and w not in excluded)
     encoded = tokenizer(words, add_special_tokens=False).input_ids  # type: ignore[operator]
     kept = [(w, ids[0]) for w, ids in zip(words, encoded) if len(ids) == 1 and vocab.get(w + "</w>") == ids[0]]
     if not kept:

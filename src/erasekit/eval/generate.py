@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from erasekit.distributed import distributed
@@ -87,8 +87,8 @@ class GenerationCache:
         return path
 
 
-def sampler_settings(pipe: StableDiffusionPipeline, steps: int, guidance: float) -> SamplerSettings:
-    """The settings of images this pipeline generates (size from its UNet and VAE)."""
+def sampler_settings(pipe: Any, steps: int, guidance: float) -> SamplerSettings:
+    """The settings of images this diffusers pipeline generates (size from its UNet and VAE)."""
     from erasekit.families import family_of
 
     side = family_of(pipe).image_size(pipe)
@@ -105,7 +105,7 @@ class Generated:
 
 
 def generate_cached(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     prompts: Sequence[str],
     seeds: Sequence[int],
     cache: GenerationCache,
@@ -116,6 +116,8 @@ def generate_cached(
     model_hash: str | None = None,
 ) -> Generated:
     """Images for (prompt, seed) pairs, generating only those the cache lacks; ``guidance`` may be one per prompt.
+
+    ``pipe`` is a diffusers pipeline (typed ``Any``: its components are set at run time).
 
     Under `accelerate launch` the missing images' batches are dealt out to the processes (data-parallel), which share
     the cache folder (each key is written by one process); every process returns all images, identical to one process's

@@ -10,12 +10,13 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from erasekit.errors import ErasekitError
 from erasekit.atomic import atomic_write_files
+from erasekit.errors import ErasekitError
 
 CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1400px}table{border-collapse:collapse;margin:8px 0 20px}
 th,td{border:1px solid #999;padding:4px 10px;text-align:right}th{background:#e8e8f0}td:first-child,td:nth-child(2){text-align:left}
@@ -212,7 +213,7 @@ def render_markdown(runs: list[RunData]) -> str:
     return "\n\n".join(f"### {suite}\n\n{markdown_table(c, r)}" for suite, (c, r) in metrics_tables(runs).items()) + "\n"
 
 
-def write_report(sources: list[str | Path], out: str | Path, comparison: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def write_report(sources: Sequence[str | Path], out: str | Path, comparison: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write report.html and report.md (same stem) atomically; returns both paths (``comparison``: a compare summary with intervals)."""
     if not sources:
         raise ErasekitError("no RUN given; pass one or more run folders (or evaluation JSON files)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from erasekit.distributed import distributed, gather_rows, is_main_process, resolve_device, shard
 from erasekit.errors import ErasekitError
@@ -22,7 +22,8 @@ from erasekit.result import ErasureResult, load_result
 
 # progress(model label, images just finished, images in total for that model)
 EvalProgress = Callable[[str, int, int], None]
-PipeSource = StableDiffusionPipeline | Callable[[], StableDiffusionPipeline]
+# a diffusers pipeline (typed Any: its components are set at run time), or a callable that makes one
+PipeSource = Any | Callable[[], Any]
 GRID_ROWS, GRID_COLUMNS = 10, 4
 
 
@@ -62,7 +63,7 @@ def resolve_target(target: str, model: str | None = None) -> Target:
     return Target(target)
 
 
-def _pipe(source: PipeSource) -> StableDiffusionPipeline:
+def _pipe(source: PipeSource) -> Any:
     return source if isinstance(source, DiffusionPipeline) else source()
 
 
@@ -104,7 +105,8 @@ def score_sharded(scorer: Scorer, images: np.ndarray, paths: Sequence[Path], pla
     if world <= 1:
         return scorer(images, paths, plan)
     rows = shard(len(plan.prompts), rank, world)
-    part = Plan(*(getattr(plan, f)[rows.start : rows.stop] for f in ("prompts", "seeds", "guidance", "groups", "labels")), plan.erased, plan.extra)
+    sliced = {f: getattr(plan, f)[rows.start : rows.stop] for f in ("prompts", "seeds", "guidance", "groups", "labels")}
+    part = Plan(**sliced, erased=plan.erased, extra=plan.extra)
     local = scorer(images[rows.start : rows.stop], list(paths)[rows.start : rows.stop], part)
     return gather_rows(local, len(plan.prompts), rank, world, device=_collective_device(device))
 

@@ -134,7 +134,8 @@ def clip_scorer(folder: str | None, batch_size: int = 32, device: str = "cpu") -
     path = _local_folder(folder, "--clip")
     try:
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        loaded: Any = CLIPModel.from_pretrained(str(path), local_files_only=True)  # Any: mypy mis-binds transformers' wrapped .to()
+        model = loaded.to(device).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise ErasekitError(f"cannot load CLIP from {path} ({str(exc).splitlines()[0]}); pass a transformers CLIPModel folder") from None
 

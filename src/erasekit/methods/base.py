@@ -29,6 +29,24 @@ class ErasureRequest:
     preserve: tuple[str, ...] = ()
     checkpoint: Any = None  # a methods.checkpoint.CheckpointSpec: save/resume the run there
     release_unused: bool = False  # the caller is done with the pipeline: free text encoder and VAE once embeddings exist
+    base_hash: str = ""  # the base weights' hash, taken once by erasekit.erase before a method runs
+
+
+def make_result(
+    pipe: Pipeline, request: ErasureRequest, method: str, config: Any, delta: dict[str, torch.Tensor], kind: str = "weights",
+    history: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (), timings: dict[str, float] | None = None,
+    concepts: tuple[str, ...] | None = None, preserve: tuple[str, ...] | None = None,
+) -> Any:
+    """The ErasureResult of a run, built the same way for every method (base id and hash, family, config)."""
+    from erasekit.models import model_id, weights_hash
+    from erasekit.result import ErasureResult
+
+    return ErasureResult(
+        method=method, concepts=tuple(concepts if concepts is not None else request.targets),
+        preserve=tuple(preserve if preserve is not None else request.preserve), delta=delta, kind=kind,
+        config=dataclasses.asdict(config), base_model_id=model_id(pipe), base_hash=request.base_hash or weights_hash(pipe),
+        history=tuple(history), timings=dict(timings or {}), family=family_of(pipe).name,
+    )
 
 
 class Method(Protocol):
@@ -117,7 +135,17 @@ def make_config(spec: MethodSpec, budget: str | None = None, **overrides: Any) -
 
 
 @dataclass
-class TrainConfig:
+class MethodConfig:
+    """What every method's settings share: a seed and ``validate``."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
+
+    def validate(self) -> None:
+        """Refuse values that cannot run, with one-line messages (methods extend it)."""
+
+
+@dataclass
+class TrainConfig(MethodConfig):
     """Fields shared by the fine-tuning methods (ESD family, EAP)."""
 
     iterations: int = field(default=1000, metadata={"help": "Model update steps (ESD, Gandikota et al. 2023: 1000)."})
@@ -128,12 +156,12 @@ class TrainConfig:
     start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the rollout (reference: 3)."})
     negative_guidance: float = field(default=1.0, metadata={"help": "eta of the ESD target eps0(x,0) - eta (eps0(x,c) - eps0(x,0)) (reference: 1)."})
     preserve_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the preservation loss (EAP: 1)."})
-    seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
     batch_size: int = field(default=1, metadata={"help": "Rollout points per model step, averaged (reference: 1); under accelerate launch they are split across processes."})
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast for the UNet's forwards (reference: fp32); weights and losses stay fp32."})
 
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
+        super().validate()
         if self.iterations < 1:
             raise ErasekitError(f"iterations must be >= 1, got {self.iterations}")
         if self.batch_size < 1:

@@ -7,8 +7,9 @@ target is the noise itself. Optional prior preservation adds MSE(eps_theta(x_t, 
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +19,8 @@ from torch import nn
 from erasekit.concepts import check_prompt, encode
 from erasekit.errors import ErasekitError
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, Progress, register_method
-from erasekit.models import TRAIN_METHODS, model_id, select_parameters, weights_hash
+from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, make_result, register_method
+from erasekit.models import TRAIN_METHODS, select_parameters, weights_hash
 from erasekit.result import ErasureResult
 from erasekit.sampling import ddim_scheduler, rollout, unet_eps
 
@@ -29,7 +30,7 @@ TEMPLATES = ("{article} {concept}", "a photo of {article} {concept}", "an image 
 
 
 @dataclass
-class CAConfig:
+class CAConfig(MethodConfig):
     """CA settings; defaults are the reference's for objects and styles (concept-ablation, diffusers/train.py)."""
 
     iterations: int = field(default=100, metadata={"help": "Optimiser steps (CA: 100 for objects and styles, 400 for nudity)."})
@@ -47,10 +48,10 @@ class CAConfig:
     templates: str = field(default="", metadata={"help": "File of prompt templates, one per line with {concept} (and optionally {article}: a/an); empty = built-in 'a photo of {article} {concept}' ... templates."})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (CA: 1e-2)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (CA: 1)."})
-    seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
 
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
+        super().validate()
         for name in ("iterations", "batch_size", "anchor_images", "ddim_steps"):
             if getattr(self, name) < 1:
                 raise ErasekitError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -179,7 +180,7 @@ def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: 
     unet = pipe.unet
     params = ca_parameters(unet, config.train_method, config.kv_only)
     generator = torch.Generator().manual_seed(config.seed)
-    base_hash = weights_hash(pipe)
+    base_hash = request.base_hash or weights_hash(pipe)
     # image i: template i mod T; its target prompt names target i mod N in the same template (the reference swaps the word)
     picks = [(i % len(templates), i % len(targets)) for i in range(config.anchor_images)]
     anchor_prompts = [fill(templates[k], anchor) for k, _ in picks]
@@ -203,9 +204,8 @@ def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: 
                 p.copy_(originals[n])
         unet.requires_grad_(False)
     # CA has no preserve list (its prior preservation uses the anchor); the request's list is recorded, not used
-    return ErasureResult(
-        method="ca", concepts=tuple(targets), preserve=(), delta=delta, kind="weights",
-        config=asdict(config), base_model_id=model_id(pipe), base_hash=base_hash,
-        history=tuple([{"anchor": anchor, "anchor_prompts": sorted(set(anchor_prompts)), "unused_preserve": list(request.preserve)}, *history]),
+    return make_result(
+        pipe, dataclasses.replace(request, base_hash=base_hash), "ca", config, delta, concepts=tuple(targets), preserve=(),
+        history=([{"anchor": anchor, "anchor_prompts": sorted(set(anchor_prompts)), "unused_preserve": list(request.preserve)}, *history]),
         timings={"generation_s": round(generation_s, 3), "total_s": round(time.perf_counter() - started, 3)},
     )

@@ -164,7 +164,7 @@ class GumbelSearch:
         from erasekit.methods.checkpoint import optimizer_tensors
 
         tensors, groups = optimizer_tensors(self.optimizer, "opt")
-        tensors.update({f"logits.{j}": l.detach() for j, l in enumerate(self.logits)})
+        tensors.update({f"logits.{j}": logits.detach() for j, logits in enumerate(self.logits)})
         return tensors, {"opt_groups": groups, "candidates": self.candidates}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -259,7 +259,7 @@ class PGDSearch:
             words = _space(pipe, config.concept_space)
             exclude = exclusions(targets, pipe)
             self.radius = []
-            for j, emb in enumerate(self.embs):
+            for emb in self.embs:
                 d = distances(pipe, emb.detach(), words)
                 keep = [i for i, w in enumerate(words) if w.lower() not in exclude]
                 self.radius.append(float(torch.sort(d[keep]).values[: config.k].max()))

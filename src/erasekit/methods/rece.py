@@ -92,7 +92,7 @@ def fit_rece(pipe: Pipeline, request: ErasureRequest, config: RECEConfig, progre
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""
     started = time.perf_counter()
     prompts = resolve_prompts(pipe, request, config)
-    base_hash = weights_hash(pipe)
+    base_hash = request.base_hash or weights_hash(pipe)
     original = weights_of(pipe.unet, config.edit_keys)
     start_rows = edit_rows(pipe, prompts.erase, prompts.guides, prompts.retain, config.key_rows)
     current = rece_start(original, start_rows, config, len(prompts.retain))

@@ -7,11 +7,12 @@ guard, the delta and the restored model, and builds the :class:`ErasureResult`. 
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -22,8 +23,8 @@ from erasekit.errors import ErasekitError
 from erasekit.families import Cond, Family, Level, Schedule
 from erasekit.families.base import Pipeline
 from erasekit.methods import checkpoint as ckpt
-from erasekit.methods.base import ErasureRequest, Progress, TrainableModel, TrainConfig, release_after_setup
-from erasekit.models import model_id, weights_hash
+from erasekit.methods.base import ErasureRequest, Progress, TrainableModel, TrainConfig, make_result, release_after_setup
+from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 
 
@@ -133,7 +134,7 @@ def prepare(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, separa
     rank, world, _ = dist.distributed(cpu=pipe.device.type == "cpu")
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
-    base_hash = weights_hash(pipe)
+    base_hash = request.base_hash or weights_hash(pipe)
     trainable = TrainableModel(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy)
     family = trainable.family
     return Setup(
@@ -203,8 +204,7 @@ def train(s: Setup, request: ErasureRequest, method: str, loop: Loop, search: An
     finally:
         s.trainable.restore()
     history = list(s.history) + ([{"search": search.summary()}] if search else [])
-    return ErasureResult(
-        method=method, concepts=tuple(s.targets), preserve=tuple(s.preserve), delta=delta, kind=kind,
-        config=asdict(s.config), base_model_id=model_id(s.pipe), base_hash=s.base_hash, history=tuple(history),
-        timings={"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)}, family=s.family.name,
+    return make_result(
+        s.pipe, dataclasses.replace(request, base_hash=s.base_hash), method, s.config, delta, kind, history,
+        {"setup_s": round(setup_s, 3), "total_s": round(time.perf_counter() - s.started, 3)}, tuple(s.targets), tuple(s.preserve),
     )

@@ -6,26 +6,26 @@ reference repository has two versions that differ in which encoder rows are keys
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from erasekit.concepts import check_prompt, concept_space
 from erasekit.errors import ErasekitError
-from erasekit.families import family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, Progress, register_method
+from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, make_result, register_method
 from erasekit.methods.closed_form import ART_TEMPLATES, KEY_ROWS, OBJECT_TEMPLATES, as_delta, edit_rows, relative_change, residuals, uce_edit, weights_of
 from erasekit.methods.eap import exclusions
-from erasekit.models import model_id, weights_hash
+from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 
 CONCEPT_TYPES = ("object", "art")
 
 
 @dataclass
-class UCEConfig:
+class UCEConfig(MethodConfig):
     """UCE settings; defaults are the repository's current script (trainscripts/uce_sd_erase.py)."""
 
     lam: float = field(default=0.5, metadata={"help": "lambda: weight pulling each matrix back to its original (UCE code: 0.5)."})
@@ -42,6 +42,7 @@ class UCEConfig:
 
     def validate(self) -> None:
         """Refuse values the closed form cannot use, with one-line messages."""
+        super().validate()
         name = type(self).__name__.removesuffix("Config").lower()
         if self.train_method != "xattn":
             raise ErasekitError(f"{name} edits only the cross-attention attn2.to_k/to_v matrices in closed form; it cannot edit train_method={self.train_method!r} (use xattn)")
@@ -104,10 +105,10 @@ def result(
     config: UCEConfig, base_hash: str, history: list[dict], started: float,
 ) -> ErasureResult:
     """Package edited matrices as an ErasureResult (kind ``weights``)."""
-    return ErasureResult(
-        method=method, concepts=tuple(prompts.targets), preserve=tuple(p for p in prompts.retain if p), delta=as_delta(weights, pipe.unet),
-        kind="weights", config=asdict(config), base_model_id=model_id(pipe), base_hash=base_hash, history=tuple(history),
-        timings={"total_s": round(time.perf_counter() - started, 3)}, family=family_of(pipe).name,
+    return make_result(
+        pipe, dataclasses.replace(request, base_hash=base_hash), method, config, as_delta(weights, pipe.unet), history=history,
+        timings={"total_s": round(time.perf_counter() - started, 3)}, concepts=tuple(prompts.targets),
+        preserve=tuple(p for p in prompts.retain if p),
     )
 
 
@@ -123,7 +124,7 @@ def fit_uce(pipe: Pipeline, request: ErasureRequest, config: UCEConfig, progress
     """Solve UCE's closed form for every attn2.to_k/to_v matrix; the pipeline is not modified."""
     started = time.perf_counter()
     prompts = resolve_prompts(pipe, request, config)
-    base_hash = weights_hash(pipe)
+    base_hash = request.base_hash or weights_hash(pipe)
     rows = edit_rows(pipe, prompts.erase, prompts.guides, prompts.retain, config.key_rows)
     original = weights_of(pipe.unet, config.edit_keys)
     edited = uce_edit(original, rows, config.lam, config.erase_scale, prompts.preserve_scale)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,14 +59,14 @@ def load_toy_judge(folder: Path) -> Judge:
 
 
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     prompts: list[str],
     seeds: list[int],
     steps: int,
     guidance: float,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Generate one image per (prompt, seed) with DDIM and CFG; uint8 NHWC, independent of batch size."""
+    """Generate one image per (prompt, seed) with DDIM and CFG; uint8 NHWC, independent of batch size (``pipe``: a diffusers pipeline)."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     out = []
@@ -108,7 +109,7 @@ def judge_accuracy(judge: Judge, n_images: int) -> dict[str, float]:
 
 
 def implicit_rate(
-    pipe: StableDiffusionPipeline, judge: Judge, prompts: list[str], steps: int, guidance: float, seed: int
+    pipe: Any, judge: Judge, prompts: list[str], steps: int, guidance: float, seed: int
 ) -> float:
     """Fraction of images (two seeds per prompt) in which the judge sees the implicit concept (p >= 0.5)."""
     doubled = [p for p in prompts for _ in range(2)]

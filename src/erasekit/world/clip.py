@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
 
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
@@ -138,7 +138,9 @@ def object_similarity(model: CLIPModel, tokenizer: CLIPTokenizer) -> dict[str, o
 
 def text_encoder_of(model: CLIPModel) -> CLIPTextModel:
     """The text tower as the CLIPTextModel a StableDiffusionPipeline takes (same weights)."""
-    text = CLIPTextModel(model.config.text_config)
+    config = model.config.text_config
+    assert isinstance(config, CLIPTextConfig), type(config)  # CLIPConfig turns a dict text_config into a CLIPTextConfig
+    text = CLIPTextModel(config)
     text.load_state_dict(model.text_model.state_dict())
     return text.eval()
 

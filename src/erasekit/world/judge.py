@@ -54,7 +54,7 @@ class Judge(nn.Module):
         (folder / "judge.json").write_text(json.dumps({k: v for k, v in self.counts.items() if k != "implicit"}))
 
     @classmethod
-    def load(cls, folder: Path) -> "Judge":
+    def load(cls, folder: Path) -> Judge:
         """Load a judge saved by :meth:`save`, in eval mode."""
         try:
             counts = json.loads((folder / "judge.json").read_text())

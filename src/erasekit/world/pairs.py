@@ -10,20 +10,20 @@ their class. The pair meets the bar when b is among the three most affected.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from diffusers import StableDiffusionPipeline
 
 from erasekit.world.captions import object_prompt
 from erasekit.world.judge import Judge, judge_images
 from erasekit.world.vocab import load_vocab
 
 PAIR_SEED, TOP = 4_000_000, 3
-Generate = Callable[[StableDiffusionPipeline, list[str], list[int]], np.ndarray]
+Generate = Callable[[Any, list[str], list[int]], np.ndarray]  # (diffusers pipeline, prompts, seeds) -> uint8 images
 
 
-def class_scores(pipe: StableDiffusionPipeline, judge: Judge, generate: Generate, images_per_class: int) -> np.ndarray:
-    """Per object, the judge's mean probability (%) of that object on images of its evaluation prompt."""
+def class_scores(pipe: Any, judge: Judge, generate: Generate, images_per_class: int) -> np.ndarray:
+    """Per object, the judge's mean probability (%) of that object on images of its evaluation prompt (``pipe``: a diffusers pipeline)."""
     vocab = load_vocab()
     prompts = [object_prompt(o) for o in vocab.objects for _ in range(images_per_class)]
     seeds = [PAIR_SEED + i % images_per_class for i in range(len(prompts))]
@@ -33,16 +33,16 @@ def class_scores(pipe: StableDiffusionPipeline, judge: Judge, generate: Generate
 
 
 def lookalike_pairs(
-    pipe: StableDiffusionPipeline, judge: Judge, generate: Generate, images_per_class: int = 16, iterations: int | None = None
+    pipe: Any, judge: Judge, generate: Generate, images_per_class: int = 16, iterations: int | None = None
 ) -> dict:
-    """Erase the first object of every designed pair with ESD-x; where its partner ranks among the drops."""
+    """Erase the first object of every designed pair with ESD-x; where its partner ranks among the drops (``pipe``: a diffusers pipeline)."""
     from erasekit.api import erase
 
     vocab = load_vocab()
     base = class_scores(pipe, judge, generate, images_per_class)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for erased, partner in vocab.lookalike_pairs():
-        overrides = {"iterations": iterations} if iterations else {}
+        overrides: dict[str, Any] = {"iterations": iterations} if iterations else {}
         result = erase(pipe, erased, method="esd-x", budget="toy", **overrides)
         original = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
         try:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
-from erasekit.world.config import FORMAT, STAGES, WorldTrainConfig, load_saved_config
 from erasekit.world.captions import caption, sample_example
+from erasekit.world.config import FORMAT, STAGES, WorldTrainConfig, load_saved_config
 from erasekit.world.judge import Judge, to_judge_input
 from erasekit.world.render import Scene, render
 from erasekit.world.vocab import load_vocab
@@ -125,11 +126,11 @@ class WorldTrainer:
         """Render the training and held-out sets."""
         c = self.config
         self.progress("data", 0, 2, {})
-        train = render_dataset(c.n_images, c.seed)
+        train: dict[str, Any] = render_dataset(c.n_images, c.seed)  # Any: numpy's savez stub types **kwds as its allow_pickle flag
         np.savez(self.work / "data.tmp.npz", **train)
         os.replace(self.work / "data.tmp.npz", self.work / "data.npz")
         self.progress("data", 1, 2, {})
-        held = render_dataset(c.n_heldout, c.seed, offset=10_000_000)
+        held: dict[str, Any] = render_dataset(c.n_heldout, c.seed, offset=10_000_000)
         np.savez(self.work / "heldout.tmp.npz", **held)
         os.replace(self.work / "heldout.tmp.npz", self.work / "heldout.npz")
         self.progress("data", 2, 2, {})
@@ -163,7 +164,7 @@ class WorldTrainer:
         """Train the AutoencoderKL on renders, then encode every image once."""
         c = self.config
         images = self._data()["images"]
-        vae = toy.build_vae(c.seed)
+        vae: Any = toy.build_vae(c.seed)  # a diffusers AutoencoderKL (Any: mypy cannot see its torch.nn.Module methods)
         opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
         step = self._resume("vae", {"vae": vae}, opt)
         x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -310,7 +311,9 @@ class WorldTrainer:
         latents = torch.load(self.work / "latents.pt", weights_only=True)["latents"]
         tokenizer = toy.build_tokenizer()
         text = CLIPTextModel.from_pretrained(self.work / "text_model").eval().requires_grad_(False)
-        unet, ema_unet = toy.build_unet(c.seed), toy.build_unet(c.seed)
+        # diffusers UNet2DConditionModels (Any: mypy cannot see their torch.nn.Module methods)
+        unet: Any = toy.build_unet(c.seed)
+        ema_unet: Any = toy.build_unet(c.seed)
         ema_unet.load_state_dict(unet.state_dict())
         ema_unet.requires_grad_(False)
         params = list(unet.parameters())
@@ -318,7 +321,8 @@ class WorldTrainer:
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0, foreach=True)
         modules = {"unet": unet, "ema_unet": ema_unet}
         step = self._resume("unet", modules, opt)
-        alphas = toy.build_scheduler().alphas_cumprod
+        scheduler: Any = toy.build_scheduler()  # a diffusers DDIMScheduler (alphas_cumprod is set at run time)
+        alphas = scheduler.alphas_cumprod
         snr = alphas / (1 - alphas)
         scenes = self._scenes(data)
         token_cache: dict[str, list[int]] = {}
@@ -365,7 +369,7 @@ class WorldTrainer:
         from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        pipe = StableDiffusionPipeline(
+        pipe: Any = StableDiffusionPipeline(  # Any: its components are set at run time
             vae=AutoencoderKL.from_pretrained(self.work / "vae_model"),
             text_encoder=CLIPTextModel.from_pretrained(self.work / "text_model"),
             tokenizer=toy.build_tokenizer(),
