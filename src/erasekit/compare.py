@@ -28,7 +28,7 @@ import typer
 
 from erasekit.compare_seeds import aggregate, rate_counts
 from erasekit.compare_table import markdown  # noqa: F401  (re-exported: the table is part of compare's API)
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, one_line
 from erasekit.world.cli import user_errors
 
 # progress(task label, completed, total or None, info)
@@ -74,12 +74,6 @@ def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
             raise ErasekitError(f"--set {item!r} names {method!r}, which is not being compared; compared: {', '.join(methods)}")
         out.setdefault(method, {}).update(parse_method_flags(get_method(method).config_class, [f"--{key}={value}"]))
     return out
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as one table cell: the message of an ErasekitError, else its type and message."""
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, ErasekitError) else f"{type(exc).__name__}: {text}"
 
 
 def _mib(maxrss: int) -> float:

@@ -117,7 +117,7 @@ def parse_attack_settings(items: Sequence[str]) -> dict[str, Any]:
 def attack_row(row: dict[str, Any], run: Path, model: str, plans: list[AttackPlan], device: str, command: str | None,
                tell: Callable[[str, int, int | None, str], None]) -> None:
     """Attack one method's run on every planned concept (compare --attack); its rates (or one error line) go into ``row``."""
-    from erasekit.compare import one_line
+    from erasekit.errors import one_line
 
     row["attack"] = {}
     try:
