@@ -168,3 +168,17 @@ def test_train_sets_select_parameters_of_every_family(tiny: dict, name: str) -> 
         assert all(".attn2." in n for n in xattn)
     with pytest.raises(ErasekitError, match="unknown train method"):
         family.parameters(model, "everything")
+
+
+def test_training_draws_are_consistent_with_each_schedules_x0_map() -> None:
+    """noised() gives (x_t, t, target) with target the model output whose x0 map is the clean sample."""
+    from erasekit.families import Level
+
+    x0 = torch.randn(6, 4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for schedule in (DDIMSchedule(build_scheduler().config, 10), FlowSchedule([1.0, 0.5, 0.0]),
+                     DDIMSchedule(DDIMScheduler.from_config(build_scheduler().config, prediction_type="v_prediction").config, 10)):
+        x_t, t, target = schedule.noised(x0, torch.Generator().manual_seed(1))
+        for i in range(len(x0)):
+            level = Level(k=0, steps=0, t=float(t[i]), grid_t=float(t[i]))
+            back = schedule.to_x0(x_t[i : i + 1], target[i : i + 1], level)
+            assert torch.allclose(back, x0[i : i + 1], atol=1e-5), type(schedule).__name__

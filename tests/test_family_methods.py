@@ -50,6 +50,9 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
     if registry()[method].kind == "closed-form":  # the cross-attention keys and values, nothing else
         assert changed and changed <= set(fam.parameters(fam.denoiser(pipe), "xattn"))
         assert all(k.endswith(("to_k.weight", "to_v.weight")) for k in changed)
+    elif result.config.get("kv_only"):  # CA's default: the text's keys and values within its train set
+        assert changed and changed <= set(fam.parameters(fam.denoiser(pipe), result.config["train_method"]))
+        assert all(any(kv in f".{k}" for kv in (".to_k.", ".to_v.", ".add_k_proj.", ".add_v_proj.")) for k in changed)
     else:
         assert changed == set(fam.parameters(fam.denoiser(pipe), result.config["train_method"]))
     assert any(not torch.equal(result.delta[prefix + k], before[k]) for k in before if prefix + k in result.delta)

@@ -118,6 +118,10 @@ class Schedule(ABC):
         """The clean sample the model output implies at ``level``'s grid point."""
 
     @abstractmethod
+    def noised(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training draw per sample: (x_t, the model's time input, the output a denoiser should give there)."""
+
+    @abstractmethod
     def noise_level(self, grid_t: float) -> float:
         """The fraction of noise variance of the state at a grid time (1 - ᾱ, or σ² / (σ² + (1 - σ)²))."""
 

@@ -61,6 +61,14 @@ class DDIMSchedule(Schedule):
             return out
         return (x_t - (1 - a).sqrt() * out) / a.sqrt()
 
+    def noised(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DDPM training: t ~ U{0..T-1}, x_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε; the target is ε (or v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0)."""
+        t = torch.randint(self.num_train, (len(x0),), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        a = self.alphas[t].to(x0).view(-1, *[1] * (x0.dim() - 1))
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v_prediction" else eps
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(x0.device), target
+
     def noise_level(self, grid_t: float) -> float:
         """1 - ᾱ."""
         return float(1 - self.alphas[int(grid_t)])
@@ -103,6 +111,13 @@ class FlowSchedule(Schedule):
     def to_x0(self, x_t: torch.Tensor, out: torch.Tensor, level: Level) -> torch.Tensor:
         """x0 = x_σ - σ v (v = ε - x0)."""
         return x_t - (level.grid_t / self.num_train) * out
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flow-matching training: σ ~ U(0, 1), x_σ = (1 - σ) x0 + σ ε; the target velocity is ε - x0."""
+        sigma = torch.rand(len(x0), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        s = sigma.to(x0).view(-1, *[1] * (x0.dim() - 1))
+        return (1 - s) * x0 + s * eps, (sigma * self.num_train).to(x0.device), eps - x0
 
     def noise_level(self, grid_t: float) -> float:
         """σ² / (σ² + (1 - σ)²): the noise share of the state's variance for unit-variance data."""

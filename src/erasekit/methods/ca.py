@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erasekit.concepts import check_prompt, encode
+from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
+from erasekit.families import Cond, Family, Schedule, family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, make_result, register_method
-from erasekit.models import TRAIN_METHODS, select_parameters, weights_hash
+from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, MethodConfig, Progress, make_result, register_method
+from erasekit.models import TRAIN_METHODS, weights_hash
 from erasekit.result import ErasureResult
-from erasekit.sampling import ddim_scheduler, rollout, unet_eps
 
 LOSSES = ("model-based", "noise-based")
 # the toy world's caption prefixes; the reference's object/style prompt files follow the same pattern
@@ -65,13 +65,17 @@ class CAConfig(MethodConfig):
             raise ErasekitError(f"prior_weight must be >= 0 and max_grad_norm > 0, got {self.prior_weight} and {self.max_grad_norm}")
 
 
-def ca_parameters(unet: nn.Module, train_method: str, kv_only: bool) -> dict[str, nn.Parameter]:
-    """CA's trainable set: ``train_method``'s parameters, narrowed to attn2.to_k/to_v when ``kv_only``."""
-    chosen = select_parameters(unet, train_method)
+KV = (".to_k.", ".to_v.", ".add_k_proj.", ".add_v_proj.")
+
+
+def ca_parameters(family: Family, model: nn.Module, train_method: str, kv_only: bool) -> dict[str, nn.Parameter]:
+    """CA's trainable set: ``train_method``'s parameters, narrowed to the text's keys and values when ``kv_only``
+    (``attn2.to_k``/``to_v`` in UNets, the text stream's ``add_k_proj``/``add_v_proj`` in joint attention)."""
+    chosen = family.parameters(model, train_method)
     if kv_only:
-        chosen = {n: p for n, p in chosen.items() if ".attn2.to_k." in n or ".attn2.to_v." in n}
+        chosen = {n: p for n, p in chosen.items() if family.is_xattn(n) and any(k in f".{n}" for k in KV)}
         if not chosen:
-            raise ErasekitError(f"kv_only keeps attn2.to_k/to_v, which train_method {train_method!r} does not include; use xattn or full, or turn kv_only off")
+            raise ErasekitError(f"kv_only keeps the cross-attention keys/values, which train_method {train_method!r} does not include; use xattn or full, or turn kv_only off")
     return chosen
 
 
@@ -105,29 +109,24 @@ def fill(template: str, concept: str) -> str:
 
 @torch.no_grad()
 def anchor_latents(pipe: Pipeline, prompts: list[str], config: CAConfig, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
-    """The pipeline's own generations for the anchor prompts, as final DDIM latents (no VAE round trip)."""
-    unet, scheduler = pipe.unet, ddim_scheduler(pipe, config.ddim_steps)
-    c = unet.config
-    uncond = encode(pipe, [""])
+    """The pipeline's own generations for the anchor prompts, as final latents of its deterministic sampler (no VAE round trip)."""
+    family = family_of(pipe)
+    model, schedule = family.denoiser(pipe), family.schedule(pipe, config.ddim_steps)
+    uncond = family.uncond(pipe) if family.uses_cfg else None
+    shape = family.latent_shape(pipe)[1:]
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        noise = torch.randn((len(chunk), c.in_channels, c.sample_size, c.sample_size), generator=generator).to(unet.device, unet.dtype)
-        out.append(rollout(unet_eps(unet), scheduler, noise, encode(pipe, chunk), uncond, config.ddim_steps, config.guidance))
+        weight = next(model.parameters())
+        noise = torch.randn((len(chunk), *shape), generator=generator).to(weight.device, weight.dtype)
+        predict = lambda x, t, c: family.predict(model, x, t, c)  # noqa: E731
+        out.append(schedule.rollout(predict, noise, encode_cond(pipe, chunk), uncond, [config.ddim_steps], config.guidance)[0])
     return torch.cat(out)
 
 
-def _noised(x0: torch.Tensor, alphas: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t = sqrt(a) x0 + sqrt(1 - a) eps with t ~ U{0..T-1} per sample: (x_t, t, eps)."""
-    t = torch.randint(len(alphas), (len(x0),), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)
-    a = alphas[t].to(x0).view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(x0.device), eps
-
-
 def ablate(
-    unet: nn.Module, params: dict[str, nn.Parameter], latents: torch.Tensor, emb_target: torch.Tensor, emb_anchor: torch.Tensor,
-    alphas: torch.Tensor, config: CAConfig, generator: torch.Generator, progress: Progress | None,
+    family: Family, model: nn.Module, params: dict[str, nn.Parameter], latents: torch.Tensor, emb_target: Cond, emb_anchor: Cond,
+    schedule: Schedule, config: CAConfig, generator: torch.Generator, progress: Progress | None,
 ) -> list[dict]:
     """CA's training loop on noised anchor latents (AdamW, clipped gradients); returns one record per step."""
     history: list[dict] = []
@@ -136,19 +135,19 @@ def ablate(
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr * config.batch_size, weight_decay=config.weight_decay)
     for step in range(1, config.iterations + 1):
         idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
-        x_t, t, eps = _noised(latents[idx], alphas, generator)
-        pred = unet(x_t, t, encoder_hidden_states=emb_target[idx]).sample
+        x_t, t, noise_target = schedule.noised(latents[idx], generator)
+        pred = family.predict(model, x_t, t, emb_target[idx])
         if config.loss == "model-based":
             with torch.no_grad():
-                target = unet(x_t, t, encoder_hidden_states=emb_anchor[idx]).sample
+                target = family.predict(model, x_t, t, emb_anchor[idx])
         else:
-            target = eps
+            target = noise_target
         erase_loss = F.mse_loss(pred, target)
         preserve_loss = erase_loss.new_zeros(())
         if config.prior_preservation:
             prior_idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
-            x_p, t_p, eps_p = _noised(latents[prior_idx], alphas, generator)
-            preserve_loss = F.mse_loss(unet(x_p, t_p, encoder_hidden_states=emb_anchor[prior_idx]).sample, eps_p)
+            x_p, t_p, target_p = schedule.noised(latents[prior_idx], generator)
+            preserve_loss = F.mse_loss(family.predict(model, x_p, t_p, emb_anchor[prior_idx]), target_p)
         loss = erase_loss + config.prior_weight * preserve_loss
         record = {"step": step, "erase_loss": round(erase_loss.item(), 6), "preserve_loss": round(preserve_loss.item(), 6)}
         optimizer.zero_grad(set_to_none=True)
@@ -165,7 +164,9 @@ def ablate(
     "ca", "CA (Ablating Concepts): fine-tune the target's prediction onto an anchor concept's, on the model's own anchor images.",
     # toy: CA's erasure is a cliff in lr on the toy world (seed 0, 8 images/class: lr 2e-5 ESR-1 6 %, 3e-5 75 %, 4e-5 100 % at
     # PSR-1 42 %, 1e-4 100 % at 17 %); 4e-5 is the smallest that erases, 20x the paper's 2e-6 for a 3 M-parameter model
-    CAConfig, {"toy": {"lr": 4e-5, "anchor_images": 64, "ddim_steps": 20, "iterations": 150}, "fast": {"anchor_images": 64, "ddim_steps": 25}},
+    CAConfig, {"toy": {"lr": 4e-5, "anchor_images": 64, "ddim_steps": 20, "iterations": 150}, "fast": {"anchor_images": 64, "ddim_steps": 25},
+             "tiny": {"iterations": 2, "anchor_images": 2, "ddim_steps": 3, "batch_size": 2, "lr": 1e-3}},
+    families=ALL_FAMILIES,
 )
 def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: Progress | None) -> ErasureResult:
     """Generate anchor images, then train the target prompts' predictions onto the anchor's; the pipeline is left unchanged."""
@@ -177,8 +178,10 @@ def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: 
     if anchor.lower() in {t.lower() for t in targets}:
         raise ErasekitError(f"the anchor {anchor!r} is the concept being erased; choose a different anchor (e.g. its superclass) or '' for the empty prompt")
     templates = load_templates(config.templates)
-    unet = pipe.unet
-    params = ca_parameters(unet, config.train_method, config.kv_only)
+    family = family_of(pipe)
+    unet = family.denoiser(pipe)
+    prefix = "unet" if hasattr(pipe, "unet") else "transformer"
+    params = ca_parameters(family, unet, config.train_method, config.kv_only)
     generator = torch.Generator().manual_seed(config.seed)
     base_hash = request.base_hash or weights_hash(pipe)
     # image i: template i mod T; its target prompt names target i mod N in the same template (the reference swaps the word)
@@ -189,15 +192,17 @@ def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: 
         check_prompt(pipe, prompt, "target prompt")
     setup_started = time.perf_counter()
     latents = anchor_latents(pipe, anchor_prompts, config, generator)
-    emb_anchor, emb_target = encode(pipe, anchor_prompts), encode(pipe, target_prompts)
-    alphas = pipe.scheduler.alphas_cumprod.to(unet.device)
+    emb_anchor, emb_target = encode_cond(pipe, anchor_prompts), encode_cond(pipe, target_prompts)
+    schedule = family.schedule(pipe, config.ddim_steps)
     generation_s = time.perf_counter() - setup_started
     unet.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            getattr(pipe, name).requires_grad_(False)
     originals = {n: p.detach().clone() for n, p in params.items()}
     try:
-        history = ablate(unet, params, latents, emb_target, emb_anchor, alphas, config, generator, progress)
-        delta = {f"unet.{n}": p.detach().to("cpu").clone().contiguous() for n, p in params.items()}
+        history = ablate(family, unet, params, latents, emb_target, emb_anchor, schedule, config, generator, progress)
+        delta = {f"{prefix}.{n}": p.detach().to("cpu").clone().contiguous() for n, p in params.items()}
     finally:
         with torch.no_grad():
             for n, p in params.items():
