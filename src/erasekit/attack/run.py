@@ -62,6 +62,15 @@ class AttackConfig:
             raise ErasekitError(f"--threshold must be in (0, 1], got {self.threshold}")
 
 
+def check_attack_family(pipe: Any) -> None:
+    """The token attack searches CLIP token embeddings under one UNet: a one-line error for the other families."""
+    from erasekit.families import family_of
+
+    family = family_of(pipe)
+    if family.name != "sd":
+        raise ErasekitError(f"the attack runs on SD 1.x/2.x models; {family.label} is not supported yet (its text encoders and denoiser differ)")
+
+
 @torch.no_grad()
 def generate_latents(
     pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch_size: int = 10
@@ -104,6 +113,7 @@ def attack_pipeline(
     prefix or already without one (UnlearnDiffAtk's convention); the rates beside it separate the two.
     ``base`` is :func:`base_images` of the same prompts and config, when already made (compare shares it across methods).
     """
+    check_attack_family(pipe)
     from erasekit.attack.search import candidate_tokens
 
     config.validate()
@@ -266,6 +276,7 @@ def attack(
     from erasekit.models import load_pipeline
 
     pipe = load_pipeline(tgt.base, device=device)
+    check_attack_family(pipe)
     for p in prompt_set:
         check_prompt(pipe, p, "prompt")
     record, images = attack_pipeline(pipe, tgt.result, concept, prompt_set, detector, config, toy.words if toy else (), force, progress)
