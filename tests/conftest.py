@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from erasekit.world.config import WorldTrainConfig
 from erasekit.world.toy import build_tokenizer
+from erasekit.world.train import WorldTrainer
 
 torch.set_num_threads(1)  # every test (and every worker process it starts) on one CPU thread: CI machines are small
 
@@ -61,3 +64,45 @@ def words_file(tmp_path: Path) -> Path:
     path.write_text("\n".join(["circle", "ring", "moon", "square", "diamond", "triangle", "arrow", "star", "cross", "hexagon",
                                "apple", "banana", "dog", "cat", "car", "tree", "house", "river", "bird", "fish"]) + "\n")
     return path
+
+
+# -- a tiny toy-world training, shared by every test file that needs one ---------------------
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """A tiny training stopped after the VAE stage, then resumed to the end by a new trainer."""
+
+    out: Path
+    resumed_stages: list[str]
+    unet_losses: list[float]
+    vae_done_before: bytes
+
+
+def tiny_config() -> WorldTrainConfig:
+    """A config that trains every stage for a few steps on one thread (the VAE step, batch 64, is the costly one)."""
+    return WorldTrainConfig(
+        n_images=300, n_heldout=60, vae_steps=6, clip_steps=12, clip_batch=32, judge_steps=15, unet_steps=30,
+        batch_size=16, checkpoint_every=10, threads=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    out = tmp_path_factory.mktemp("world") / "run"
+    threads = torch.get_num_threads()
+    first = WorldTrainer(out, tiny_config())
+    first.stage_data()
+    first.stage_vae()  # then "killed": the judge, UNet and export stages never ran
+    vae_done = (out / "work" / "vae.done").read_bytes()
+    stages: list[str] = []
+    losses: list[float] = []
+
+    def record(stage: str, step: int, total: int, info: dict) -> None:
+        stages.append(stage)
+        if stage == "unet":
+            losses.append(float(info["loss"]))
+
+    WorldTrainer(out, tiny_config(), record).run()
+    torch.set_num_threads(threads)  # the tiny config trains on one thread; later tests get the default back
+    return SmokeRun(out, list(dict.fromkeys(stages)), losses, vae_done)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
@@ -14,13 +13,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from typer.testing import CliRunner
 
+from conftest import SmokeRun
 from erasekit.errors import ErasekitError
 from erasekit.world.check import check_world, default_toy_dir, load_toy_pipeline
 from erasekit.world.cli import app
 from erasekit.world.judge import Judge, judge_images
 from erasekit.world.render import Scene, render
 from erasekit.world.toy import build_tokenizer
-from erasekit.world.train import WorldTrainConfig, WorldTrainer, render_dataset
+from erasekit.world.train import render_dataset
 from erasekit.world.vocab import load_vocab
 
 CHECK_KEYS = {
@@ -92,43 +92,6 @@ def test_tokenizer_has_clips_vocabulary_and_pads_to_77_with_end_of_text() -> Non
 
 
 # -- training (tiny, in-process) ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SmokeRun:
-    """A tiny training stopped after the VAE stage, then resumed to the end by a new trainer."""
-
-    out: Path
-    resumed_stages: list[str]
-    unet_losses: list[float]
-    vae_done_before: bytes
-
-
-def tiny_config() -> WorldTrainConfig:
-    """A config that trains every stage for a few steps on one thread (the VAE step, batch 64, is the costly one)."""
-    return WorldTrainConfig(
-        n_images=300, n_heldout=60, vae_steps=6, clip_steps=12, clip_batch=32, judge_steps=15, unet_steps=30,
-        batch_size=16, checkpoint_every=10, threads=1,
-    )
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
-    out = tmp_path_factory.mktemp("world") / "run"
-    first = WorldTrainer(out, tiny_config())
-    first.stage_data()
-    first.stage_vae()  # then "killed": the judge, UNet and export stages never ran
-    vae_done = (out / "work" / "vae.done").read_bytes()
-    stages: list[str] = []
-    losses: list[float] = []
-
-    def record(stage: str, step: int, total: int, info: dict) -> None:
-        stages.append(stage)
-        if stage == "unet":
-            losses.append(float(info["loss"]))
-
-    WorldTrainer(out, tiny_config(), record).run()
-    return SmokeRun(out, list(dict.fromkeys(stages)), losses, vae_done)
 
 
 def test_smoke_training_decreases_the_unet_loss(smoke_run: SmokeRun) -> None:

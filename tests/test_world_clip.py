@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel
 from typer.testing import CliRunner
 
+from conftest import SmokeRun, tiny_config
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
 from erasekit.world.cli import app
@@ -27,7 +28,6 @@ from erasekit.world.clip import (
 )
 from erasekit.world.config import WorldTrainConfig
 from erasekit.world.train import WorldTrainer
-from test_world import SmokeRun, smoke_run, tiny_config  # noqa: F401  (the module-scoped smoke training)
 
 
 def test_infonce_is_clips_loss_on_distinct_labels_and_spreads_targets_over_twins() -> None:
@@ -74,7 +74,7 @@ def test_clip_saved_without_its_text_tower_joins_the_pipeline_encoder(tmp_path: 
     assert not any(k.startswith("text_model.") for k in load_file(str(tmp_path / "clip" / "clip.safetensors")))
 
 
-def test_unet_stage_leaves_the_clip_text_tower_untouched(smoke_run: SmokeRun) -> None:  # noqa: F811
+def test_unet_stage_leaves_the_clip_text_tower_untouched(smoke_run: SmokeRun) -> None:
     work = smoke_run.out / "work"
     trained = CLIPTextModel.from_pretrained(work / "text_model")
     shipped = CLIPTextModel.from_pretrained(smoke_run.out / "pipeline" / "text_encoder")
@@ -84,7 +84,7 @@ def test_unet_stage_leaves_the_clip_text_tower_untouched(smoke_run: SmokeRun) ->
     assert clip.vision_model.config.image_size == 32
 
 
-def test_resume_with_other_stage_settings_is_refused_and_nothing_is_touched(smoke_run: SmokeRun) -> None:  # noqa: F811
+def test_resume_with_other_stage_settings_is_refused_and_nothing_is_touched(smoke_run: SmokeRun) -> None:
     before = {p: p.stat().st_mtime_ns for p in (smoke_run.out / "work").iterdir()}
     result = CliRunner().invoke(app, ["train", "--out", str(smoke_run.out), "--clip-steps", "99"])
     assert result.exit_code == 2
@@ -92,7 +92,7 @@ def test_resume_with_other_stage_settings_is_refused_and_nothing_is_touched(smok
     assert {p: p.stat().st_mtime_ns for p in (smoke_run.out / "work").iterdir()} == before
 
 
-def test_a_checkpoint_from_another_run_is_refused(smoke_run: SmokeRun, tmp_path: Path) -> None:  # noqa: F811
+def test_a_checkpoint_from_another_run_is_refused(smoke_run: SmokeRun, tmp_path: Path) -> None:
     other = tmp_path / "other"
     first = WorldTrainer(other, tiny_config())
     first.stage_data()
@@ -115,7 +115,7 @@ def test_unknown_stage_setting_is_one_line() -> None:
     assert result.exit_code == 2 and "--clip-steps" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_lookalike_pairs_rank_each_partner_among_the_drops(smoke_run: SmokeRun) -> None:  # noqa: F811
+def test_lookalike_pairs_rank_each_partner_among_the_drops(smoke_run: SmokeRun) -> None:
     from erasekit.world.check import generate, load_toy_judge, load_toy_pipeline
     from erasekit.world.pairs import lookalike_pairs
 
@@ -133,7 +133,7 @@ def test_lookalike_pairs_rank_each_partner_among_the_drops(smoke_run: SmokeRun) 
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items()), "the base model was left erased"
 
 
-def test_a_v1_world_folder_is_refused_as_a_model(smoke_run: SmokeRun, tmp_path: Path) -> None:  # noqa: F811
+def test_a_v1_world_folder_is_refused_as_a_model(smoke_run: SmokeRun, tmp_path: Path) -> None:
     from erasekit.models import load_pipeline
 
     world = tmp_path / "v1"
@@ -148,7 +148,7 @@ def test_a_v1_world_folder_is_refused_as_a_model(smoke_run: SmokeRun, tmp_path: 
         assert "\n" not in str(info.value)
 
 
-def test_toy_suites_measure_with_the_worlds_toy_clip(smoke_run: SmokeRun, tmp_path: Path) -> None:  # noqa: F811
+def test_toy_suites_measure_with_the_worlds_toy_clip(smoke_run: SmokeRun, tmp_path: Path) -> None:
     from erasekit.eval.runner import evaluate
     from erasekit.eval.scorers import load_judge_scorer
     from erasekit.eval.suites import Settings, get_suite, plan_toy_styles
