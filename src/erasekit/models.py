@@ -57,13 +57,13 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False, 
 
 
 def release_unused(pipe: Pipeline) -> int:
-    """Free the text encoder's and VAE's weights of a pipeline whose UNet alone is used from now on; returns bytes freed.
+    """Free the text encoders' and VAE's weights of a pipeline whose denoiser alone is used from now on; returns bytes freed.
 
     For a caller that will not use the pipeline again (the CLI's ``erase``): the embeddings a fine-tuning run
     needs are computed before this, so only one model's weights stay in memory while it trains.
     """
     freed = 0
-    for name in ("text_encoder", "vae"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         module = getattr(pipe, name, None)
         if isinstance(module, nn.Module) and not is_released(module):
             freed += sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
