@@ -296,3 +296,14 @@ def test_a_lora_erasure_leaves_the_pipeline_with_its_original_modules_and_hash(w
 def test_age_refuses_settings_its_own_loop_does_not_use(setting: dict, words_file: Path) -> None:
     with pytest.raises(ErasekitError, match="age trains one fp32 rollout point"):
         erasekit.erase(tiny_pipeline(), "circle", method="age", **settings_for("age", words_file), **setting)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"seed": -1}, "seed must be a whole number"), ({"seed": 99999999999999999999}, "seed must be a whole number"),
+    ({"gumbel_lr": -1.0}, "gumbel_lr must be a positive finite"), ({"gumbel_lr": float("nan")}, "gumbel_lr must be a positive finite"),
+    ({"gumbel_lr": 0.0}, "gumbel_lr must be a positive finite"), ({"gumbel_temperature": float("inf")}, "gumbel_temperature must be"),
+])
+def test_out_of_range_search_settings_are_refused_before_training(tiny, setting: dict, message: str) -> None:
+    with pytest.raises(ErasekitError, match=message) as info:
+        erasekit.erase(tiny, "circle", method="eap", budget="tiny", **setting)
+    assert "\n" not in str(info.value)

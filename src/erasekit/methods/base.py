@@ -142,6 +142,8 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages (methods extend it)."""
+        if isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ErasekitError(f"seed must be a whole number in 0 .. 2**63 - 1, got {self.seed}")
 
 
 @dataclass

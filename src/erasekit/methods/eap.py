@@ -7,6 +7,7 @@ embedding instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,10 @@ class EAPConfig(TrainConfig):
             raise ErasekitError(f"kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
         if self.k < 1 or self.n_centres < 1:
             raise ErasekitError(f"k and n_centres must be >= 1, got k={self.k}, n_centres={self.n_centres}")
-        if not self.gumbel_temperature > 0:
-            raise ErasekitError(f"gumbel_temperature must be > 0, got {self.gumbel_temperature}")
+        if not 0 < self.gumbel_temperature < math.inf:
+            raise ErasekitError(f"gumbel_temperature must be a positive finite number, got {self.gumbel_temperature}")
+        if not 0 < self.gumbel_lr < math.inf:
+            raise ErasekitError(f"gumbel_lr must be a positive finite number (the search's Adam step), got {self.gumbel_lr}")
         if self.rollout_reuse < 1 or self.rollout_share < 1:
             raise ErasekitError(f"rollout_reuse and rollout_share must be >= 1, got {self.rollout_reuse} and {self.rollout_share}")
 
