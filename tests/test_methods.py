@@ -307,3 +307,10 @@ def test_out_of_range_search_settings_are_refused_before_training(tiny, setting:
     with pytest.raises(ErasekitError, match=message) as info:
         erasekit.erase(tiny, "circle", method="eap", budget="tiny", **setting)
     assert "\n" not in str(info.value)
+
+
+def test_the_python_api_uses_the_toy_preset_on_the_toy_model_as_the_cli_does() -> None:
+    from erasekit.models import toy_pipeline
+
+    result = erasekit.erase(toy_pipeline(), "circle", method="eap", iterations=1)  # the paper's K = 1000 would not fit the toy world
+    assert result.config["k"] == 40 and result.config["iterations"] == 1 and result.config["ddim_steps"] == 25

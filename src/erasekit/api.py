@@ -46,6 +46,10 @@ def erase(
     targets = tuple(check_prompt(pipe, t, "concept") for t in targets)
     preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in preserve)
     if config is None:
+        from erasekit.models import model_id
+
+        if budget is None and model_id(pipe) == "toy" and "toy" in spec.presets:
+            budget = "toy"  # as the CLI does on --model toy: the paper's sizes (K = 1000 candidates ...) do not fit the toy world
         config = make_config(spec, budget, **overrides)
     elif overrides or budget:
         raise ErasekitError("pass either a config object or keyword settings, not both")
