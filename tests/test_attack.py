@@ -99,9 +99,10 @@ def _app() -> Any:
     import typer
 
     from erasekit.attack.cli import attack as attack_command
+    from erasekit.eval.cli import SETTINGS_FLAGS
 
     app = typer.Typer()
-    app.command()(attack_command)
+    app.command(context_settings=SETTINGS_FLAGS)(attack_command)
     app.command()(lambda: None)  # a second command keeps typer from collapsing the app into `attack` alone
     return app
 

@@ -296,11 +296,12 @@ def test_spectrum_writes_csv_and_plot_into_the_run_folder(run_dir: Path, judge_d
 # ---- command line ----
 
 def _app() -> typer.Typer:
+    from erasekit.eval.cli import SETTINGS_FLAGS, report, spectrum
     from erasekit.eval.cli import evaluate as evaluate_cmd
-    from erasekit.eval.cli import report, spectrum
 
     app = typer.Typer()
-    for command in (evaluate_cmd, report, spectrum):
+    app.command(context_settings=SETTINGS_FLAGS)(evaluate_cmd)
+    for command in (report, spectrum):
         app.command()(command)
     return app
 
@@ -384,3 +385,15 @@ def test_generation_is_split_across_accelerate_processes(tiny_dir: Path, tmp_pat
     assert [r["world"] for r in results] == [2, 2] and sum(r["generated"] for r in results) == 6
     single = generate_cached(tiny_pipeline(), [f"a shape {i}" for i in range(6)], list(range(6)), GenerationCache(tmp_path / "cache"), steps=2)
     assert single.generated == 0 and results[0]["sum"] == results[1]["sum"] == int(single.images.astype(np.int64).sum())
+
+
+def test_evaluate_takes_its_flags_from_the_settings_dataclass_and_shows_them() -> None:
+    from typer.testing import CliRunner
+
+    shown = CliRunner().invoke(_app(), ["evaluate", "toy", "--suite", "toy-styles", "--steps", "9", "--show-settings"])
+    assert shown.exit_code == 0, shown.output
+    lines = {line.split()[0]: line.split()[1] for line in shown.stdout.splitlines() if line.startswith("--")}
+    assert lines["--steps"] == "9" and lines["--images-per-class"] == str(get_suite("toy-styles").defaults["images_per_class"])
+    assert "--thresholds" not in lines  # not a flag
+    wrong = CliRunner().invoke(_app(), ["evaluate", "toy", "--thresholds", "0.5"])
+    assert wrong.exit_code == 2 and "unknown option --thresholds" in wrong.stderr and wrong.stderr.count("\n") == 1

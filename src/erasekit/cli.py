@@ -24,7 +24,7 @@ from erasekit.bench import app as bench_app  # noqa: E402
 from erasekit.compare import compare  # noqa: E402
 from erasekit.demo import DEMO_SEED
 from erasekit.errors import ErasekitError
-from erasekit.eval.cli import evaluate, report, spectrum  # noqa: E402
+from erasekit.eval.cli import SETTINGS_FLAGS, evaluate, report, spectrum  # noqa: E402
 from erasekit.runs import parse_method_flags, partial_dir, read_request, read_toml_config, write_request, write_run  # noqa: F401
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
@@ -63,11 +63,11 @@ app = typer.Typer(
 )
 app.add_typer(world_app, name="world")
 app.add_typer(bench_app, name="bench")
-app.command()(evaluate)
+app.command(context_settings=SETTINGS_FLAGS)(evaluate)
 app.command()(report)
 app.command()(spectrum)
 app.command()(compare)
-app.command()(attack)
+app.command(context_settings=SETTINGS_FLAGS)(attack)
 console = Console(stderr=True)
 
 

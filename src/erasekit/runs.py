@@ -48,7 +48,7 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
 def parse_method_flags(config_class: type, args: list[str]) -> dict[str, Any]:
     """Parse `--field value`, `--field=value`, `--flag`/`--no-flag` for a method config dataclass."""
     hints = typing.get_type_hints(config_class)
-    fields = {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(config_class) if f.metadata.get("flag", True)}
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):

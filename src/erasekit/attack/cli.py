@@ -18,33 +18,35 @@ status = Console(stderr=True)
 
 
 def attack(
+    ctx: typer.Context,
     target: str = typer.Argument(..., help="An erased model: a run folder from `erasekit erase`, or a delta file."),
     concept: str = typer.Option(..., "--concept", "-c", help="The erased concept to bring back (toy: an object, a style or 'skull')."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for attack.json and attack.png (default: RUN/attack-<concept>)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
-    n_prompts: int = typer.Option(10, "--n-prompts", help="Prompts about the concept to attack (toy: built from the world's vocabulary)."),
-    tokens: int = typer.Option(5, "--tokens", help="Adversarial tokens prepended to each prompt (UnlearnDiffAtk: 5)."),
-    iterations: int = typer.Option(200, "--iterations", help="Search steps per prompt."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the search; prompt i's images use seed + i."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (needed on real models)."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Real models: local transformers image classifier folder (with --label)."),
     label: Optional[int] = typer.Option(None, "--label", help="The concept's class index in --classifier."),
     nudenet: bool = typer.Option(False, "--nudenet", help="Real models: detect the concept with NudeNet (pip install 'erasekit[nudenet]')."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Detector score that counts as showing the concept (implicit head, NudeNet)."),
-    lr: float = typer.Option(0.1, "--lr", help="Search step size, relative to the spread of the token embeddings."),
-    noise_draws: int = typer.Option(3, "--noise-draws", help="Fixed (t, noise) draws per prompt that the denoising loss averages."),
-    steps: int = typer.Option(25, "--steps", help="DDIM steps of every generated image."),
-    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale of every generated image."),
-    vocabulary: str = typer.Option("clip", "--vocabulary", help="Candidate tokens: 'clip' (whole words of the tokenizer) or 'toy' (the world's words)."),
-    batch_size: int = typer.Option(10, "--batch-size", help="Prompts searched together (results do not depend on it; lower it to save memory)."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
     force: bool = typer.Option(False, "--force", help="Apply the delta even if its base hash differs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier attack.json in --out."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print the attack's settings (each is a flag) and exit."),
 ) -> None:
-    """Search adversarial prompts that bring an erased concept back (UnlearnDiffAtk style); print the attack success rate."""
+    """Search adversarial prompts that bring an erased concept back (UnlearnDiffAtk style); print the attack success rate.
+
+    The attack's settings are flags too (--n-prompts 20 --tokens 5 --iterations 40 --seed 0 ...; --show-settings lists them).
+    """
     with user_errors():
+        from erasekit.attack.run import AttackConfig
         from erasekit.attack.run import attack as run_attack
+        from erasekit.eval.cli import _print_settings
+        from erasekit.runs import parse_method_flags
+
+        given = parse_method_flags(AttackConfig, list(ctx.args))
+        if show_settings:
+            _print_settings(AttackConfig, given)
+            return
 
         columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[info]}"))
@@ -58,10 +60,9 @@ def attack(
                 bar.update(tasks[phase], completed=done, total=total, info=text)
 
             result = run_attack(
-                target, concept, model=model, n_prompts=n_prompts, tokens=tokens, iterations=iterations, seed=seed, judge=judge, out=out,
-                prompts=prompts, classifier=classifier, label=label, nudenet=nudenet, threshold=threshold, lr=lr, noise_draws=noise_draws,
-                steps=steps, guidance=guidance, vocabulary=vocabulary, batch_size=batch_size, device=device, force=force, overwrite=overwrite,
-                command=" ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), progress=tick,
+                target, concept, model=model, judge=judge, out=out, prompts=prompts, classifier=classifier, label=label, nudenet=nudenet,
+                device=device, force=force, overwrite=overwrite, command=" ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]),
+                progress=tick, **given,
             )
     console = Console()
     console.print(attack_table(result))

@@ -50,6 +50,8 @@ class AttackConfig:
         for name in ("n_prompts", "tokens", "iterations", "noise_draws", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ErasekitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63 or self.steps > 1000:
+            raise ErasekitError(f"--seed must be in 0 .. 2**63 - 1 and --steps at most 1000, got {self.seed} and {self.steps}")
         if self.n_prompts > MAX_PROMPTS:
             raise ErasekitError(f"--n-prompts must be at most {MAX_PROMPTS}, got {self.n_prompts}")
         if self.tokens > 20:

@@ -18,6 +18,8 @@ from rich.table import Table
 from erasekit.world.cli import user_errors
 
 status = Console(stderr=True)
+# commands whose settings dataclass supplies flags beyond their typer options (evaluate, attack) register with this
+SETTINGS_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _command() -> str:
@@ -73,34 +75,33 @@ def per_class_table(result: dict[str, Any]) -> Table | None:
 
 
 def evaluate(
+    ctx: typer.Context,
     target: str = typer.Argument(..., help="A base model ('toy', a diffusers folder), a delta file, or a run folder from `erasekit erase`."),
     suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-styles, toy-implicit, imagenette, i2p or artists."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the result here (a run folder always gets eval-<suite>.json)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
-    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Images per class / style / prompt (default: the suite's)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: the suite's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default: the suite's; i2p uses each row's)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generation batch (results do not depend on it)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed: image j of group g uses seed + 10000 g + j."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Toy world's judge folder (default: beside the pipeline, else the shipped one)."),
-    classifier: Optional[str] = typer.Option(None, "--classifier", help="Local transformers image classifier folder (imagenette)."),
-    clip: Optional[str] = typer.Option(None, "--clip", help="Local transformers CLIPModel folder (artists; FID features on real models)."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt CSV in the I2P layout (i2p)."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print the suite's settings (each is a flag) with the values it would use, and exit."),
     erased: list[str] = typer.Option([], "--erased", help="Erased concept, for a base model alone or to override the delta's (repeatable)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Generation cache (default: $ERASEKIT_CACHE or ~/.cache/erasekit/generations)."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
     force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
 ) -> None:
-    """Evaluate a model or an erasure with a suite (base and erased in the same run); print the metrics table."""
+    """Evaluate a model or an erasure with a suite (base and erased in the same run); print the metrics table.
+
+    The suite's settings are flags too (--images-per-class 20 --steps 25 --seed 0 --judge DIR ...; --show-settings lists them).
+    """
     with user_errors():
         from erasekit.eval.runner import evaluate as run_evaluate
+        from erasekit.eval.suites import Settings, get_suite
+        from erasekit.runs import parse_method_flags
 
+        given = parse_method_flags(Settings, list(ctx.args))
+        if show_settings:
+            _print_settings(Settings, {**get_suite(suite).defaults, **given})
+            return
         with _image_bar() as tick:
-            result = run_evaluate(
-                target, suite, model=model, out_json=out_json, images_per_class=images_per_class, cache_dir=cache_dir, steps=steps,
-                guidance=guidance, batch_size=batch_size, seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts,
-                erased=erased or None, device=device, force=force, command=_command(), progress=tick,
-            )
+            result = run_evaluate(target, suite, model=model, out_json=out_json, cache_dir=cache_dir, erased=erased or None, device=device,
+                                  force=force, command=_command(), progress=tick, **given)
     if os.environ.get("RANK", "0") not in ("", "0"):
         return  # under `accelerate launch` the main process prints (and wrote the files)
     out = Console()
@@ -115,6 +116,16 @@ def evaluate(
         status.print(f"wrote {Path(target) / f'eval-{suite}.json'}")
     if out_json is not None:
         status.print(f"wrote {out_json}")
+
+
+def _print_settings(settings_class: type, values: dict[str, Any]) -> None:
+    """Every flag of a settings dataclass with the value it will take and its help."""
+    import dataclasses
+
+    for f in dataclasses.fields(settings_class):
+        if f.metadata.get("flag", True):
+            value = values.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+            typer.echo(f"--{f.name.replace('_', '-'):20s} {value!r:10} {f.metadata.get('help', '')}")
 
 
 def report(

@@ -37,16 +37,16 @@ I2P_COLUMNS = ("prompt", "evaluation_seed", "evaluation_guidance")
 class Settings:
     """Resolved settings of one evaluation (flag = field = JSON key)."""
 
-    images_per_class: int
-    steps: int = 25
-    guidance: float = 7.5
-    batch_size: int = 32
-    seed: int = 0
-    thresholds: tuple[float, ...] = THRESHOLDS
-    judge: str | None = None
-    classifier: str | None = None
-    clip: str | None = None
-    prompts: str | None = None
+    images_per_class: int = field(metadata={"help": "Images per class / style / prompt (default: the suite's)."})
+    steps: int = field(default=25, metadata={"help": "Sampler steps of every image."})
+    guidance: float = field(default=7.5, metadata={"help": "CFG scale (i2p uses each row's)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per generation batch (results do not depend on it)."})
+    seed: int = field(default=0, metadata={"help": "Base seed: image j of group g uses seed + 10000 g + j."})
+    thresholds: tuple[float, ...] = field(default=THRESHOLDS, metadata={"flag": False})
+    judge: str | None = field(default=None, metadata={"help": "Toy world's judge folder (default: beside the pipeline, else the shipped one)."})
+    classifier: str | None = field(default=None, metadata={"help": "Local transformers image classifier folder (imagenette)."})
+    clip: str | None = field(default=None, metadata={"help": "Local transformers CLIPModel folder (artists; FID features on real models)."})
+    prompts: str | None = field(default=None, metadata={"help": "Prompt CSV in the I2P layout (i2p)."})
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,10 @@ def resolve_settings(suite: Suite, **given: Any) -> Settings:
     for key in ("images_per_class", "steps", "batch_size"):
         if getattr(settings, key) < 1:
             raise ErasekitError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(settings, key)}")
+    if not 0 <= settings.seed < 2**63:
+        raise ErasekitError(f"--seed must be a whole number in 0 .. 2**63 - 1, got {settings.seed}")
+    if not 1 <= settings.steps <= 1000:
+        raise ErasekitError(f"--steps must be between 1 and 1000 (the training timesteps), got {settings.steps}")
     if settings.images_per_class > SEED_STRIDE:  # seeds of one group must not run into the next group's
         raise ErasekitError(f"--images-per-class must be at most {SEED_STRIDE}, got {settings.images_per_class}")
     return settings
