@@ -118,7 +118,7 @@ def test_default_suites_follow_the_concept() -> None:
     (["-c", "circle", "--methods", "esd-x", "--set", "esd-x.iterations=0"], "iterations must be >= 1"),
     (["-c", "a teapot", "--methods", "uce"], "no evaluation suite fits"),
     (["-c", "a teapot", "--methods", "uce", "--suite", "toy-objects", "--attack"], "--attack judges images with the toy world's judge: unknown concept"),
-    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "nope=1"], "--attack-set 'nope=1': unknown option --nope for the attack"),
+    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "nope=1"], "--attack-set 'nope=1': unknown option --nope; the settings here are: --n-prompts"),
     (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "iterations"], "--attack-set expects KEY=VALUE"),
     (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "tokens=0"], "--tokens must be at least 1"),
     (["-c", "circle", "--methods", "uce", "--attack-set", "tokens=2"], "--attack-set needs --attack"),

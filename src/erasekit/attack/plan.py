@@ -110,7 +110,7 @@ def parse_attack_settings(items: Sequence[str]) -> dict[str, Any]:
         try:
             out.update(parse_method_flags(AttackConfig, [f"--{key.strip()}={value}"]))
         except ErasekitError as exc:
-            raise ErasekitError(f"--attack-set {item!r}: {str(exc).replace('for this method', 'for the attack')}") from None
+            raise ErasekitError(f"--attack-set {item!r}: {exc}") from None
     return out
 
 
