@@ -174,11 +174,18 @@ def lora_disabled(unet: Any) -> Iterator[None]:
 
 
 def lora_state_dict(unet: Any, prefix: str = "unet") -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' LoRA key format (loadable with ``load_lora_weights``)."""
+    """The adapter's weights in a LoRA key format the family's ``load_lora_weights`` reads.
+
+    UNets (SD, SDXL): diffusers' ``lora.down``/``lora.up`` keys, as erasekit always wrote them. Transformers (SD3,
+    FLUX): PEFT's own ``lora_A``/``lora_B`` keys, their loaders' native format (the converted keys are not all
+    mapped back by the FLUX loader).
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=LORA_ADAPTER))
+    state = get_peft_model_state_dict(unet, adapter_name=LORA_ADAPTER)
+    if prefix == "unet":
+        state = convert_state_dict_to_diffusers(state)
     return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
 
 
