@@ -252,13 +252,13 @@ def test_mixed_precision_runs_the_forwards_low_and_keeps_fp32_weights(precision:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_low_precision_forward_gives_the_fp32_gradient_direction(precision: str) -> None:
     """What autocast must guarantee on any CPU: the UNet computes in the low dtype, the loss and gradients stay fp32 and agree."""
-    from erasekit.concepts import encode
+    from erasekit.concepts import encode_cond
     from erasekit.methods.base import TrainableUNet
 
     pipe = tiny_pipeline()
     trainable = TrainableUNet(pipe, "xattn", 4)
     g = torch.Generator().manual_seed(0)
-    x, t, emb = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 700]), encode(pipe, ["circle", "square"])
+    x, t, emb = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 700]), encode_cond(pipe, ["circle", "square"])
     target = torch.randn(2, 4, 8, 8, generator=g)
 
     def gradient(precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
