@@ -16,9 +16,9 @@ from torch import nn
 
 from erasekit.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from erasekit.errors import ErasekitError
-from erasekit.families.base import Pipeline
+from erasekit.families.base import TRAIN_SETS, Pipeline
 
-TRAIN_METHODS = ("xattn", "noxattn", "full", "selfattn", "lora")
+TRAIN_METHODS = TRAIN_SETS  # one list: the families define the sets
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_ADAPTER = "erasekit"
 
@@ -131,25 +131,13 @@ def weights_hash(pipe: Any) -> str:
 
 
 def select_parameters(unet: nn.Module, train_method: str) -> dict[str, nn.Parameter]:
-    """The UNet parameters a train method changes (DESIGN.md §3; ``lora`` is handled by add_lora)."""
-    if train_method not in TRAIN_METHODS or train_method == "lora":
-        raise ErasekitError(f"unknown train method {train_method!r}; choose one of: {', '.join(TRAIN_METHODS)}")
-    chosen = {}
-    for name, param in unet.named_parameters():
-        if train_method == "xattn":
-            keep = "attn2." in name
-        elif train_method == "selfattn":
-            keep = "attn1." in name
-        elif train_method == "noxattn":
-            # the reference leaves cross-attention, the time embedding and the output head untouched
-            keep = not ("attn2." in name or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
-        else:
-            keep = True
-        if keep:
-            chosen[name] = param
-    if not chosen:
-        raise ErasekitError(f"train method {train_method!r} selects no parameter of this UNet")
-    return chosen
+    """The parameters of an SD 1.x/2.x UNet a train method changes (DESIGN.md §3; ``lora`` is handled by add_lora).
+
+    The SD family's own sets (``families.unet``), kept under this name for the code and tests that predate families.
+    """
+    from erasekit.families import get_family
+
+    return get_family("sd").parameters(unet, train_method)
 
 
 def add_lora(unet: Any, rank: int, targets: list[str] | None = None) -> dict[str, nn.Parameter]:

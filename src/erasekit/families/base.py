@@ -23,7 +23,7 @@ from torch import nn
 
 from erasekit.errors import ErasekitError
 
-TRAIN_SETS = ("xattn", "noxattn", "selfattn", "full", "lora")
+TRAIN_SETS = ("xattn", "noxattn", "full", "selfattn", "lora")
 Pipeline = Any  # a diffusers pipeline of a supported family (their components are set at run time: mypy sees Any)
 
 
