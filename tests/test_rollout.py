@@ -18,8 +18,9 @@ import erasekit
 import erasekit.methods.age as age
 import erasekit.methods.loop as loop
 from conftest import tiny_pipeline
+from erasekit.families import Cond
+from erasekit.families.schedules import DDIMSchedule
 from erasekit.methods.base import TrainableUNet
-from erasekit.sampling import ddim_scheduler, rollout
 
 S = 10  # DDIM steps of the rollouts here: bins of T/S = 100 timesteps
 
@@ -112,7 +113,7 @@ def _erase_recorded(case: str, iterations: int, words_file: Path, monkeypatch: p
     if "k" in settings:
         settings["concept_space"] = str(words_file)
     erasekit.erase(tiny_pipeline(), "circle", iterations=iterations, ddim_steps=S, lr=1e-3, **settings)
-    return recorder.levels(int(ddim_scheduler(tiny_pipeline(), S).timesteps[0]))
+    return recorder.levels(DDIMSchedule(tiny_pipeline().scheduler.config, S).grid[0])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -140,19 +141,19 @@ def test_the_x0_map_uses_the_alpha_bar_of_the_latent_not_of_the_drawn_timestep(c
 
 
 def test_each_bin_of_the_grid_is_reached_by_its_own_number_of_steps() -> None:
-    from erasekit.sampling import grid_steps
-
     pipe = tiny_pipeline()
     alphas = pipe.scheduler.alphas_cumprod.double()
+    empty = Cond({"hidden": torch.zeros(1, 77, 16)})
     for steps in (3, S, 25, 50):
-        scheduler = ddim_scheduler(pipe, steps)
+        schedule = DDIMSchedule(pipe.scheduler.config, steps)
         width = 1000 / steps
         start = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
         eps = _exact_eps(alphas)
         for k in range(steps):
-            n, grid_t = grid_steps(scheduler, k)
+            level = schedule.level(k)
+            n, grid_t = level.steps, int(level.grid_t)
             assert k * width <= grid_t < (k + 1) * width
-            x = rollout(lambda x, t, emb, eps=eps: eps(x, t), scheduler, start, torch.zeros(1, 77, 16), torch.zeros(1, 77, 16), n, 3.0)
+            x = schedule.rollout(lambda x, t, emb, eps=eps: eps(x, t), start, empty, empty, [n], 3.0)[0]
             ratio = float(x.double().norm() / start.double().norm())
-            implied = 1 - ratio**2 * (1 - float(alphas[int(scheduler.timesteps[0])]))
+            implied = 1 - ratio**2 * (1 - float(alphas[schedule.grid[0]]))
             assert implied == pytest.approx(float(alphas[grid_t]), rel=1e-4)

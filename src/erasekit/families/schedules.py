@@ -37,7 +37,12 @@ class DDIMSchedule(Schedule):
         return self.level(k, int(torch.randint(lo, max(hi, lo + 1), (1,), generator=generator)))
 
     def level(self, k: int, t: float | None = None) -> Level:
-        """Bin k: S - 1 - k steps from pure noise reach its grid point."""
+        """Bin k: S - 1 - k steps from pure noise reach its grid point.
+
+        The grid runs downwards from pure noise, so bin k (the k-th grid point counted upwards from the data) is
+        S - 1 - k steps away. The reference's ldm sampler (``till_T = k``, ``t_start = -1``) stops two grid points
+        lower, 40-59 timesteps less noisy than the queried t for S = 50; we take the exact level the query asks about.
+        """
         if not 0 <= k < self.steps:
             raise ValueError(f"bin {k} is outside the {self.steps}-step grid")
         steps = self.steps - 1 - k
