@@ -155,6 +155,12 @@ class WorldTrainer:
         optimizer.load_state_dict(state["optimizer"])
         return int(state["step"])
 
+    def _after_step(self, name: str, step: int, total: int, loss: torch.Tensor, modules: dict, optimizer: torch.optim.Optimizer) -> None:
+        """Report a finished step of a stage, and checkpoint it every ``checkpoint_every`` steps and at its end."""
+        self.progress(name, step, total, {"loss": loss.item()})
+        if step % self.config.checkpoint_every == 0 or step == total:
+            self._checkpoint(name, step, modules, optimizer)
+
     def _checkpoint(self, name: str, step: int, modules: dict, optimizer: torch.optim.Optimizer) -> None:
         state = {key: m.state_dict() for key, m in modules.items()}
         state.update(optimizer=optimizer.state_dict(), step=step, run_id=self.run_id)
@@ -184,9 +190,7 @@ class WorldTrainer:
             loss.backward()
             opt.step()
             step += 1
-            self.progress("vae", step, c.vae_steps, {"loss": loss.item()})
-            if step % c.checkpoint_every == 0 or step == c.vae_steps:
-                self._checkpoint("vae", step, {"vae": vae}, opt)
+            self._after_step("vae", step, c.vae_steps, loss, {"vae": vae}, opt)
         vae.eval()
         latents, recons = [], []
         with torch.inference_mode():
@@ -237,9 +241,7 @@ class WorldTrainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            self.progress("clip", step, c.clip_steps, {"loss": loss.item()})
-            if step % c.checkpoint_every == 0 or step == c.clip_steps:
-                self._checkpoint("clip", step, {"clip": model}, opt)
+            self._after_step("clip", step, c.clip_steps, loss, {"clip": model}, opt)
         model.eval()
         toy_clip.text_encoder_of(model).save_pretrained(self.work / "text_model", safe_serialization=True)
         toy_clip.save_clip(model, self.work / "clip_model", dtype=torch.float32)
@@ -288,9 +290,7 @@ class WorldTrainer:
             loss.backward()
             opt.step()
             step += 1
-            self.progress("judge", step, c.judge_steps, {"loss": loss.item()})
-            if step % c.checkpoint_every == 0 or step == c.judge_steps:
-                self._checkpoint("judge", step, {"judge": judge}, opt)
+            self._after_step("judge", step, c.judge_steps, loss, {"judge": judge}, opt)
         judge.eval()
         judge.save(self.work / "judge_model")
         held = self._data("heldout")
@@ -358,9 +358,7 @@ class WorldTrainer:
             decay = min(c.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema_unet.parameters()), list(unet.parameters()), 1 - decay)
-            self.progress("unet", step, c.unet_steps, {"loss": loss.item()})
-            if step % c.checkpoint_every == 0 or step == c.unet_steps:
-                self._checkpoint("unet", step, modules, opt)
+            self._after_step("unet", step, c.unet_steps, loss, modules, opt)
         ema_unet.save_pretrained(self.work / "unet_model", safe_serialization=True)
         self._mark("unet")
 
