@@ -47,9 +47,8 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
     fam = family_of(pipe)
     prefix = "unet." if family in ("sd", "sdxl") else "transformer."
     changed = {k.removeprefix(prefix) for k in result.delta}
-    if registry()[method].kind == "closed-form":  # the cross-attention keys and values, nothing else
-        assert changed and changed <= set(fam.parameters(fam.denoiser(pipe), "xattn"))
-        assert all(k.endswith(("to_k.weight", "to_v.weight")) for k in changed)
+    if registry()[method].kind == "closed-form":  # the family's text-reading matrices (attn2.to_k/to_v; context_embedder), nothing else
+        assert changed and changed == set(fam.closed_form_weights(fam.denoiser(pipe)))
     elif result.config.get("kv_only"):  # CA's default: the text's keys and values within its train set
         assert changed and changed <= set(fam.parameters(fam.denoiser(pipe), result.config["train_method"]))
         assert all(any(kv in f".{k}" for kv in (".to_k.", ".to_v.", ".add_k_proj.", ".add_v_proj.")) for k in changed)
@@ -85,12 +84,17 @@ def test_lora_result_loads_with_the_familys_own_load_lora_weights(family: str, f
     assert torch.allclose(applied, with_lora, rtol=1e-4, atol=1e-4)  # fused into the weights == the live adapter
 
 
-def test_a_delta_refuses_another_family_and_a_method_its_unsupported_family(folders: dict) -> None:
+def test_a_delta_refuses_another_family_and_a_method_its_unsupported_family(folders: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from erasekit.methods import base
+
     sd = load_pipeline(str(folders["sd"]))
     result = erasekit.erase(sd, "circle", method="esd-x", budget="tiny")
     with pytest.raises(ErasekitError, match="made on a sd model and cannot load into this flux") as info:
         result.apply(load_pipeline(str(folders["flux"])))
     assert "\n" not in str(info.value)
+    monkeypatch.setitem(base._REGISTRY, "uce", dataclasses.replace(registry()["uce"], families=("sd", "sdxl")))  # every method runs on every family
     with pytest.raises(ErasekitError, match="uce does not run on FLUX.1 models yet; it supports: sd"):
         erasekit.erase(load_pipeline(str(folders["flux"])), "circle", method="uce")
     with pytest.raises(ErasekitError, match="--family sdxl contradicts"):

@@ -157,6 +157,7 @@ class Family(ABC):
     label: str = ""
     pipeline_classes: tuple[str, ...] = ()
     uses_cfg: bool = True  # False for guidance-distilled models (FLUX.1-dev/schnell): no unconditional branch
+    prefix: str = ""  # the pipeline attribute holding the denoiser: the key prefix of a weights delta (result.py)
 
     @abstractmethod
     def denoiser(self, pipe: Any) -> nn.Module:
@@ -165,6 +166,24 @@ class Family(ABC):
     @abstractmethod
     def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
         """The conditioning of ``prompts`` as the denoiser sees it."""
+
+    # -- closed-form edits (UCE, RECE): linear maps whose inputs are rows of the ``hidden`` conditioning --
+
+    @abstractmethod
+    def closed_form_weights(self, model: nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
+        """The weight matrices a closed-form edit changes, by parameter name (each maps ``hidden`` rows)."""
+
+    @abstractmethod
+    def key_width(self, pipe: Any) -> int:
+        """Width of a ``hidden`` row: the input width of :meth:`closed_form_weights`."""
+
+    @abstractmethod
+    def last_token_rows(self, pipe: Any, text: str) -> tuple[int, ...]:
+        """Row of ``text``'s last word token in each text part of ``hidden`` (the part's first row for '')."""
+
+    @abstractmethod
+    def part_ends(self, pipe: Any) -> tuple[int, ...]:
+        """End row (exclusive) of each text part of ``hidden``, in the order of :meth:`last_token_rows`."""
 
     def uncond(self, pipe: Any) -> Cond:
         """The conditioning the pipeline's classifier-free guidance takes as unconditional (the empty prompt)."""

@@ -2,7 +2,9 @@
 
 Both are rectified flows sampled with Euler steps on the pipeline's own σ grid (shift included).
 Where the image attends to the text is joint attention: the text stream's key and value projections
-(``add_k_proj`` / ``add_v_proj``) of every double-stream block; that is ``xattn`` here.
+(``add_k_proj`` / ``add_v_proj``) of every double-stream block; that is ``xattn`` here. Those read a text
+stream re-computed in every block, so closed-form edits (UCE, RECE) change the one linear map applied to
+the text encoders' states themselves, ``context_embedder``, which every text-stream projection reads.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def _shift(config: Any, seq_len: int, max_shift: float) -> float:
     ))
 
 
+def _t5_row(tokenizer: Any, text: str, max_length: int) -> int:
+    """T5 has no start token: the last word token is the row before ``</s>`` (len(ids) - 2); ``</s>``'s (0) for ''."""
+    return max(len(tokenizer(text, truncation=True, max_length=max_length).input_ids) - 2, 0)
+
+
 def _check(module: Any) -> None:
     from erasekit.models import is_released
 
@@ -45,6 +52,8 @@ class FlowFamily(Family):
     """What SD3 and FLUX.1 share: a transformer, joint attention, an Euler σ grid."""
 
     lora_targets = JOINT_LORA
+    prefix = "transformer"
+    max_sequence_length: int = 0  # T5 rows in ``hidden``
 
     def denoiser(self, pipe: Any) -> nn.Module:
         """The pipeline's transformer."""
@@ -61,6 +70,17 @@ class FlowFamily(Family):
     def frozen_always(self, name: str) -> bool:
         """Time/text embedders, patch embedding and the output head stay as they are under ``noxattn``."""
         return name.startswith(("time_text_embed", "norm_out", "proj_out", "pos_embed", "x_embedder", "context_embedder"))
+
+    def closed_form_weights(self, model: nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
+        """``context_embedder.weight``, whatever ``keys`` says (there are no per-block keys); its bias stays: UCE's form is on W."""
+        embedder = getattr(model, "context_embedder", None)
+        if not isinstance(embedder, nn.Linear):
+            raise ErasekitError(f"this {self.label} transformer has no linear context_embedder to edit in closed form")
+        return {"context_embedder.weight": embedder.weight}
+
+    def key_width(self, pipe: Any) -> int:
+        """The text encoders' state width: ``context_embedder``'s input features."""
+        return int(pipe.transformer.context_embedder.in_features)
 
     def image_size(self, pipe: Any) -> int:
         """Pixels per side of generated images: the VAE's sample size (1024 for the released models)."""
@@ -95,6 +115,18 @@ class SD3(FlowFamily):
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )
         return Cond({"hidden": hidden, "pooled": pooled})
+
+    def last_token_rows(self, pipe: Any, text: str) -> tuple[int, ...]:
+        """Its CLIP row (CLIP-L and CLIP-G side by side, len(ids) - 2) and, with T5 loaded, its T5 row after the CLIP part."""
+        clip = max(len(pipe.tokenizer(text, truncation=True, max_length=pipe.tokenizer_max_length).input_ids) - 2, 0)
+        if pipe.text_encoder_3 is None:  # no T5: that part is zeros, which no edit moves
+            return (clip,)
+        return (clip, int(pipe.tokenizer_max_length) + _t5_row(pipe.tokenizer_3, text, self.max_sequence_length))
+
+    def part_ends(self, pipe: Any) -> tuple[int, ...]:
+        """The CLIP part (77 rows), then the T5 part (``max_sequence_length`` rows)."""
+        clip = int(pipe.tokenizer_max_length)
+        return (clip,) if pipe.text_encoder_3 is None else (clip, clip + self.max_sequence_length)
 
     def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The flow velocity; SD3's transformer takes the time as 1000 σ."""
@@ -139,6 +171,14 @@ class Flux(FlowFamily):
         side = self._grid(pipe)
         image_ids = pipe._prepare_latent_image_ids(1, side, side, hidden.device, hidden.dtype)
         return Cond({"hidden": hidden, "pooled": pooled}, {"txt_ids": text_ids, "img_ids": image_ids, "guidance": self.guidance})
+
+    def last_token_rows(self, pipe: Any, text: str) -> tuple[int, ...]:
+        """Its row in T5's states, the only part of ``hidden``."""
+        return (_t5_row(pipe.tokenizer_2, text, self.max_sequence_length),)
+
+    def part_ends(self, pipe: Any) -> tuple[int, ...]:
+        """One text part: T5's ``max_sequence_length`` rows."""
+        return (self.max_sequence_length,)
 
     def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The flow velocity on packed latents; the transformer takes σ (not 1000 σ) and the embedded guidance."""

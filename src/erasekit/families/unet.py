@@ -20,6 +20,8 @@ from erasekit.families.schedules import DDIMSchedule
 class UNetFamily(Family):
     """What SD 1.x/2.x and SDXL share: the UNet, its parameter sets, DDIM."""
 
+    prefix = "unet"
+
     def denoiser(self, pipe: Any) -> nn.Module:
         """The pipeline's UNet2DConditionModel."""
         return pipe.unet
@@ -48,6 +50,27 @@ class UNetFamily(Family):
     def frozen_always(self, name: str) -> bool:
         """The reference's ``noxattn`` also leaves the time embedding and the output head alone."""
         return name.startswith(("time_embedding", "conv_out", "conv_norm_out", "add_embedding"))
+
+    def closed_form_weights(self, model: nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
+        """Every cross-attention ``attn2.to_v`` weight (and ``attn2.to_k``'s when ``keys``): each reads ``hidden`` directly."""
+        ends = ("attn2.to_v", "attn2.to_k") if keys else ("attn2.to_v",)
+        out = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(ends)}
+        if not out:
+            raise ErasekitError(f"this {self.label} UNet has no cross-attention attn2.to_k/to_v projections to edit in closed form")
+        return out
+
+    def key_width(self, pipe: Any) -> int:
+        """The UNet's ``cross_attention_dim`` (SDXL: both encoders' widths side by side)."""
+        return int(pipe.unet.config.cross_attention_dim)
+
+    def last_token_rows(self, pipe: Any, text: str) -> tuple[int, ...]:
+        """The CLIP row before the end token (len(ids) - 2; 0, the start token, for '')."""
+        ids = pipe.tokenizer(text, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+        return (max(len(ids) - 2, 0),)
+
+    def part_ends(self, pipe: Any) -> tuple[int, ...]:
+        """One text part: CLIP's 77 rows."""
+        return (int(pipe.tokenizer.model_max_length),)
 
 
 def _tokens(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:

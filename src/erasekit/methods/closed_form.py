@@ -1,7 +1,11 @@
-"""Closed-form edits of the cross-attention key/value projections shared by UCE and RECE (DESIGN.md §3b).
+"""Closed-form edits of the linear maps that read the text conditioning, shared by UCE and RECE (DESIGN.md §3b).
 
-Every function here is a pure function of tensors: the edited matrices are returned, never written into
-a model. Solves run in float64 and are cast back to the weights' dtype at the end.
+Which maps those are is the family's (:meth:`Family.closed_form_weights`): every cross-attention
+``attn2.to_k``/``to_v`` of a UNet (SD, SDXL), the transformer's ``context_embedder`` on SD3 and FLUX.1
+(their joint attention re-computes the text stream in every block, so the embedder is the one map applied
+to the encoders' states). Keys are rows of the family's ``hidden`` conditioning. Every function here is a
+pure function of tensors: the edited matrices are returned, never written into a model. Solves run in
+float64 and are cast back to the weights' dtype at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import nn
 
 from erasekit.concepts import encode
 from erasekit.errors import ErasekitError
+from erasekit.families import Family, family_of, get_family
 from erasekit.families.base import Pipeline
 
 KEY_ROWS = ("last-token", "through-eos")
@@ -20,48 +25,53 @@ OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of 
 ART_TEMPLATES = ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
 
 
-def edit_matrices(unet: nn.Module, keys: bool = True) -> dict[str, nn.Linear]:
-    """Every cross-attention ``attn2.to_v`` (and ``attn2.to_k`` when ``keys``) projection, by module name."""
-    out = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and (name.endswith("attn2.to_v") or (keys and name.endswith("attn2.to_k"))):
-            out[name] = module
-    if not out:
-        raise ErasekitError("this UNet has no cross-attention attn2.to_k/to_v projections to edit in closed form")
-    return out
+def _family_and_model(target: Pipeline | nn.Module) -> tuple[Family, nn.Module]:
+    """A pipeline's family and denoiser; a bare denoiser is a flow transformer if it has a context_embedder, else a UNet."""
+    if isinstance(target, nn.Module):
+        return get_family("sd3" if hasattr(target, "context_embedder") else "sd"), target
+    family = family_of(target)
+    return family, family.denoiser(target)
 
 
-def weights_of(unet: nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
+def edit_matrices(target: Pipeline | nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
+    """The weights a closed-form edit changes (a pipeline's or a bare denoiser's), by parameter name."""
+    family, model = _family_and_model(target)
+    return family.closed_form_weights(model, keys)
+
+
+def weights_of(target: Pipeline | nn.Module, keys: bool = True) -> dict[str, torch.Tensor]:
     """Detached float64 copies of the editable matrices, keyed by parameter name (``<module>.weight``)."""
-    return {f"{name}.weight": m.weight.detach().to(torch.float64).clone() for name, m in edit_matrices(unet, keys).items()}
+    return {name: w.detach().to(torch.float64).clone() for name, w in edit_matrices(target, keys).items()}
 
 
 def last_token_index(pipe: Pipeline, text: str) -> int:
-    """Row of the text's last word token in the 77-row encoder output (0, the start token, for '')."""
-    ids = pipe.tokenizer(text, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    return max(len(ids) - 2, 0)
+    """Row of the text's last word token in the first text part of ``hidden`` (CLIP's on SD3; 0 for '')."""
+    return family_of(pipe).last_token_rows(pipe, text)[0]
 
 
 @torch.no_grad()
 def encoder_rows(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
-    """Full encoder outputs (N x 77 x d) in float64, on the CPU."""
+    """The family's ``hidden`` conditioning (N x rows x d: 77 on SD/SDXL, 77 + 256 on SD3, 512 on FLUX.1), float64 on the CPU."""
     return encode(pipe, texts).to(device="cpu", dtype=torch.float64)
 
 
 def last_token_rows(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
-    """One key per text: its last word token's row (UCE's new code; multi-token concepts use their last sub-token)."""
+    """The last word token's row of each text part (UCE's new code), text by text: one key per text, two on SD3 (CLIP, T5)."""
     if not texts:
         return torch.empty(0)
-    emb = encoder_rows(pipe, texts)
-    return torch.stack([emb[i, last_token_index(pipe, t)] for i, t in enumerate(texts)])
+    family, emb = family_of(pipe), encoder_rows(pipe, texts)
+    return torch.cat([emb[i, list(family.last_token_rows(pipe, t))] for i, t in enumerate(texts)])
 
 
 def aligned_rows(pipe: Pipeline, concept: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """UCE's old code: rows from each text's last word token through EOS and padding, aligned row by row."""
-    emb = encoder_rows(pipe, [concept, guide])
-    i_c, i_g = last_token_index(pipe, concept), last_token_index(pipe, guide)
-    farthest, n = max(i_c, i_g), emb.shape[1]
-    return emb[0, i_c : n - (farthest - i_c)], emb[1, i_g : n - (farthest - i_g)]
+    """UCE's old code: in each text part, rows from each text's last word token through EOS and padding, aligned row by row."""
+    family, emb = family_of(pipe), encoder_rows(pipe, [concept, guide])
+    concept_rows, guide_rows = [], []
+    for i_c, i_g, end in zip(family.last_token_rows(pipe, concept), family.last_token_rows(pipe, guide), family.part_ends(pipe)):
+        farthest = max(i_c, i_g)
+        concept_rows.append(emb[0, i_c : end - (farthest - i_c)])
+        guide_rows.append(emb[1, i_g : end - (farthest - i_g)])
+    return torch.cat(concept_rows), torch.cat(guide_rows)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ def edit_rows(pipe: Pipeline, erase: list[str], guides: list[str], preserve: lis
     """Build the key rows of a UCE edit from prompts, in either of the reference's two conventions."""
     if key_rows not in KEY_ROWS:
         raise ErasekitError(f"unknown key_rows {key_rows!r}; choose one of: {', '.join(KEY_ROWS)}")
-    d = int(pipe.unet.config.cross_attention_dim)  # the keys' width: SDXL's two encoders side by side
+    d = family_of(pipe).key_width(pipe)  # the keys' width: SDXL's two encoders side by side, the T5 width on SD3/FLUX.1
     if key_rows == "last-token":
         erase_keys, guide_rows = last_token_rows(pipe, erase), last_token_rows(pipe, guides)
         preserve_keys = last_token_rows(pipe, preserve) if preserve else torch.zeros(0, d, dtype=torch.float64)
@@ -85,7 +95,7 @@ def edit_rows(pipe: Pipeline, erase: list[str], guides: list[str], preserve: lis
         pairs = [aligned_rows(pipe, c, g) for c, g in zip(erase, guides)]
         erase_keys = torch.cat([p[0] for p in pairs])
         guide_rows = torch.cat([p[1] for p in pairs])
-        # the old code keeps all 77 rows of every retained prompt
+        # the old code keeps all 77 rows of every retained prompt (every row of ``hidden`` on any family)
         preserve_keys = encoder_rows(pipe, preserve).flatten(0, 1) if preserve else torch.zeros(0, d, dtype=torch.float64)
     return EditRows(erase_keys, guide_rows, preserve_keys)
 
@@ -149,16 +159,16 @@ def derive_embedding(current: dict[str, torch.Tensor], original: dict[str, torch
     return emb.to(torch.float64).to(dev) @ coefficient.T
 
 
-def as_delta(weights: dict[str, torch.Tensor], like: nn.Module) -> dict[str, torch.Tensor]:
-    """The edited matrices as an ErasureResult delta: ``unet.<param>`` keys, the UNet's dtype, on CPU."""
+def as_delta(weights: dict[str, torch.Tensor], like: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """The edited matrices as an ErasureResult delta: ``<prefix>.<param>`` keys (the family's), ``like``'s dtype, on CPU."""
     params = dict(like.named_parameters())
-    return {f"unet.{n}": w.to(dtype=params[n].dtype, device="cpu").contiguous() for n, w in weights.items()}
+    return {f"{prefix}.{n}": w.to(dtype=params[n].dtype, device="cpu").contiguous() for n, w in weights.items()}
 
 
 @torch.no_grad()
-def applied(unet: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Write ``weights`` into ``unet`` and return the previous values (to put back with another call)."""
-    params = dict(unet.named_parameters())
+def applied(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write ``weights`` into the denoiser ``model`` and return the previous values (to put back with another call)."""
+    params = dict(model.named_parameters())
     previous = {n: params[n].detach().clone() for n in weights}
     for n, w in weights.items():
         params[n].copy_(w.to(dtype=params[n].dtype, device=params[n].device))

@@ -1,8 +1,9 @@
 """RECE (Gong et al., ECCV 2024): UCE, then rounds that find the embedding still regenerating the concept and erase it too.
 
-Each round derives c' = (reg I + sum_l W'_lᵀW'_l)⁻¹ (sum_l W'_lᵀW0_l) c over every to_k/to_v matrix (W' current,
-W0 original) for all 77 rows of the concept's encoder output, then UCE-erases c' on the *current* weights, so
-edits accumulate (DESIGN.md §3b; reference: train_object.py, close_form_emb_regzero, edit_model_adversarial).
+Each round derives c' = (reg I + sum_l W'_lᵀW'_l)⁻¹ (sum_l W'_lᵀW0_l) c over every edited matrix (W' current,
+W0 original; to_k/to_v on SD/SDXL, context_embedder on SD3/FLUX.1) for every row of the concept's ``hidden``
+states, then UCE-erases c' on the *current* weights, so edits accumulate (DESIGN.md §3b; reference:
+train_object.py, close_form_emb_regzero, edit_model_adversarial).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from erasekit.errors import ErasekitError
+from erasekit.families import family_of
 from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, Progress, register_method
 from erasekit.methods.closed_form import EditRows, applied, derive_embedding, edit_rows, encoder_rows, relative_change, residuals, uce_edit, weights_of
@@ -34,7 +36,7 @@ class RECEConfig(UCEConfig):
     preserve_scale: float = field(default=0.1, metadata={"help": "s_p of every round (RECE: 0.1); negative = max(0.1, 1/|retain|)."})
     start_lam: float = field(default=0.5, metadata={"help": "lambda of the starting UCE edit: RECE's scripts load a UCE checkpoint made with UCE's own defaults (0.5)."})
     start_preserve_scale: float = field(default=1.0, metadata={"help": "s_p of the starting UCE edit (UCE's default 1.0; 0.1 for art, as the 'art' preset sets); negative = max(0.1, 1/|retain|)."})
-    key_rows: str = field(default="through-eos", metadata={"help": "Key rows of the starting UCE edit (RECE starts from the old UCE code: through-eos); rounds always use all 77 rows."})
+    key_rows: str = field(default="through-eos", metadata={"help": "Key rows of the starting UCE edit (RECE starts from the old UCE code: through-eos); rounds always use every row of hidden (77 on SD/SDXL)."})
     retain_empty: bool = field(default=True, metadata={"help": "Preserve '' in the UCE start (old UCE code: yes); rounds always retain '' as the reference does."})
     reg_scale: float = field(default=1e-3, metadata={"help": "Regulariser of c' (RECE: 1e-3 for art and hard objects, 0.1 for nudity)."})
     rounds: int = field(default=1, metadata={"help": "Rounds after the UCE start (RECE: 1 for art and hard objects, 3 for nudity)."})
@@ -57,7 +59,7 @@ def rece_round(
     current: dict[str, torch.Tensor], original: dict[str, torch.Tensor], concepts: torch.Tensor, guide: torch.Tensor,
     retained: torch.Tensor, config: RECEConfig, preserve_scale: float,
 ) -> tuple[dict[str, torch.Tensor], EditRows]:
-    """One round: c' for each concept (N x 77 x d), then UCE maps every row of c' to the guide's row on the current weights."""
+    """One round: c' for each concept (N x rows x d), then UCE maps every row of c' to the guide's row on the current weights."""
     adversarial = torch.stack([derive_embedding(current, original, c, config.reg_scale).cpu() for c in concepts])
     rows = EditRows(adversarial.flatten(0, 1), guide.expand(len(concepts), -1, -1).flatten(0, 1), retained)
     return uce_edit(current, rows, config.lam, config.erase_scale, preserve_scale), rows
@@ -73,32 +75,33 @@ def _select(pipe: Pipeline, snapshots: list[dict[str, torch.Tensor]], selector: 
     """The chosen round (1-based) and every round's score."""
     if selector is None:
         return len(snapshots), []
-    scores = []
+    scores: list[float] = []
+    model = family_of(pipe).denoiser(pipe)
     for r, weights in enumerate(snapshots, start=1):
-        previous = applied(pipe.unet, weights)
+        previous = applied(model, weights)
         try:
             scores.append(float(selector(pipe, r)))
         finally:
-            applied(pipe.unet, previous)
+            applied(model, previous)
     return 1 + min(range(len(scores)), key=lambda i: scores[i]), scores
 
 
 @register_method(
     "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
     RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
-    kind="closed-form", families=("sd", "sdxl"),
+    kind="closed-form", families=("sd", "sdxl", "sd3", "flux"),
 )
 def fit_rece(pipe: Pipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""
     started = time.perf_counter()
     prompts = resolve_prompts(pipe, request, config)
     base_hash = request.base_hash or weights_hash(pipe)
-    original = weights_of(pipe.unet, config.edit_keys)
+    original = weights_of(pipe, config.edit_keys)
     start_rows = edit_rows(pipe, prompts.erase, prompts.guides, prompts.retain, config.key_rows)
     current = rece_start(original, start_rows, config, len(prompts.retain))
     concepts = encoder_rows(pipe, prompts.targets)
     guide = encoder_rows(pipe, [prompts.guide])[0]
-    # the reference's rounds retain '' plus the preserve list, every one of their 77 rows
+    # the reference's rounds retain '' plus the preserve list, every one of their rows (77 on SD/SDXL)
     retain = list(dict.fromkeys(["", *prompts.retain]))
     retained = encoder_rows(pipe, retain).flatten(0, 1)
     history: list[dict[str, Any]] = [{"round": 0, "stage": "uce", "relative_change": relative_change(current, original)}]

@@ -1,7 +1,10 @@
-"""UCE (Gandikota et al., WACV 2024): a closed-form edit of every cross-attention key/value projection.
+"""UCE (Gandikota et al., WACV 2024): a closed-form edit of the linear maps that read the text conditioning.
 
 Targets' keys are mapped to the guide's values while a preserve set keeps its own (DESIGN.md §3b). The
 reference repository has two versions that differ in which encoder rows are keys; ``key_rows`` offers both.
+On SD/SDXL the maps are every cross-attention ``attn2.to_k``/``to_v``; on SD3/FLUX.1, whose joint attention
+re-computes the text stream in every block, the transformer's ``context_embedder`` (its weight, not its
+bias), the one map applied to the encoders' states; keys are rows of the family's ``hidden`` states.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from erasekit.concepts import check_prompt, concept_space
 from erasekit.errors import ErasekitError
+from erasekit.families import family_of
 from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, make_result, register_method
 from erasekit.methods.closed_form import ART_TEMPLATES, KEY_ROWS, OBJECT_TEMPLATES, as_delta, edit_rows, relative_change, residuals, uce_edit, weights_of
@@ -33,19 +37,19 @@ class UCEConfig(MethodConfig):
     preserve_scale: float = field(default=1.0, metadata={"help": "s_p: weight of the preserve terms (new code: 1); negative = the old code's max(0.1, 1/|retain|)."})
     concept_type: str = field(default="object", metadata={"help": "object or art: picks the default guide and the prompt templates (UCE code)."})
     guide: str = field(default="auto", metadata={"help": "Concept the targets are mapped to; auto = '' for objects, 'art' for artists (UCE code)."})
-    key_rows: str = field(default="last-token", metadata={"help": "Encoder rows used as keys: last-token (new code: one row per concept) or through-eos (old code: last word token through EOS and padding, aligned to the guide; preserved prompts keep all 77 rows)."})
+    key_rows: str = field(default="last-token", metadata={"help": "Encoder rows used as keys: last-token (new code: one row per concept; SD3: its CLIP row and its T5 row) or through-eos (old code: last word token through EOS and padding, aligned to the guide, in each text part (CLIP, T5); preserved prompts keep every row)."})
     retain_empty: bool = field(default=False, metadata={"help": "Always preserve the empty prompt '' (old code: yes; new code: no)."})
     expand_prompts: bool = field(default=False, metadata={"help": "Also erase templated prompts ('image of {c}' ..., 'art by {c}' ...), each toward the same template of the guide ('image of {guide}'), as the current reference's uce_sd_erase.py --expand_prompts does (off there by default)."})
     preserve_file: str = field(default="", metadata={"help": "Word-list file (or 'toy') of extra concepts to preserve, targets and their synonyms removed (the old code preserved all other artists)."})
-    edit_keys: bool = field(default=True, metadata={"help": "Edit attn2.to_k as well as attn2.to_v (UCE code: yes)."})
-    train_method: str = field(default="xattn", metadata={"help": "Parameters UCE may change: only xattn (it edits attn2.to_k/to_v and nothing else)."})
+    edit_keys: bool = field(default=True, metadata={"help": "Edit attn2.to_k as well as attn2.to_v (UCE code: yes); no meaning on SD3/FLUX.1, whose one edited matrix is context_embedder."})
+    train_method: str = field(default="xattn", metadata={"help": "Parameters UCE may change: only xattn (it edits attn2.to_k/to_v on SD/SDXL, context_embedder.weight on SD3/FLUX.1, and nothing else)."})
 
     def validate(self) -> None:
         """Refuse values the closed form cannot use, with one-line messages."""
         super().validate()
         name = type(self).__name__.removesuffix("Config").lower()
         if self.train_method != "xattn":
-            raise ErasekitError(f"{name} edits only the cross-attention attn2.to_k/to_v matrices in closed form; it cannot edit train_method={self.train_method!r} (use xattn)")
+            raise ErasekitError(f"{name} edits only the text-reading matrices in closed form (attn2.to_k/to_v; context_embedder on SD3/FLUX.1); it cannot edit train_method={self.train_method!r} (use xattn)")
         if not self.lam > 0:
             raise ErasekitError(f"lam must be > 0 (it keeps the solve well posed), got {self.lam}")
         if self.erase_scale < 0:
@@ -104,29 +108,31 @@ def result(
     pipe: Pipeline, method: str, prompts: Prompts, request: ErasureRequest, weights: dict[str, torch.Tensor],
     config: UCEConfig, base_hash: str, history: list[dict], started: float,
 ) -> ErasureResult:
-    """Package edited matrices as an ErasureResult (kind ``weights``)."""
+    """Package edited matrices as an ErasureResult (kind ``weights``, keys prefixed as the family's denoiser)."""
+    family = family_of(pipe)
+    delta = as_delta(weights, family.denoiser(pipe), family.prefix)
     return make_result(
-        pipe, dataclasses.replace(request, base_hash=base_hash), method, config, as_delta(weights, pipe.unet), history=history,
+        pipe, dataclasses.replace(request, base_hash=base_hash), method, config, delta, history=history,
         timings={"total_s": round(time.perf_counter() - started, 3)}, concepts=tuple(prompts.targets),
         preserve=tuple(p for p in prompts.retain if p),
     )
 
 
 @register_method(
-    "uce", "UCE: closed-form edit of cross-attention keys/values mapping the concept to a guide (seconds, no training).",
+    "uce", "UCE: closed-form edit of cross-attention keys/values (SD3/FLUX.1: the text embedder) mapping the concept to a guide (seconds, no training).",
     # toy: the 2-layer toy CLIP carries the object in the EOS/padding rows after the word, which last-token keys miss
     # (ESR-1 0 %); the old code's rows through EOS, with '' retained, erase it (ESR-1 100 %, PSR-1 83 % on 8 images/class)
     UCEConfig, {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0},
              "tiny": {}},
-    kind="closed-form", families=("sd", "sdxl"),
+    kind="closed-form", families=("sd", "sdxl", "sd3", "flux"),
 )
 def fit_uce(pipe: Pipeline, request: ErasureRequest, config: UCEConfig, progress: Progress | None) -> ErasureResult:
-    """Solve UCE's closed form for every attn2.to_k/to_v matrix; the pipeline is not modified."""
+    """Solve UCE's closed form for every attn2.to_k/to_v matrix (SD3/FLUX.1: context_embedder); the pipeline is not modified."""
     started = time.perf_counter()
     prompts = resolve_prompts(pipe, request, config)
     base_hash = request.base_hash or weights_hash(pipe)
     rows = edit_rows(pipe, prompts.erase, prompts.guides, prompts.retain, config.key_rows)
-    original = weights_of(pipe.unet, config.edit_keys)
+    original = weights_of(pipe, config.edit_keys)
     edited = uce_edit(original, rows, config.lam, config.erase_scale, prompts.preserve_scale)
     erase_loss, preserve_loss = residuals(edited, original, rows)
     record = {
