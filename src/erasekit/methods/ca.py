@@ -7,7 +7,6 @@ target is the noise itself. Optional prior preservation adds MSE(eps_theta(x_t, 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erasekit import distributed as dist
 from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
-from erasekit.families import Cond, Family, Schedule, family_of
+from erasekit.families import Cond, Family, family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, MethodConfig, Progress, make_result, register_method
+from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, MethodConfig, Progress, TrainableModel, register_method
+from erasekit.methods.trainer import Setup, train
 from erasekit.models import TRAIN_METHODS, weights_hash
 from erasekit.result import ErasureResult
 
@@ -48,6 +49,7 @@ class CAConfig(MethodConfig):
     templates: str = field(default="", metadata={"help": "File of prompt templates, one per line with {concept} (and optionally {article}: a/an); empty = built-in 'a photo of {article} {concept}' ... templates."})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (CA: 1e-2)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (CA: 1)."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast for the denoiser's forwards (anchor images and training); weights and losses stay fp32."})
 
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
@@ -57,6 +59,8 @@ class CAConfig(MethodConfig):
                 raise ErasekitError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ErasekitError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in dist.PRECISIONS:
+            raise ErasekitError(f"unknown precision {self.precision!r}; choose one of: {', '.join(dist.PRECISIONS)}")
         if self.loss not in LOSSES:
             raise ErasekitError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
         if self.train_method not in TRAIN_METHODS or self.train_method == "lora":
@@ -120,44 +124,121 @@ def anchor_latents(pipe: Pipeline, prompts: list[str], config: CAConfig, generat
         weight = next(model.parameters())
         noise = torch.randn((len(chunk), *shape), generator=generator).to(weight.device, weight.dtype)
         predict = lambda x, t, c: family.predict(model, x, t, c)  # noqa: E731
-        out.append(schedule.rollout(predict, noise, encode_cond(pipe, chunk), uncond, [config.ddim_steps], config.guidance)[0])
+        with dist.autocast(config.precision, weight.device):
+            final = schedule.rollout(predict, noise, encode_cond(pipe, chunk), uncond, [config.ddim_steps], config.guidance)[0]
+        out.append(final.to(weight.dtype))
     return torch.cat(out)
 
 
-def ablate(
-    family: Family, model: nn.Module, params: dict[str, nn.Parameter], latents: torch.Tensor, emb_target: Cond, emb_anchor: Cond,
-    schedule: Schedule, config: CAConfig, generator: torch.Generator, progress: Progress | None,
-) -> list[dict]:
-    """CA's training loop on noised anchor latents (AdamW, clipped gradients); returns one record per step."""
-    history: list[dict] = []
-    for p in params.values():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr * config.batch_size, weight_decay=config.weight_decay)
-    for step in range(1, config.iterations + 1):
-        idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
-        x_t, t, noise_target = schedule.noised(latents[idx], generator)
-        pred = family.predict(model, x_t, t, emb_target[idx])
-        if config.loss == "model-based":
+@dataclass
+class Anchors:
+    """CA's training data, made once before the loop: per anchor image its latent and both prompts' conditionings."""
+
+    latents: torch.Tensor
+    emb_anchor: Cond
+    emb_target: Cond
+
+
+def ca_losses(s: Setup[CAConfig], data: Anchors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(erase_loss, preserve_loss) of one step: its draws come from ``s.generator`` in the reference's order."""
+    cfg, tr, schedule, latents = s.config, s.trainable, s.schedule, data.latents
+    idx = torch.randint(len(latents), (cfg.batch_size,), generator=s.generator)
+    x_t, t, noise_target = schedule.noised(latents[idx], s.generator)
+    with dist.autocast(cfg.precision, x_t.device):
+        pred = tr.eps(x_t, t, data.emb_target[idx])
+        if cfg.loss == "model-based":  # the stop-gradient target: the same (training) model on the anchor prompt
             with torch.no_grad():
-                target = family.predict(model, x_t, t, emb_anchor[idx])
+                target = tr.eps(x_t, t, data.emb_anchor[idx])
         else:
             target = noise_target
-        erase_loss = F.mse_loss(pred, target)
-        preserve_loss = erase_loss.new_zeros(())
-        if config.prior_preservation:
-            prior_idx = torch.randint(len(latents), (config.batch_size,), generator=generator)
-            x_p, t_p, target_p = schedule.noised(latents[prior_idx], generator)
-            preserve_loss = F.mse_loss(family.predict(model, x_p, t_p, emb_anchor[prior_idx]), target_p)
-        loss = erase_loss + config.prior_weight * preserve_loss
-        record = {"step": step, "erase_loss": round(erase_loss.item(), 6), "preserve_loss": round(preserve_loss.item(), 6)}
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-        optimizer.step()
-        history.append(record)
+    erase = F.mse_loss(pred.float(), target.float())
+    preserve = erase.new_zeros(())
+    if cfg.prior_preservation:
+        prior_idx = torch.randint(len(latents), (cfg.batch_size,), generator=s.generator)
+        x_p, t_p, target_p = schedule.noised(latents[prior_idx], s.generator)
+        with dist.autocast(cfg.precision, x_p.device):
+            pred_p = tr.eps(x_p, t_p, data.emb_anchor[prior_idx])
+        preserve = F.mse_loss(pred_p.float(), target_p.float())
+    return erase, preserve
+
+
+def ca_loop(s: Setup[CAConfig], data: Anchors, progress: Progress | None) -> None:
+    """CA's training loop on noised anchor latents (AdamW, clipped gradients), from ``s.done`` (a resumed run) on.
+
+    Every step is a boundary: nothing carries from one step to the next but the weights, the optimiser and the RNG.
+    """
+    cfg = s.config
+    params = list(s.trainable.params.values())
+    scaler = torch.amp.GradScaler(s.trainable.device.type) if cfg.precision == "fp16" else None
+    for step in range(s.done, cfg.iterations):
+        s.between_steps = False
+        erase, preserve = ca_losses(s, data)
+        loss = erase + cfg.prior_weight * preserve
+        record = {"step": step + 1, "erase_loss": round(erase.item(), 6), "preserve_loss": round(preserve.item(), 6)}
+        s.optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            s.optimizer.step()
+        else:  # fp16: clip the unscaled gradients; the scaler skips a step whose gradients overflowed
+            scaler.scale(loss).backward()
+            scaler.unscale_(s.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(s.optimizer)
+            scaler.update()
+        s.done, s.between_steps = step + 1, True
+        s.history.append(record)
         if progress:
-            progress(step, config.iterations, record)
-    return history
+            progress(step + 1, cfg.iterations, record)
+        s.after_step(erase.detach(), preserve.detach(), None, boundary=True)
+
+
+def prompts_of(pipe: Pipeline, request: ErasureRequest, config: CAConfig) -> tuple[list[str], str, list[str], list[str]]:
+    """(checked targets, anchor, per anchor image its anchor prompt and its target prompt), refusing bad choices first."""
+    targets = [check_prompt(pipe, t, "concept") for t in request.targets]
+    anchor = config.anchor.strip()
+    if anchor:
+        check_prompt(pipe, anchor, "anchor")
+    if anchor.lower() in {t.lower() for t in targets}:
+        raise ErasekitError(f"the anchor {anchor!r} is the concept being erased; choose a different anchor (e.g. its superclass) or '' for the empty prompt")
+    templates = load_templates(config.templates)
+    # image i: template i mod T; its target prompt names target i mod N in the same template (the reference swaps the word)
+    picks = [(i % len(templates), i % len(targets)) for i in range(config.anchor_images)]
+    anchor_prompts = [fill(templates[k], anchor) for k, _ in picks]
+    target_prompts = [fill(templates[k], targets[j]) for k, j in picks]
+    for prompt in set(target_prompts):
+        check_prompt(pipe, prompt, "target prompt")
+    return targets, anchor, anchor_prompts, target_prompts
+
+
+def prepare_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig) -> tuple[Setup[CAConfig], Anchors]:
+    """CA's run state: its trainable set and AdamW, then the anchor images generated by the still unchanged model."""
+    started = time.perf_counter()
+    dist.check_precision(config.precision)  # under `accelerate launch` CA runs whole on every process (world 1: no batch is split)
+    targets, anchor, anchor_prompts, target_prompts = prompts_of(pipe, request, config)
+    family = family_of(pipe)
+    params = ca_parameters(family, family.denoiser(pipe), config.train_method, config.kv_only)  # refuses a bad set before anything changes
+    base_hash = request.base_hash or weights_hash(pipe)
+    # kv_only's set lies within xattn: only those originals are kept, not a copy of a whole `full` model
+    trainable = TrainableModel(pipe, "xattn" if config.kv_only else config.train_method, lora_rank=0)
+    try:
+        for name, p in trainable.params.items():
+            p.requires_grad_(name in params)
+        trainable.params = params
+        trainable.originals = {f"inner.{n}": trainable.originals[f"inner.{n}"] for n in params}
+        s: Setup[CAConfig] = Setup(
+            pipe=pipe, config=config, targets=targets, preserve=[], emb_null=family.uncond(pipe), emb_targets=encode_cond(pipe, targets),
+            emb_preserve=None, family=family, schedule=family.schedule(pipe, config.ddim_steps), trainable=trainable,
+            optimizer=torch.optim.AdamW(list(params.values()), lr=config.lr * config.batch_size, weight_decay=config.weight_decay),
+            generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started,
+        )
+        # CA has no preserve list (its prior preservation uses the anchor); the request's list is recorded, not used
+        s.history.append({"anchor": anchor, "anchor_prompts": sorted(set(anchor_prompts)), "unused_preserve": list(request.preserve)})
+        latents = anchor_latents(pipe, anchor_prompts, config, s.generator)  # a resumed run redraws them, then restores the RNG
+        return s, Anchors(latents, encode_cond(pipe, anchor_prompts), encode_cond(pipe, target_prompts))
+    except BaseException:  # a failed (or interrupted) generation leaves no trainable flag behind
+        trainable.restore()
+        raise
 
 
 @register_method(
@@ -166,51 +247,12 @@ def ablate(
     # PSR-1 42 %, 1e-4 100 % at 17 %); 4e-5 is the smallest that erases, 20x the paper's 2e-6 for a 3 M-parameter model
     CAConfig, {"toy": {"lr": 4e-5, "anchor_images": 64, "ddim_steps": 20, "iterations": 150}, "fast": {"anchor_images": 64, "ddim_steps": 25},
              "tiny": {"iterations": 2, "anchor_images": 2, "ddim_steps": 3, "batch_size": 2, "lr": 1e-3}},
-    families=ALL_FAMILIES,
+    families=ALL_FAMILIES, checkpointable=True,
 )
 def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: Progress | None) -> ErasureResult:
-    """Generate anchor images, then train the target prompts' predictions onto the anchor's; the pipeline is left unchanged."""
-    started = time.perf_counter()
-    targets = [check_prompt(pipe, t, "concept") for t in request.targets]
-    anchor = config.anchor.strip()
-    if anchor:
-        check_prompt(pipe, anchor, "anchor")
-    if anchor.lower() in {t.lower() for t in targets}:
-        raise ErasekitError(f"the anchor {anchor!r} is the concept being erased; choose a different anchor (e.g. its superclass) or '' for the empty prompt")
-    templates = load_templates(config.templates)
-    family = family_of(pipe)
-    unet = family.denoiser(pipe)
-    prefix = "unet" if hasattr(pipe, "unet") else "transformer"
-    params = ca_parameters(family, unet, config.train_method, config.kv_only)
-    generator = torch.Generator().manual_seed(config.seed)
-    base_hash = request.base_hash or weights_hash(pipe)
-    # image i: template i mod T; its target prompt names target i mod N in the same template (the reference swaps the word)
-    picks = [(i % len(templates), i % len(targets)) for i in range(config.anchor_images)]
-    anchor_prompts = [fill(templates[k], anchor) for k, _ in picks]
-    target_prompts = [fill(templates[k], targets[j]) for k, j in picks]
-    for prompt in set(target_prompts):
-        check_prompt(pipe, prompt, "target prompt")
-    setup_started = time.perf_counter()
-    latents = anchor_latents(pipe, anchor_prompts, config, generator)
-    emb_anchor, emb_target = encode_cond(pipe, anchor_prompts), encode_cond(pipe, target_prompts)
-    schedule = family.schedule(pipe, config.ddim_steps)
-    generation_s = time.perf_counter() - setup_started
-    unet.requires_grad_(False)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if isinstance(getattr(pipe, name, None), nn.Module):
-            getattr(pipe, name).requires_grad_(False)
-    originals = {n: p.detach().clone() for n, p in params.items()}
-    try:
-        history = ablate(family, unet, params, latents, emb_target, emb_anchor, schedule, config, generator, progress)
-        delta = {f"{prefix}.{n}": p.detach().to("cpu").clone().contiguous() for n, p in params.items()}
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(originals[n])
-        unet.requires_grad_(False)
-    # CA has no preserve list (its prior preservation uses the anchor); the request's list is recorded, not used
-    return make_result(
-        pipe, dataclasses.replace(request, base_hash=base_hash), "ca", config, delta, concepts=tuple(targets), preserve=(),
-        history=([{"anchor": anchor, "anchor_prompts": sorted(set(anchor_prompts)), "unused_preserve": list(request.preserve)}, *history]),
-        timings={"generation_s": round(generation_s, 3), "total_s": round(time.perf_counter() - started, 3)},
-    )
+    """Generate anchor images, then train the target prompts' predictions onto the anchor's; the pipeline is left unchanged.
+
+    It runs in the shared run life cycle (checkpoints and exact resume, Ctrl-C, the NaN guard, freeing the text encoders).
+    """
+    s, data = prepare_ca(pipe, request, config)
+    return train(s, request, "ca", lambda s, progress: ca_loop(s, data, progress), None, 1, progress)

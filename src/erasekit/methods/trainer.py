@@ -13,9 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
 import torch
+from typing_extensions import TypeVar  # a TypeVar with a default (PEP 696; typing has it from Python 3.13)
 
 from erasekit import distributed as dist
 from erasekit.concepts import check_prompt, encode_cond
@@ -56,12 +57,24 @@ class Search(Protocol):
 ToX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class RunConfig(Protocol):
+    """The settings the life cycle itself reads: :class:`TrainConfig`'s, or a method's own (CA's) that has these."""
+
+    seed: int
+    iterations: int
+    batch_size: int
+    precision: str
+
+
+C = TypeVar("C", bound=RunConfig, default=TrainConfig)
+
+
 @dataclass
-class Setup:
+class Setup(Generic[C]):
     """Everything a loop needs, prepared once: embeddings, schedules, the trainable model."""
 
     pipe: Pipeline
-    config: TrainConfig
+    config: C
     targets: list[str]
     preserve: list[str]
     emb_null: Cond
@@ -147,7 +160,7 @@ def prepare(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, separa
     )
 
 
-def _defer_ctrl_c(s: Setup) -> Callable[[], None]:
+def _defer_ctrl_c(s: Setup[Any]) -> Callable[[], None]:
     """Make the first Ctrl-C finish the current step and checkpoint at its boundary (a second one stops at once).
 
     A checkpoint taken mid-step would hold a random-number state already advanced by that step, so the resumed
@@ -170,10 +183,10 @@ def _defer_ctrl_c(s: Setup) -> Callable[[], None]:
     return restore
 
 
-Loop = Callable[[Setup, Progress | None], None]
+Loop = Callable[[Setup[C], Progress | None], None]
 
 
-def train(s: Setup, request: ErasureRequest, method: str, loop: Loop, search: Any, period: int, progress: Progress | None) -> ErasureResult:
+def train(s: Setup[C], request: ErasureRequest, method: str, loop: Loop[C], search: Any, period: int, progress: Progress | None) -> ErasureResult:
     """The one life cycle of every fine-tuning run: resume, Ctrl-C, checkpoints, the delta, the restored model, the result.
 
     ``loop`` runs the model steps from ``s.done`` and calls ``s.after_step`` after each; a checkpoint is exact at
