@@ -126,15 +126,3 @@ def test_cli_erase_generate_evaluate_on_a_saved_folder_of_each_family(family: st
     forced = runner.invoke(app, ["erase", "--model", model, "--family", "flux" if family != "flux" else "sd", "--concept", "circle",
                                  "--budget", "tiny", "--out", str(tmp_path / "other")])
     assert forced.exit_code == 2 and "contradicts" in forced.stderr and not (tmp_path / "other").exists()
-
-
-def test_the_attack_refuses_other_families_in_one_line(folders: dict, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from erasekit.cli import app
-
-    runner = CliRunner()
-    run = tmp_path / "run"
-    assert runner.invoke(app, ["erase", "--model", str(folders["sd3"]), "-c", "circle", "--budget", "tiny", "--out", str(run)]).exit_code == 0
-    attacked = runner.invoke(app, ["attack", str(run), "--concept", "circle", "--n-prompts", "1", "--iterations", "1"])
-    assert attacked.exit_code == 2 and "SD3 is not supported yet" in attacked.stderr and attacked.stderr.count("\n") == 1

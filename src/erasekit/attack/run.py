@@ -4,7 +4,8 @@ The pieces: a prompt set about the concept (toy world: templates over its vocabu
 prompt file), the base model's images of it (their latents are the search's x0), the search itself
 (:mod:`erasekit.attack.search`), and a detector that says whether an image shows the concept (the toy
 judge; an image classifier or NudeNet on real models). Only the erased pipeline is needed, so it works
-on every method's output.
+on every method's output, on every family (SD 1.x/2.x, SDXL, SD3, FLUX.1): the model is reached through
+:mod:`erasekit.families` only.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class AttackConfig:
     iterations: int = field(default=200, metadata={"help": "Search steps; each is one forward and backward of the erased model per prompt x draw."})
     lr: float = field(default=0.1, metadata={"help": "Adam step size, relative to the spread of the token embeddings (PEZ-style projection)."})
     noise_draws: int = field(default=3, metadata={"help": "Fixed (t, noise) draws per prompt, stratified over t, that the denoising loss averages."})
-    steps: int = field(default=25, metadata={"help": "DDIM steps of every generated image."})
-    guidance: float = field(default=7.5, metadata={"help": "CFG scale of every generated image."})
+    steps: int = field(default=25, metadata={"help": "Sampler steps of every generated image (the pipeline's own scheduler)."})
+    guidance: float = field(default=7.5, metadata={"help": "Guidance scale of every generated image (CFG; FLUX.1: its embedded guidance)."})
     seed: int = field(default=0, metadata={"help": "Seed of the search; prompt i's images use seed + i."})
     batch_size: int = field(default=10, metadata={"help": "Prompts searched together (results do not depend on it; lower it to save memory)."})
     vocabulary: str = field(default="clip", metadata={
@@ -64,34 +65,25 @@ class AttackConfig:
             raise ErasekitError(f"--threshold must be in (0, 1], got {self.threshold}")
 
 
-def check_attack_family(pipe: Any) -> None:
-    """The token attack searches CLIP token embeddings under one UNet: a one-line error for the other families."""
-    from erasekit.families import family_of
-
-    family = family_of(pipe)
-    if family.name != "sd":
-        raise ErasekitError(f"the attack runs on SD 1.x/2.x models; {family.label} is not supported yet (its text encoders and denoiser differ)")
-
-
 @torch.no_grad()
 def generate_latents(
     pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch_size: int = 10
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """The final latents (the UNet's space) and uint8 images of prompts, one seed each (start noise as erasekit.sampling draws it).
+    """The final latents (the denoiser's layout) and uint8 images of prompts, one seed each (start noise as the family draws it).
 
-    ``pipe`` is a diffusers StableDiffusionPipeline (typed ``Any``: its components are set at run time).
+    ``pipe`` is a diffusers pipeline of any supported family (typed ``Any``: its components are set at run time).
     """
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    from erasekit.families import family_of
+
+    family = family_of(pipe)
+    first = next(family.denoiser(pipe).parameters())
     latents, images = [], []
     for lo in range(0, len(prompts), batch_size):
         chunk = seeds[lo : lo + batch_size]
-        start = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in chunk]).to(device, dtype)
-        out = pipe(prompt=list(prompts[lo : lo + batch_size]), num_inference_steps=steps, guidance_scale=guidance, latents=start,
-                   output_type="latent").images
-        decoded = pipe.vae.decode(out / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        start = torch.cat([family.start_noise(pipe, torch.Generator("cpu").manual_seed(int(s))) for s in chunk]).to(first.device, first.dtype)
+        out = family.sample_latents(pipe, prompts[lo : lo + batch_size], start, steps, guidance)
         latents.append(out)
-        images.append(((decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
+        images.append(family.decode_latents(pipe, out))
     return torch.cat(latents), np.concatenate(images)
 
 
@@ -109,15 +101,17 @@ def attack_pipeline(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Attack ``erased`` applied to ``pipe`` (the base; it is left erased). Returns the JSON-able record and the images.
 
-    ``pipe`` is a diffusers StableDiffusionPipeline (typed ``Any``: its components are set at run time).
+    ``pipe`` is a diffusers pipeline of any supported family (typed ``Any``: its components are set at run time).
 
     ASR counts a prompt as broken when the erased model shows the concept for it with the adversarial
     prefix or already without one (UnlearnDiffAtk's convention); the rates beside it separate the two.
     ``base`` is :func:`base_images` of the same prompts and config, when already made (compare shares it across methods).
     """
-    check_attack_family(pipe)
     from erasekit.attack.search import candidate_tokens
+    from erasekit.families import family_of
 
+    family = family_of(pipe)
+    family.check_slots(pipe)
     config.validate()
     clock = {"start": time.perf_counter()}
     seeds = [config.seed + i for i in range(len(prompts))]
@@ -133,7 +127,7 @@ def attack_pipeline(
     _report(tick("base"), len(prompts))
     erased.apply(pipe, check_base=not force)
     clock["base_s"] = time.perf_counter() - clock["start"]
-    candidates = candidate_tokens(pipe.tokenizer, _toy_words(), [concept, *exclude_words], whole_vocab=config.vocabulary == "clip")
+    candidates = candidate_tokens(family.slot_tokenizer(pipe), _toy_words(), [concept, *exclude_words], whole_vocab=config.vocabulary == "clip")
     found = _search_in_batches(pipe, prompts, x0.float(), candidates, config, tick("search"))
     clock["search_s"] = time.perf_counter() - clock["start"] - clock["base_s"]
     adversarial = [f"{found.prefix(i)} {p}" for i, p in enumerate(prompts)]
@@ -187,8 +181,8 @@ def _search_in_batches(pipe: Any, prompts: Sequence[str], x0: torch.Tensor, cand
         hi = min(lo + config.batch_size, len(prompts))
         tick = (lambda step, n, info, c=c: progress(c * n + step, len(chunks) * n, info)) if progress else None
         seeds = [config.seed + SEARCH_SEED_OFFSET + i for i in range(lo, hi)]
-        parts.append((hi - lo, search_tokens(pipe.text_encoder, pipe.unet, pipe.tokenizer, pipe.scheduler.alphas_cumprod, prompts[lo:hi], x0[lo:hi],
-                                             candidates, config.tokens, config.iterations, config.lr, config.noise_draws, seeds, tick)))
+        parts.append((hi - lo, search_tokens(pipe, prompts[lo:hi], x0[lo:hi], candidates, config.tokens, config.iterations, config.lr,
+                                             config.noise_draws, seeds, tick)))
     merged = {name: [v for _, part in parts for v in getattr(part, name)] for name in
               ("token_ids", "words", "initial_loss", "best_loss", "plain_loss", "best_step")}
     history = [sum(n * part.loss_history[s] for n, part in parts) / len(prompts) for s in range(config.iterations + 1)]
@@ -275,10 +269,11 @@ def attack(
     else:
         detector = callable_detector(judge)
     from erasekit.concepts import check_prompt
+    from erasekit.families import family_of
     from erasekit.models import load_pipeline
 
     pipe = load_pipeline(tgt.base, device=device)
-    check_attack_family(pipe)
+    family_of(pipe).check_slots(pipe)
     for p in prompt_set:
         check_prompt(pipe, p, "prompt")
     record, images = attack_pipeline(pipe, tgt.result, concept, prompt_set, detector, config, toy.words if toy else (), force, progress)

@@ -5,8 +5,12 @@ noised image of the concept (made by the base model) as if it still knew the con
 
     min_{tokens}  E_{t, eps} || eps_erased(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, text(tokens + prompt)) - eps ||^2
 
+on SD 1.x/2.x and SDXL; on SD3 and FLUX.1 the same with the family's own training draw (rectified flow:
+x_σ = (1 - σ) x0 + σ eps, target velocity eps - x0). The model is reached only through its family
+(:mod:`erasekit.families`): its schedule's draws, its ``predict`` and its prompt encoding with slots.
+
 The token choice is relaxed PEZ-style (Wen et al. 2023, "Hard Prompts Made Easy"): every adversarial
-slot holds a free vector in the token-embedding space; each step projects it to the nearest candidate
+slot holds a free vector in the CLIP token-embedding space; each step projects it to the nearest candidate
 token (cosine), runs the model on the *projected* embeddings, and applies the gradient to the free
 vector (straight-through). So every loss we record is the loss of a real, discrete prompt, and the best
 one seen is kept. The expectation is a fixed set of (t, eps) draws per prompt, stratified over t, so
@@ -18,12 +22,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from erasekit.errors import ErasekitError
+from erasekit.families import Cond, Family, Schedule, family_of
 
 # progress(step, steps in total, {"loss": mean loss of the current discrete prompts, "best_loss": ...})
 SearchProgress = Callable[[int, int, dict[str, float]], None]
@@ -78,49 +84,49 @@ def _split(phrases: Sequence[str]) -> list[str]:
     return [part for p in phrases for part in re.split(r"[^a-z]+", p.lower()) if part]
 
 
-def encode_with_slots(text_encoder: nn.Module, input_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Text-encoder outputs (B x 77 x d) with token positions 1..N replaced by ``slots`` (B x N x d) embeddings.
-
-    A forward hook on the token-embedding table swaps the rows in, so position embeddings, the causal
-    mask and the final norm are the encoder's own, whatever its version.
-    """
-    n = slots.shape[1]
-
-    def swap(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return torch.cat([output[:, :1], slots.to(output.dtype), output[:, 1 + n :]], dim=1)
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(swap)  # type: ignore[operator]
-    try:
-        return text_encoder(input_ids)[0]
-    finally:
-        handle.remove()
-
-
 def noise_draws(
-    x0: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, generators: Sequence[torch.Generator]
+    x0: torch.Tensor, schedule: Schedule, draws: int, generators: Sequence[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``draws`` fixed (t, eps) per image from its own generator, t stratified over [0, T): x_t, t and eps, image-major."""
-    num_train = alphas_cumprod.shape[0]
+    """``draws`` fixed training draws per image from its own generator, time stratified over [0, 1): x_t, time input and target, image-major.
+
+    The target is the family's: ε (or v) on a DDPM schedule, the flow velocity ε - x0 on a rectified flow.
+    """
     u = torch.stack([torch.rand(draws, generator=g) for g in generators])
-    t = ((torch.arange(draws)[None] + u) / draws * num_train).long().clamp(max=num_train - 1).flatten()
+    fractions = ((torch.arange(draws)[None] + u) / draws).flatten()
     eps = torch.cat([torch.randn((draws, *x0.shape[1:]), generator=g) for g in generators]).to(x0)
-    a = alphas_cumprod[t].to(x0).view(-1, *([1] * (x0.dim() - 1)))
-    x_t = a.sqrt() * x0.repeat_interleave(draws, 0) + (1 - a).sqrt() * eps
-    return x_t, t.to(x0.device), eps
+    return schedule.noised_at(x0.repeat_interleave(draws, 0), fractions, eps)
 
 
-def denoise_loss(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor, draws: int) -> torch.Tensor:
-    """Per-prompt mean of ||eps_theta(x_t, t, cond) - eps||^2 over its draws (B values)."""
-    dtype = next(unet.parameters()).dtype
-    pred = unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype).repeat_interleave(draws, 0)).sample
-    return F.mse_loss(pred.float(), eps.float(), reduction="none").flatten(1).mean(1).view(-1, draws).mean(1)
+def denoise_loss(family: Family, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, cond: Cond, draws: int) -> torch.Tensor:
+    """Per-prompt mean of ||model(x_t, t, cond) - target||^2 over its draws (B values)."""
+    dtype = next(model.parameters()).dtype
+    pred = family.predict(model, x_t.to(dtype), t, cond.to(dtype=dtype).map(lambda v: v.repeat_interleave(draws, 0)))
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1).view(-1, draws).mean(1)
+
+
+def search_draws(
+    pipe: Any, x0: torch.Tensor, n_candidates: int, tokens: int, draws: int, seeds: Sequence[int], family: Family | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """What :func:`search_tokens` draws from ``seeds``: each prompt's start tokens (candidate indices), then its fixed noise draws."""
+    family = family or family_of(pipe)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    start = torch.stack([torch.randint(n_candidates, (tokens,), generator=g) for g in generators])
+    return start, noise_draws(x0, family.schedule(pipe, 1), draws, generators)  # only the training draws of the schedule are used
+
+
+def prompt_losses(
+    pipe: Any, prompts: Sequence[str], x0: torch.Tensor, n_candidates: int, tokens: int, draws: int, seeds: Sequence[int],
+    family: Family | None = None,
+) -> torch.Tensor:
+    """Per-prompt denoising loss of plain-text ``prompts`` on the draws :func:`search_tokens` makes for ``seeds`` (checks a reported prompt)."""
+    family = family or family_of(pipe)
+    _, (x_t, t, target) = search_draws(pipe, x0, n_candidates, tokens, draws, seeds, family)
+    with torch.no_grad():
+        return denoise_loss(family, family.denoiser(pipe), x_t, t, target, family.encode(pipe, prompts), draws)
 
 
 def search_tokens(
-    text_encoder: nn.Module,
-    unet: nn.Module,
-    tokenizer: object,
-    alphas_cumprod: torch.Tensor,
+    pipe: Any,
     prompts: Sequence[str],
     x0: torch.Tensor,
     candidates: Candidates,
@@ -130,28 +136,31 @@ def search_tokens(
     draws: int,
     seeds: Sequence[int],
     progress: SearchProgress | None = None,
+    family: Family | None = None,
 ) -> SearchResult:
     """Choose ``tokens`` adversarial tokens per prompt (each prompt its own) minimising the erased model's denoising loss.
 
-    ``x0`` holds one clean latent per prompt (the base model's image of the concept). Prompt i draws its
-    start tokens and its (t, eps) from ``seeds[i]`` alone and its loss moves only its own tokens, so a
-    prompt's result does not depend on which other prompts share its batch. ``lr`` is relative to the
-    per-coordinate spread of the candidates' embeddings, so one value suits any encoder width.
+    ``pipe`` is a pipeline of any family (SD, SDXL, SD3, FLUX.1; ``family`` defaults to its own) and ``x0``
+    holds one clean latent per prompt (the base model's image of the concept) in the family's latent layout.
+    Prompt i draws its start tokens and its training draws from ``seeds[i]`` alone and its loss moves only
+    its own tokens, so a prompt's result does not depend on which other prompts share its batch. ``lr`` is
+    relative to the per-coordinate spread of the candidates' embeddings, so one value suits any encoder width.
+
+    A free vector lives in every CLIP encoder's token-embedding space side by side (SDXL and SD3: both
+    CLIPs', which share one vocabulary), so the straight-through gradient comes from every CLIP encoder;
+    encoders with their own vocabulary (T5 of SD3 and FLUX.1) read the projected words as text.
     """
+    family = family or family_of(pipe)
+    model = family.denoiser(pipe)
     device = x0.device
-    table = text_encoder.get_input_embeddings().weight.detach()  # type: ignore[operator]
-    cand = table[candidates.ids.to(table.device)].to(device=device, dtype=torch.float32)
+    cand = family.slot_rows(pipe, candidates.ids).to(device=device, dtype=torch.float32)
     cand_unit = F.normalize(cand, dim=-1)
     b = len(prompts)
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    start = torch.stack([torch.randint(len(candidates.ids), (tokens,), generator=g) for g in generators])
-    input_ids = _slot_ids(tokenizer, prompts, [[candidates.words[int(j)] for j in row] for row in start], tokens).to(device)
-    x_t, t, eps = noise_draws(x0, alphas_cumprod, draws, generators)
+    _check_lengths(family.slot_tokenizer(pipe), prompts, tokens)
+    start, (x_t, t, target) = search_draws(pipe, x0, len(candidates.ids), tokens, draws, seeds, family)
 
     with torch.no_grad():
-        plain_ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,  # type: ignore[operator,attr-defined]
-                              truncation=True, return_tensors="pt").input_ids.to(device)
-        plain_loss = denoise_loss(unet, x_t, t, eps, text_encoder(plain_ids)[0], draws)
+        plain_loss = denoise_loss(family, model, x_t, t, target, family.encode(pipe, prompts), draws)
 
     free = cand[start.to(device)].clone().requires_grad_(True)
     optimiser = torch.optim.Adam([free], lr=lr * float(cand.std()))
@@ -165,9 +174,10 @@ def search_tokens(
         hard = cand[idx]
         # straight-through: the model sees the real tokens' embeddings, the gradient moves the free vectors
         used = free + (hard - free).detach()
+        texts = _texts(prompts, [[candidates.words[int(j)] for j in row] for row in idx.cpu()])
         final = step == iterations
         with torch.set_grad_enabled(not final):
-            per_prompt = denoise_loss(unet, x_t, t, eps, encode_with_slots(text_encoder, input_ids, used), draws)
+            per_prompt = denoise_loss(family, model, x_t, t, target, family.encode_with_slots(pipe, texts, used), draws)
         values = per_prompt.detach()
         if step == 0:
             initial = values.clone()
@@ -188,14 +198,16 @@ def search_tokens(
     return SearchResult(ids.tolist(), words, initial.cpu().tolist(), best_loss.cpu().tolist(), plain_loss.cpu().tolist(), best_step.tolist(), history)
 
 
-def _slot_ids(tokenizer: object, prompts: Sequence[str], words: list[list[str]], tokens: int) -> torch.Tensor:
-    """Token ids of 'w1 .. wN prompt' padded to the encoder's length; positions 1..N are the adversarial slots."""
-    texts = [" ".join(row) + " " + p for row, p in zip(words, prompts)]
+def _texts(prompts: Sequence[str], words: list[list[str]]) -> list[str]:
+    """'w1 .. wN prompt': the adversarial prompts as text (the words are single CLIP tokens, at positions 1..N)."""
+    return [" ".join(row) + " " + p for row, p in zip(words, prompts)]
+
+
+def _check_lengths(tokenizer: object, prompts: Sequence[str], tokens: int) -> None:
+    """Refuse a prompt that, with ``tokens`` single-token words before it, is longer than the CLIP encoder takes."""
     limit = tokenizer.model_max_length  # type: ignore[attr-defined]
-    for p, text in zip(prompts, texts):
-        n = len(tokenizer(text).input_ids)  # type: ignore[operator]
+    for p in prompts:
+        n = len(tokenizer(p).input_ids) + tokens  # type: ignore[operator]
         if n > limit:
             raise ErasekitError(f"prompt {p[:40]!r} plus {tokens} adversarial tokens is {n} tokens; the text encoder takes {limit}: "
                                 "shorten it or lower --tokens")
-    ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids  # type: ignore[operator]
-    return ids

@@ -122,6 +122,10 @@ class Schedule(ABC):
         """A training draw per sample: (x_t, the model's time input, the output a denoiser should give there)."""
 
     @abstractmethod
+    def noised_at(self, x0: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`noised` at given training-time fractions ``u`` in [0, 1) (one per sample) and noise ``eps``."""
+
+    @abstractmethod
     def noise_level(self, grid_t: float) -> float:
         """The fraction of noise variance of the state at a grid time (1 - ᾱ, or σ² / (σ² + (1 - σ)²))."""
 
@@ -163,9 +167,14 @@ class Family(ABC):
     def denoiser(self, pipe: Any) -> nn.Module:
         """The trainable network (a UNet or a transformer)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
         """The conditioning of ``prompts`` as the denoiser sees it."""
+        return self._encode(pipe, prompts)
+
+    @abstractmethod
+    def _encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+        """:meth:`encode` with autograd as the caller has it (the attack differentiates through the text encoders)."""
 
     # -- closed-form edits (UCE, RECE): linear maps whose inputs are rows of the ``hidden`` conditioning --
 
@@ -252,3 +261,78 @@ class Family(ABC):
             image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").images
             out.append((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8))
         return np.concatenate(out)
+
+    # -- the adversarial-token attack: prompts whose CLIP token embeddings at positions 1..N are free vectors --
+
+    def slot_encoders(self, pipe: Any) -> list[tuple[Any, nn.Module]]:
+        """(tokenizer, text encoder) of every CLIP tower whose token embeddings the attack's slots replace (one vocabulary)."""
+        raise ErasekitError(f"the adversarial-token attack does not support {self.label} models")
+
+    def text_only_encoders(self, pipe: Any) -> list[nn.Module]:
+        """Text encoders with their own vocabulary (T5): they read the slots' words as text, without gradient."""
+        return []
+
+    def slot_tokenizer(self, pipe: Any) -> Any:
+        """The CLIP tokenizer whose whole-word tokens the slots may hold."""
+        return self.slot_encoders(pipe)[0][0]
+
+    def check_slots(self, pipe: Any) -> None:
+        """Refuse in one line a pipeline the attack cannot search: a released text encoder, CLIP towers of different vocabularies."""
+        from erasekit.models import is_released
+
+        pairs = self.slot_encoders(pipe)
+        if any(enc is None or is_released(enc) for enc in [*(e for _, e in pairs), *self.text_only_encoders(pipe)]):
+            raise ErasekitError("this pipeline's text encoders were released by erase(..., release_unused=True); load the model again to attack it")
+        vocab = pairs[0][0].get_vocab()
+        if any(tok.get_vocab() != vocab for tok, _ in pairs[1:]):
+            raise ErasekitError(f"the attack puts one CLIP token into every CLIP encoder of this {self.label} model, "
+                                "but its CLIP tokenizers have different vocabularies")
+
+    def slot_rows(self, pipe: Any, token_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 token embeddings of ``token_ids`` in every slot encoder, side by side (K x sum of widths)."""
+        from erasekit.families.slots import embedding_table
+
+        tables = [embedding_table(enc) for _, enc in self.slot_encoders(pipe)]
+        device = tables[0].device
+        return torch.cat([t[token_ids.to(t.device)].to(device=device, dtype=torch.float32) for t in tables], dim=-1)
+
+    def encode_with_slots(self, pipe: Any, prompts: Sequence[str], slots: torch.Tensor) -> Cond:
+        """:meth:`encode` of ``prompts``, differentiable in ``slots`` (B x N x sum of widths), the token embeddings at positions 1..N.
+
+        Each CLIP encoder takes its share of ``slots`` (its width, in :meth:`slot_encoders` order); text-only
+        encoders read ``prompts`` as they are. With ``slots`` equal to :meth:`slot_rows` of the single-token
+        words at positions 1..N of ``prompts``, the result is :meth:`encode` of ``prompts``.
+        """
+        from erasekit.families.slots import constant, embedding_table, swapped_slots
+
+        encoders = [enc for _, enc in self.slot_encoders(pipe)]
+        parts = slots.split([embedding_table(enc).shape[1] for enc in encoders], dim=-1)
+        with swapped_slots(encoders, parts), constant(self.text_only_encoders(pipe)):
+            return self._encode(pipe, prompts)
+
+    # -- latents through the family's own pipeline --
+
+    def pipeline_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Extra arguments the pipeline's ``__call__`` needs to sample at :meth:`latent_shape` (the image size)."""
+        return {}
+
+    @torch.no_grad()
+    def sample_latents(self, pipe: Any, prompts: Sequence[str], start: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+        """The pipeline's own sampler from ``start`` (a batch in :meth:`latent_shape`'s layout) to its final latents, same layout."""
+        return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=start, output_type="latent",
+                    **self.pipeline_kwargs(pipe)).images
+
+    def _vae_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in :meth:`latent_shape`'s layout -> the VAE's (N x C x h x w)."""
+        return latents
+
+    @torch.no_grad()
+    def decode_latents(self, pipe: Any, latents: torch.Tensor) -> np.ndarray:
+        """uint8 images (N x H x W x 3) of latents in :meth:`latent_shape`'s layout (the VAE's scaling and shift undone)."""
+        vae = pipe.vae
+        z = self._vae_latents(pipe, latents) / vae.config.scaling_factor
+        shift = vae.config.get("shift_factor")
+        if shift:
+            z = z + shift
+        decoded = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return ((decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -86,6 +86,11 @@ class FlowFamily(Family):
         """Pixels per side of generated images: the VAE's sample size (1024 for the released models)."""
         return int(pipe.vae.config.sample_size)
 
+    def pipeline_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Height and width: :meth:`image_size` (the pipelines' own default reads the transformer's sample size)."""
+        size = self.image_size(pipe)
+        return {"height": size, "width": size}
+
     def generate(self, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> np.ndarray:
         """Images at :meth:`image_size` with the family's own pipeline."""
         size = self.image_size(pipe)
@@ -106,8 +111,7 @@ class SD3(FlowFamily):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     max_sequence_length = 256
 
-    @torch.no_grad()
-    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+    def _encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
         """``StableDiffusion3Pipeline.encode_prompt``: CLIPs' penultimate states and T5's side by side, pooled CLIPs."""
         _check(pipe.text_encoder)
         hidden, _, pooled, _ = pipe.encode_prompt(
@@ -115,6 +119,14 @@ class SD3(FlowFamily):
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )
         return Cond({"hidden": hidden, "pooled": pooled})
+
+    def slot_encoders(self, pipe: Any) -> list[tuple[Any, nn.Module]]:
+        """CLIP-L and CLIP-G: one CLIP vocabulary, two embedding tables."""
+        return [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+
+    def text_only_encoders(self, pipe: Any) -> list[nn.Module]:
+        """T5, where loaded."""
+        return [pipe.text_encoder_3] if pipe.text_encoder_3 is not None else []
 
     def last_token_rows(self, pipe: Any, text: str) -> tuple[int, ...]:
         """Its CLIP row (CLIP-L and CLIP-G side by side, len(ids) - 2) and, with T5 loaded, its T5 row after the CLIP part."""
@@ -161,8 +173,7 @@ class Flux(FlowFamily):
     def _grid(self, pipe: Any) -> int:
         return self.image_size(pipe) // (pipe.vae_scale_factor * 2)  # latent side / 2: packed tokens per side
 
-    @torch.no_grad()
-    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+    def _encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
         """``FluxPipeline.encode_prompt``: T5 states and CLIP's pooled output; positions ride along unbatched."""
         _check(pipe.text_encoder_2)
         hidden, pooled, text_ids = pipe.encode_prompt(
@@ -171,6 +182,19 @@ class Flux(FlowFamily):
         side = self._grid(pipe)
         image_ids = pipe._prepare_latent_image_ids(1, side, side, hidden.device, hidden.dtype)
         return Cond({"hidden": hidden, "pooled": pooled}, {"txt_ids": text_ids, "img_ids": image_ids, "guidance": self.guidance})
+
+    def slot_encoders(self, pipe: Any) -> list[tuple[Any, nn.Module]]:
+        """CLIP-L, whose pooled output the transformer takes."""
+        return [(pipe.tokenizer, pipe.text_encoder)]
+
+    def text_only_encoders(self, pipe: Any) -> list[nn.Module]:
+        """T5, whose states are ``hidden``."""
+        return [pipe.text_encoder_2]
+
+    def _vae_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Unpack the 2x2-packed token sequence."""
+        size = self.image_size(pipe)
+        return pipe._unpack_latents(latents, size, size, pipe.vae_scale_factor)
 
     def last_token_rows(self, pipe: Any, text: str) -> tuple[int, ...]:
         """Its row in T5's states, the only part of ``hidden``."""

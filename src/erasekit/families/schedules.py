@@ -74,6 +74,13 @@ class DDIMSchedule(Schedule):
         target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v_prediction" else eps
         return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(x0.device), target
 
+    def noised_at(self, x0: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`noised` at t = floor(u T) (clamped to T - 1) with noise ``eps``."""
+        t = (u * self.num_train).long().clamp(max=self.num_train - 1)
+        a = self.alphas[t].to(x0).view(-1, *[1] * (x0.dim() - 1))
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v_prediction" else eps
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(x0.device), target
+
     def noise_level(self, grid_t: float) -> float:
         """1 - ᾱ."""
         return float(1 - self.alphas[int(grid_t)])
@@ -123,6 +130,11 @@ class FlowSchedule(Schedule):
         eps = torch.randn(x0.shape, generator=generator).to(x0)
         s = sigma.to(x0).view(-1, *[1] * (x0.dim() - 1))
         return (1 - s) * x0 + s * eps, (sigma * self.num_train).to(x0.device), eps - x0
+
+    def noised_at(self, x0: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`noised` at σ = u with noise ``eps``."""
+        s = u.to(x0).view(-1, *[1] * (x0.dim() - 1))
+        return (1 - s) * x0 + s * eps, (u * self.num_train).to(x0.device), eps - x0
 
     def noise_level(self, grid_t: float) -> float:
         """σ² / (σ² + (1 - σ)²): the noise share of the state's variance for unit-variance data."""

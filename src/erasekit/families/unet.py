@@ -92,11 +92,14 @@ class SD(UNetFamily):
     name, label = "sd", "SD 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
 
-    @torch.no_grad()
-    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+    def _encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
         """CLIP's last hidden states (N x 77 x d), as the pipeline conditions on them."""
         _check_encoder(pipe.text_encoder)
         return Cond({"hidden": pipe.text_encoder(_tokens(pipe.tokenizer, prompts, pipe.text_encoder.device))[0]})
+
+    def slot_encoders(self, pipe: Any) -> list[tuple[Any, nn.Module]]:
+        """The one CLIP."""
+        return [(pipe.tokenizer, pipe.text_encoder)]
 
     def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """ε (or v) from the UNet."""
@@ -109,8 +112,7 @@ class SDXL(UNetFamily):
     name, label = "sdxl", "SDXL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
 
-    @torch.no_grad()
-    def encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
+    def _encode(self, pipe: Any, prompts: Sequence[str]) -> Cond:
         """As ``StableDiffusionXLPipeline.encode_prompt`` builds it (no clip skip), with the default time ids."""
         _check_encoder(pipe.text_encoder_2)
         hidden, pooled = [], None
@@ -124,6 +126,11 @@ class SDXL(UNetFamily):
         size = pipe.default_sample_size * pipe.vae_scale_factor
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden[0].dtype).expand(len(prompts), 6)
         return Cond({"hidden": torch.cat(hidden, dim=-1), "pooled": pooled, "time_ids": time_ids.to(hidden[0].device)})
+
+    def slot_encoders(self, pipe: Any) -> list[tuple[Any, nn.Module]]:
+        """Both CLIPs (the refiner has only the second): one CLIP vocabulary, two embedding tables."""
+        pairs = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+        return [(tok, enc) for tok, enc in pairs if enc is not None]
 
     def uncond(self, pipe: Any) -> Cond:
         """Zeros where the pipeline forces them for an empty negative prompt (SDXL base), else the empty prompt."""
