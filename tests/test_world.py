@@ -194,8 +194,10 @@ def test_cli_render_writes_a_preview_grid(tmp_path: Path) -> None:
     from PIL import Image
 
     with Image.open(out) as grid:
-        # 2 rows x 6 columns of 32-pixel tiles with 2-pixel padding, upscaled twice
-        assert grid.size == ((6 * 34 + 2) * 2, (2 * 34 + 2) * 2)
+        # 2 rows x 6 columns of 32-pixel tiles with 2-pixel padding, upscaled twice, below two header lines
+        # (styles, then colours) and right of the object names
+        width, height = grid.size
+        assert height == (2 * 34 + 2) * 2 + 32 and width > (6 * 34 + 2) * 2 + 20
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 

@@ -22,6 +22,7 @@ def erase(
     progress: Progress | None = None,
     checkpoint: Any = None,
     release_unused: bool = False,
+    allow_unknown: bool = False,
     **overrides: Any,
 ) -> ErasureResult:
     """Erase ``concepts`` from ``pipe`` (any supported family); the pipeline is left unchanged, apply with ``result.apply(pipe)``.
@@ -29,6 +30,9 @@ def erase(
     ``checkpoint`` (a :class:`erasekit.methods.checkpoint.CheckpointSpec`) saves the run there and resumes from it.
     ``release_unused=True`` says the caller is done with ``pipe``: the fine-tuning methods then free its text
     encoder and VAE once their embeddings are computed, so one model's weights stay in memory while training.
+    Concepts that cannot be what was meant are refused (:func:`erasekit.concepts.check_targets`): a comma inside one,
+    one both erased and preserved, and on the toy model a word outside its vocabulary; ``allow_unknown=True`` lets
+    the first and the last through.
     """
     spec = get_method(method)
     from erasekit.families import family_of
@@ -39,15 +43,14 @@ def erase(
     targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
     if not targets:
         raise ErasekitError("no concept to erase; give at least one")
-    from erasekit.concepts import check_prompt
-    from erasekit.models import weights_hash
+    from erasekit.concepts import check_prompt, check_targets
+    from erasekit.models import model_id, weights_hash
 
     # made once here for every method: the checked prompts and the base weights' hash
     targets = tuple(check_prompt(pipe, t, "concept") for t in targets)
-    preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in preserve)
+    preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in ([preserve] if isinstance(preserve, str) else preserve))
+    check_targets(targets, preserve, toy=model_id(pipe) == "toy", allow_unknown=allow_unknown)
     if config is None:
-        from erasekit.models import model_id
-
         if budget is None and model_id(pipe) == "toy" and "toy" in spec.presets:
             budget = "toy"  # as the CLI does on --model toy: the paper's sizes (K = 1000 candidates ...) do not fit the toy world
         config = make_config(spec, budget, **overrides)

@@ -25,6 +25,7 @@ from erasekit.compare import compare  # noqa: E402
 from erasekit.demo import DEMO_SEED
 from erasekit.errors import ErasekitError
 from erasekit.eval.cli import SETTINGS_FLAGS, evaluate, report, spectrum  # noqa: E402
+from erasekit.run_display import Estimate, plan_line
 from erasekit.runs import parse_method_flags, partial_dir, read_request, read_toml_config, write_request, write_run  # noqa: F401
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
@@ -141,43 +142,62 @@ def erase(
     device: str = typer.Option("cpu", "--device", help="Torch device of a single process (cpu, cuda, cuda:1); under accelerate launch, cuda = each process's own GPU."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Model steps between checkpoints in OUT.partial/ (0: only on Ctrl-C)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run whose --out was this folder."),
-    show_settings: bool = typer.Option(False, "--show-settings", help="Print the method's settings and exit."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print the settings this run would use (budget, model, flags, --config) and exit."),
+    allow_unknown: bool = typer.Option(False, "--allow-unknown", help="Accept a concept that looks like a mistake: a word outside the toy world's vocabulary (--model toy), or a comma inside one."),
 ) -> None:
     """Erase concept(s) from a model; method settings are flags too (e.g. --iterations 200 --k 40)."""
     with user_errors():
+        from erasekit.concepts import check_length, check_targets
         from erasekit.methods import get_method, make_config
         from erasekit.methods.checkpoint import CheckpointSpec
+        from erasekit.runs import check_resume_matches, settings_lines
 
         if resume is not None:
             request = read_request(resume)
+            spec = get_method(request["method"])
+            options = {"concept": [c.strip() for c in concept], "preserve": [p.strip() for p in preserve], "model": model, "method": method,
+                       "family": family, "device": device, "checkpoint_every": checkpoint_every, "allow_unknown": allow_unknown}
+            given = {k: v for k, v in options.items() if _typed(ctx, k)}
+            if out is not None and out != resume:
+                raise ErasekitError(f"--out {out} differs from --resume {resume}; --resume continues the run in place: drop --out")
+            settings = read_toml_config(config, spec.name, spec.config_class) if config else {}
+            settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
+            check_resume_matches(request, given, settings, make_config(spec, budget, **settings) if budget else None)
             out, model, method, device = resume, request["model"], request["method"], request.get("device", device)
-            family = request.get("family")
+            family, allow_unknown = request.get("family"), request.get("allow_unknown", False)
             concept, preserve = request["concepts"], request["preserve"]
-            spec = get_method(method)
             cfg = make_config(spec, None, **request["config"])
             checkpoint_every = int(request["checkpoint_every"])
         else:
             spec = get_method(method)
-            concept = [c.strip() for c in concept]
-            if show_settings:
-                for f in dataclasses.fields(spec.config_class):
-                    typer.echo(f"--{f.name.replace('_', '-'):20s} {f.default!r:10} {f.metadata.get('help', '')}")
-                return
+            concept, preserve = [c.strip() for c in concept], [p.strip() for p in preserve]
             settings = read_toml_config(config, method, spec.config_class) if config else {}
             settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
+            if budget is None and model == "toy":
+                budget = "toy"
+            if show_settings:
+                for line in settings_lines(spec, make_config(spec, budget, **settings), budget, model):
+                    typer.echo(line)
+                return
             if not concept or any(not c for c in concept):
                 raise ErasekitError("empty concept (or none given); pass --concept WORD such as 'circle'")
+            if any(not p for p in preserve):
+                raise ErasekitError("empty --preserve; give a word or phrase such as 'ring', or drop the flag")
+            check_targets(concept, preserve, toy=model == "toy", allow_unknown=allow_unknown, cli=True)
             if out is None:
                 raise ErasekitError("missing --out; name the run folder to create")
             if checkpoint_every < 0:
                 raise ErasekitError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-            if budget is None and model == "toy":
-                budget = "toy"
             cfg = make_config(spec, budget, **settings)
             if out.exists():
                 raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
             if partial_dir(out).exists():
                 raise ErasekitError(f"an interrupted run is in {partial_dir(out)}; continue it with `erasekit erase --resume {out}` or delete that folder")
+            from erasekit.models import load_tokenizer
+
+            if (tokenizer := load_tokenizer(model)) is not None:  # the 77-token check, before the model loads
+                for text, what in [*((c, "concept") for c in concept), *((p, "preserve concept") for p in preserve)]:
+                    check_length(tokenizer, text, what)
         from erasekit.api import erase as run_erase
         from erasekit.distributed import distributed, resolve_device
         from erasekit.models import load_pipeline
@@ -194,7 +214,8 @@ def erase(
             except OSError as exc:
                 raise ErasekitError(f"cannot create {work}: {exc.strerror or exc}; choose a writable --out") from None
             write_request(work, {"model": model, "family": family, "method": method, "concepts": concept, "preserve": list(preserve), "device": device,
-                                 "config": dataclasses.asdict(cfg), "checkpoint_every": checkpoint_every, "argv": sys.argv})
+                                 "config": dataclasses.asdict(cfg), "checkpoint_every": checkpoint_every, "allow_unknown": allow_unknown,
+                                 "argv": sys.argv})
         total = getattr(cfg, "iterations", 1)
         console.print(plan_line(method, cfg))
         with _progress_bar() as bar:
@@ -207,7 +228,7 @@ def erase(
 
             try:
                 result = run_erase(pipe, concept, method=method, config=cfg, preserve=preserve, progress=report,
-                                   checkpoint=CheckpointSpec(work, checkpoint_every), release_unused=True)
+                                   checkpoint=CheckpointSpec(work, checkpoint_every), release_unused=True, allow_unknown=allow_unknown)
             except ErasekitError as exc:
                 if (work / "checkpoint.safetensors").exists():
                     raise ErasekitError(f"{exc}; continue with `erasekit erase --resume {out}`") from None
@@ -216,45 +237,18 @@ def erase(
                 raise
         if rank != 0:
             return
-        write_run(out, result, model, sys.argv)
+        if resume is None:
+            write_run(out, result, model, sys.argv)
+        else:  # run.json keeps the command that started the run, and names the one that finished it
+            write_run(out, result, model, request.get("argv") or sys.argv, resumed_by=sys.argv)
         shutil.rmtree(work, ignore_errors=True)
         console.print(f"wrote {out / 'delta.safetensors'} ({result.timings.get('total_s', 0):.1f} s)")
 
 
-def plan_line(method: str, cfg: Any) -> str:
-    """One line naming the work a run will do: model steps and DDIM rollouts."""
-    steps = getattr(cfg, "iterations", 0)
-    if not steps:
-        return f"{method}: closed form"
-    if not hasattr(cfg, "start_guidance"):  # no rollouts (e.g. CA trains on pre-generated anchor images)
-        return f"{method}: {steps} training steps"
-    reuse = getattr(cfg, "rollout_reuse", 1)
-    if getattr(cfg, "faithful", False):
-        rollouts, how = 4 * steps, "faithful: 2 iterations per model step, 2 rollouts each"
-    else:
-        rollouts, how = -(-steps // reuse), f"one batched rollout per {reuse} step(s)"
-    return f"{method}: {steps} model steps, {rollouts} rollouts of up to {getattr(cfg, 'ddim_steps', 0)} steps ({how})"
-
-
-class Estimate:
-    """Prints the expected run time once, measured from the first steps."""
-
-    def __init__(self, console: Console, total: int, after: int = 3) -> None:
-        import time
-
-        self.console, self.total, self.after, self.clock = console, total, after, time.perf_counter
-        self.first: float | None = None
-        self.done = False
-
-    def tick(self, step: int) -> None:
-        """Call after every step; prints once ``after`` steps past the first."""
-        now = self.clock()
-        if self.first is None:
-            self.first = now
-        elif not self.done and step >= 1 + self.after:
-            per_step = (now - self.first) / (step - 1)
-            self.console.print(f"expected: {per_step:.2f} s/step, about {per_step * self.total:.0f} s for {self.total} steps (from the first {step} steps)")
-            self.done = True
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def _resolve_delta(delta: Path) -> Path:
@@ -292,27 +286,55 @@ def generate(
             raise ErasekitError(f"--images must be between 1 and 64, got {images}")
         if not 1 <= steps <= 1000:
             raise ErasekitError(f"--steps must be between 1 and 1000, got {steps}")
+        if not 0 <= seed < 2**63:
+            raise ErasekitError(f"--seed must be a whole number in 0 .. 2**63 - 1, got {seed}")
         if out.exists() and not overwrite:
             raise ErasekitError(f"{out} already exists; pass --overwrite or choose another --out")
         if out.suffix.lower() != ".png":
             raise ErasekitError(f"--out must end in .png, got {out.name}")
-        from erasekit.concepts import check_prompt
-        from erasekit.models import load_pipeline
+        _check_writable_folder(out.parent)
+        from erasekit.concepts import check_length, check_prompt
+        from erasekit.models import load_pipeline, load_tokenizer
         from erasekit.result import load_result
         from erasekit.sampling import generate as gen_images
 
+        if (tokenizer := load_tokenizer(model)) is not None:  # the 77-token check, before the model loads
+            for p in prompts:
+                check_length(tokenizer, p, "prompt")
+        result = load_result(_resolve_delta(delta)) if delta is not None else None
         pipe = load_pipeline(model, device=device, family=family)
         for p in prompts:
             check_prompt(pipe, p, "prompt")
-        result = load_result(_resolve_delta(delta)) if delta is not None else None
+        if result is not None:  # refuse a delta of another base before spending time on the base images
+            result.check_fits(pipe, check_base=not force)
         all_prompts = [p for p in prompts for _ in range(images)]
         seeds = [seed + 1000 * i + j for i in range(len(prompts)) for j in range(images)]
-        panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance))]
-        if result is not None:
-            result.apply(pipe, check_base=not force)
-            panels.append((f"{result.method}: erased {', '.join(result.concepts)}", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance)))
+        with _progress_bar() as bar:
+            task = bar.add_task("generate", total=len(all_prompts) * (2 if result is not None else 1), info="base")
+            tick = lambda n: bar.advance(task, n)  # noqa: E731
+            panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick))]
+            if result is not None:
+                bar.update(task, info="erased")
+                result.apply(pipe, check_base=False)
+                panels.append((f"{result.method}: erased {', '.join(result.concepts)}",
+                               gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)  # as erase does; only now, so a refused run leaves no folder
+        except OSError as exc:
+            raise ErasekitError(f"cannot create {out.parent}: {exc.strerror or exc}; choose a writable --out") from None
         save_png(prompt_grid(prompts, images, panels), out)
         console.print(f"wrote {out}")
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work: its nearest existing parent decides."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ErasekitError(f"cannot create {folder}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ErasekitError(f"cannot write in {existing}: permission denied; choose a writable --out")
 
 
 @app.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +51,92 @@ def concept_space(source: str, pipe: Pipeline | None = None) -> ConceptSpace:
 
 def check_prompt(pipe: Pipeline, text: str, what: str = "concept") -> str:
     """Strip ``text`` and refuse empty prompts and prompts longer than the encoder's 77 tokens."""
+    return check_length(pipe.tokenizer, text, what)
+
+
+def check_length(tokenizer: Any, text: str, what: str = "concept") -> str:
+    """Strip ``text`` and refuse it when empty or longer than the tokenizer's ``model_max_length`` (77 for CLIP)."""
     text = (text or "").strip()
     if not text:
         raise ErasekitError(f"empty {what}; give a word or phrase such as 'circle'")
-    limit = pipe.tokenizer.model_max_length
-    n = len(pipe.tokenizer(text, truncation=False).input_ids)
+    limit = tokenizer.model_max_length
+    n = len(tokenizer(text, truncation=False).input_ids)
     if n > limit:
         raise ErasekitError(f"{what} {text[:40]!r}... is {n} tokens long; the text encoder takes at most {limit} (with start/end tokens): shorten it")
     return text
+
+
+# how a message names the inputs: the CLI's flags, or erasekit.erase's keyword arguments
+_CLI_NAMES = {"concept": "--concept", "preserve": "--preserve", "list": "--preserve", "force": "--allow-unknown"}
+_PYTHON_NAMES = {"concept": "concept", "preserve": "preserve concept", "list": "preserve=", "force": "allow_unknown=True"}
+
+
+def check_targets(targets: Sequence[str], preserve: Sequence[str] = (), toy: bool = False, allow_unknown: bool = False, cli: bool = False) -> None:
+    """Refuse concepts that cannot be what the user meant, before anything loads or trains.
+
+    On any model: a comma in a concept (two concepts in one?) unless ``allow_unknown``, and a concept both
+    erased and preserved. On the toy world (``toy``): a concept with a word its captions never use (``giraffe``,
+    ``círculo``) unless ``allow_unknown``, and erasing one name of a thing while preserving another ('circle', 'disc').
+    ``cli`` names the flags in messages, else the keyword arguments of :func:`erasekit.erase`.
+    """
+    names = _CLI_NAMES if cli else _PYTHON_NAMES
+    for key, texts in (("concept", targets), ("preserve", preserve)):
+        for text in texts:
+            if not allow_unknown and "," in text:
+                raise ErasekitError(f"{names[key]} {text!r} holds a comma: did you mean separate concepts? {_split_hint(text, key, cli)} "
+                                    f"(or pass {names['force']} to keep it as one concept)")
+            if toy and not allow_unknown:
+                _check_toy_word(text, names[key], names["force"])
+    group: dict[str, str] = {}
+    if toy:
+        from erasekit.world.vocab import load_vocab
+
+        group = load_vocab().synonym_groups()
+    erased = {group.get(_norm(t), _norm(t)): t for t in targets}
+    for kept in preserve:
+        if (hit := erased.get(group.get(_norm(kept), _norm(kept)))) is not None:
+            same = "is" if _norm(hit) == _norm(kept) else f"names the same toy {_kind_of(group[_norm(kept)])} as"
+            raise ErasekitError(f"{names['preserve']} {kept!r} {same} the erased {hit!r}: it cannot be both erased and preserved; "
+                                f"drop it from {names['list']}")
+
+
+def _norm(text: str) -> str:
+    from erasekit.world.vocab import words_of
+
+    return " ".join(words_of(text))
+
+
+def _split_hint(text: str, key: str, cli: bool) -> str:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        return "give a word or phrase such as 'circle'"
+    if cli:
+        return "pass " + " ".join(f"--{key} {shlex.quote(p)}" for p in parts)
+    return f"pass {'concepts' if key == 'concept' else 'preserve'}={parts!r}"
+
+
+def _kind_of(name: str) -> str:
+    from erasekit.world.vocab import load_vocab
+
+    vocab = load_vocab()
+    return "object" if name in vocab.objects else "colour" if name in vocab.colours else "style"
+
+
+def _check_toy_word(text: str, what: str, force: str) -> None:
+    """Refuse a concept the toy world's captions never name: an unknown word, or none that names anything."""
+    from erasekit.world.vocab import load_vocab, words_of
+
+    vocab = load_vocab()
+    naming, known = vocab.lexicon()
+    words = words_of(text)
+    unknown = [w for w in words if w not in known]
+    if unknown or not any(w in naming for w in words):
+        why = f"the word {unknown[0]!r} is not in its vocabulary" if unknown else "none of its words names an object, colour or style"
+        raise ErasekitError(
+            f"{what} {text!r} is not something the toy world knows ({why}); it knows the objects {', '.join(vocab.objects)}, "
+            f"the colours {', '.join(vocab.colours)}, the styles {', '.join(vocab.erasable_styles)} and {vocab.implicit_name!r}, "
+            f"with their synonyms (e.g. 'disc' for circle); pass {force} to use it anyway"
+        )
 
 
 @torch.no_grad()

@@ -39,6 +39,41 @@ def prompt_grid(prompts: list[str], per_prompt: int, panels: list[tuple[str, np.
     return canvas
 
 
+def label_tiles(grid: np.ndarray, rows: list[str], columns: list[str], pitch: tuple[int, int], offset: int,
+                groups: list[str] | None = None) -> np.ndarray:
+    """A tiled grid (uint8 H x W x 3) with its rows named on the left and its columns on top.
+
+    ``pitch`` is (height, width) from one tile to the next, ``offset`` the margin before the first; ``groups``
+    (optional) names blocks of equal width above the column names, e.g. the style of every colour in its block.
+    """
+    line = 14
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 8 + int(max(probe.textlength(r) for r in rows))
+    top = line * (2 if groups else 1) + 4
+    canvas = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    ph, pw = pitch
+    for i, name in enumerate(rows):
+        draw.text((4, top + offset + i * ph + ph // 2 - line // 2), name, fill="black")
+    for j, name in enumerate(columns):
+        draw.text((left + offset + j * pw, top - line), _fit(probe, name, pw - 2), fill="black")
+    if groups:
+        span = len(columns) // len(groups) * pw
+        for g, name in enumerate(groups):
+            x0 = left + offset + g * span
+            draw.text((x0, 2), _fit(probe, name, span - 4), fill="black")
+            draw.line([(x0, line + 1), (x0 + span - offset - 2, line + 1)], fill="gray")
+    return np.asarray(canvas)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """``text`` cut so that it fits ``width`` pixels (a column narrower than its name shows the name's start)."""
+    while len(text) > 1 and draw.textlength(text) > width:
+        text = text[:-1]
+    return text
+
+
 def save_png(image: Image.Image, out: Path) -> None:
     """Save a PNG through a temporary file and a rename."""
     from erasekit.atomic import save_png as _save

@@ -109,6 +109,27 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     return pipe.to(device)
 
 
+def load_tokenizer(model: str) -> Any | None:
+    """The (first, CLIP) tokenizer of ``toy`` or a local pipeline folder, read without the model's weights.
+
+    It lets a command check prompt lengths before the model loads; None where it cannot be read on its own
+    (a hub id, a folder without ``tokenizer/``): the check then happens once the pipeline has loaded.
+    """
+    folder = toy_dir() / "pipeline" if model == "toy" else Path(model) if model and os.path.isdir(model) else None
+    if folder is None:
+        return None
+    try:
+        from erasekit.world.config import check_world_folder
+
+        folder = check_world_folder(folder)
+        kind = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("tokenizer", [None, None])[1]
+        import transformers
+
+        return getattr(transformers, str(kind)).from_pretrained(str(folder / "tokenizer"))
+    except (OSError, ValueError, AttributeError, TypeError, ErasekitError):
+        return None  # load_pipeline says what is wrong with the folder, in its own words
+
+
 def model_id(pipe: Pipeline) -> str:
     """A human-readable identifier of the pipeline's base model."""
     return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")

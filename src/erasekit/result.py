@@ -69,8 +69,8 @@ class ErasureResult:
         atomic_write_bytes(path, st_save(tensors, metadata=self.metadata()))
         return path
 
-    def apply(self, pipe: Any, check_base: bool = True) -> Any:
-        """Apply this delta to ``pipe`` in place (refusing a different base or family) and return it."""
+    def check_fits(self, pipe: Any, check_base: bool = True) -> None:
+        """Refuse ``pipe`` when it is of another family, or (``check_base``) its weights are not this delta's base."""
         from erasekit.families import family_of
 
         family = family_of(pipe)
@@ -86,6 +86,13 @@ class ErasureResult:
                     f"this delta was made for base {self.base_model_id!r} (hash {self.base_hash}) but the pipeline's weights hash to {found}; "
                     "load the same base model, or pass check_base=False / --force to apply anyway"
                 )
+
+    def apply(self, pipe: Any, check_base: bool = True) -> Any:
+        """Apply this delta to ``pipe`` in place (refusing a different base or family) and return it."""
+        from erasekit.families import family_of
+
+        family = family_of(pipe)
+        self.check_fits(pipe, check_base)
         if self.kind == "lora":
             pipe.load_lora_weights({k: v.clone() for k, v in self.delta.items()}, adapter_name="erasekit")
             pipe.fuse_lora(adapter_names=["erasekit"])

@@ -103,6 +103,42 @@ def read_toml_config(path: Path, method: str, config_class: type) -> dict[str, A
     return out
 
 
+def settings_lines(spec: Any, config: Any, budget: str | None, model: str) -> list[str]:
+    """`erase --show-settings`: every setting with the value this run would use, and the paper's where it differs."""
+    where = f"--budget {budget}" if budget else "the paper's values (--budget paper)"
+    lines = [f"{spec.name} on --model {model} with {where}; flags and --config override these (value, then paper value where it differs):"]
+    for f in dataclasses.fields(spec.config_class):
+        if not f.metadata.get("flag", True):
+            continue
+        value, paper = getattr(config, f.name), f.default if f.default is not dataclasses.MISSING else None
+        note = "" if value == paper else f"(paper: {paper!r}) "
+        lines.append(f"--{f.name.replace('_', '-'):20s} {value!r:10} {note}{f.metadata.get('help', '')}")
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    """A value as request.json stores it (tuples become lists, unknown types strings), so recorded and given compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_resume_matches(request: dict[str, Any], given: dict[str, Any], settings: dict[str, Any], config: Any | None) -> None:
+    """Refuse `erase --resume OUT` given an option or method setting other than the interrupted run's, naming it.
+
+    ``given``: the erase options typed on the command line (name -> value); ``settings``: method settings from flags
+    and --config; ``config``: the whole config a --budget given with --resume would build (None without one).
+    """
+    recorded = {"concept": request.get("concepts"), "preserve": request.get("preserve"), "model": request.get("model"),
+                "method": request.get("method"), "family": request.get("family"), "device": request.get("device"),
+                "checkpoint_every": request.get("checkpoint_every"), "allow_unknown": request.get("allow_unknown", False)}
+    wanted = {**(dataclasses.asdict(config) if config is not None else {}), **settings}
+    changed = [(k, v, recorded[k]) for k, v in given.items() if k in recorded and _plain(v) != _plain(recorded[k])]
+    changed += [(k, v, request["config"].get(k)) for k, v in wanted.items() if _plain(v) != _plain(request["config"].get(k))]
+    if changed:
+        name, value, before = changed[0]
+        raise ErasekitError(f"--{name.replace('_', '-')} {value!r} differs from the interrupted run's {before!r}: --resume continues it with "
+                            f"its recorded settings; drop --{name.replace('_', '-')} (or start a new run with another --out)")
+
+
 def partial_dir(out: Path) -> Path:
     """Where a run keeps its request and checkpoints until it finishes."""
     return out.with_name(out.name + ".partial")
@@ -130,8 +166,11 @@ def read_request(out: Path) -> dict[str, Any]:
     return request
 
 
-def write_run(out: Path, result: Any, model: str, argv: list[str]) -> None:
-    """Write delta, history and run record into a temp folder, then rename it to ``out`` (all or nothing)."""
+def write_run(out: Path, result: Any, model: str, argv: list[str], resumed_by: list[str] | None = None) -> None:
+    """Write delta, history and run record into a temp folder, then rename it to ``out`` (all or nothing).
+
+    ``argv`` is the command that started the run; ``resumed_by`` the `--resume` command that finished it, if any.
+    """
     import diffusers
     import torch
     import transformers
@@ -148,6 +187,7 @@ def write_run(out: Path, result: Any, model: str, argv: list[str]) -> None:
         (tmp / "history.json").write_text(json.dumps({"steps": steps, "search": search[0] if search else None}, indent=1))
         record = {
             "command": " ".join(shlex.quote(a) for a in ["erasekit", *argv[1:]]),
+            **({"resumed_by": " ".join(shlex.quote(a) for a in ["erasekit", *resumed_by[1:]])} if resumed_by else {}),
             "model": model,
             "method": result.method,
             "concepts": list(result.concepts),

@@ -131,12 +131,13 @@ def _print_settings(settings_class: type, values: dict[str, Any]) -> None:
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders (evaluated with `erasekit evaluate`) or evaluation JSON files."),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write (a Markdown table goes beside it, .md)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out and its .md if they exist."),
 ) -> None:
     """Write one self-contained HTML report (tables, image grids, plots, commands) comparing runs, plus a Markdown table."""
     with user_errors():
         from erasekit.eval.report import write_report
 
-        html_path, md_path = write_report(list(runs), out)
+        html_path, md_path = write_report(list(runs), out, overwrite=overwrite)
     status.print(f"wrote {html_path} and {md_path}")
 
 

@@ -20,7 +20,8 @@ from erasekit.errors import ErasekitError
 
 CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1400px}table{border-collapse:collapse;margin:8px 0 20px}
 th,td{border:1px solid #999;padding:4px 10px;text-align:right}th{background:#e8e8f0}td:first-child,td:nth-child(2){text-align:left}
-img{max-width:100%;border:1px solid #ccc;margin:6px 0}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}h2{border-bottom:2px solid #446}"""
+img{max-width:100%;border:1px solid #ccc;margin:6px 0}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}h2{border-bottom:2px solid #446}
+.explain{max-width:900px}.explain p{margin:6px 0}.warn{color:#8a4b00;background:#fff4e0;padding:4px 8px;border-left:4px solid #d98b00}"""
 
 
 @dataclass
@@ -193,6 +194,7 @@ def render_html(runs: list[RunData], title: str = "erasekit report", comparison:
         out.append(comparison_section(comparison))
     for suite, (columns, rows) in metrics_tables(runs).items():
         out.append(f"<h2>{html.escape(suite)}</h2>{html_table(columns, rows)}")
+        out.append(explanation_html(suite_evals(runs, suite)))
     for run in runs:
         out.append(f"<h2>run: {html.escape(run.name)}</h2>")
         for path, ev in run.evals:
@@ -209,12 +211,47 @@ def render_html(runs: list[RunData], title: str = "erasekit report", comparison:
 
 
 def render_markdown(runs: list[RunData]) -> str:
-    """Every suite's metrics table in Markdown, for papers."""
-    return "\n\n".join(f"### {suite}\n\n{markdown_table(c, r)}" for suite, (c, r) in metrics_tables(runs).items()) + "\n"
+    """Every suite's metrics table in Markdown, for papers, each followed by what its metrics mean and rest on."""
+    return "\n\n".join(f"### {suite}\n\n{markdown_table(c, r)}\n\n{explanation_markdown(suite_evals(runs, suite))}"
+                       for suite, (c, r) in metrics_tables(runs).items()) + "\n"
 
 
-def write_report(sources: Sequence[str | Path], out: str | Path, comparison: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write report.html and report.md (same stem) atomically; returns both paths (``comparison``: a compare summary with intervals)."""
+def suite_evals(runs: list[RunData], suite: str) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, evaluation record) of every run evaluated with ``suite``."""
+    return [(run.name, ev) for run in runs for _, ev in run.evals if ev.get("suite", "?") == suite]
+
+
+def explanation_html(evals: list[tuple[str, dict[str, Any]]]) -> str:
+    """One paragraph per metric in plain words, the images and seeds behind its figures, and warnings where too few."""
+    from erasekit.eval.explain import SEEDS_NOTE, explain
+
+    parts = []
+    for text, counts, warnings in explain(evals):
+        parts.append(f"<p>{html.escape(text)}<br><small>{html.escape('; '.join(counts))}.</small></p>")
+        parts += [f"<p class='warn'>warning: {html.escape(w)}.</p>" for w in warnings]
+    if any(ev.get("method") for _, ev in evals):
+        parts.append(f"<p><small>{html.escape(SEEDS_NOTE)}</small></p>")
+    return "<div class='explain'>" + "".join(parts) + "</div>"
+
+
+def explanation_markdown(evals: list[tuple[str, dict[str, Any]]]) -> str:
+    """The same explanations as :func:`explanation_html`, as Markdown paragraphs."""
+    from erasekit.eval.explain import SEEDS_NOTE, explain
+
+    parts = []
+    for text, counts, warnings in explain(evals):
+        parts.append(f"{text} *Behind the figures: {'; '.join(counts)}.*")
+        parts += [f"> **Warning:** {w}." for w in warnings]
+    if any(ev.get("method") for _, ev in evals):
+        parts.append(SEEDS_NOTE)
+    return "\n\n".join(parts)
+
+
+def write_report(sources: Sequence[str | Path], out: str | Path, comparison: dict[str, Any] | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write report.html and report.md (same stem) atomically, refusing to replace them unless ``overwrite``; returns both paths.
+
+    ``comparison``: a compare summary with intervals.
+    """
     if not sources:
         raise ErasekitError("no RUN given; pass one or more run folders (or evaluation JSON files)")
     out = Path(out)
@@ -222,10 +259,12 @@ def write_report(sources: Sequence[str | Path], out: str | Path, comparison: dic
         raise ErasekitError(f"--out must end in .html, got {out.name}")
     if not out.parent.is_dir():
         raise ErasekitError(f"folder {out.parent} does not exist; create it first")
+    md = out.with_suffix(".md")
+    if not overwrite and (taken := [p for p in (out, md) if p.exists()]):
+        raise ErasekitError(f"{taken[0]} already exists; pass --overwrite (overwrite=True from Python) to replace it, or choose another --out")
     runs = [load_run(s) for s in sources]
     if not any(run.evals for run in runs):
         raise ErasekitError("none of the runs has been evaluated; run `erasekit evaluate RUN --suite toy-objects` first")
-    md = out.with_suffix(".md")
     html_text = render_html(runs, comparison=comparison)
     md_text = render_markdown(runs)
     if comparison is not None:

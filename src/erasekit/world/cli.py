@@ -17,11 +17,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from erasekit.errors import ErasekitError
+from erasekit.grid import label_tiles
 from erasekit.world.render import Scene, render_grid
 from erasekit.world.vocab import load_vocab
 
 if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them, so `--help` stays fast
     from erasekit.world.train import WorldTrainConfig
+
+PAD = 2  # pixels between the preview's images
 
 app = typer.Typer(
     help="The toy world: a procedural image world and a small real Stable Diffusion model trained on it.",
@@ -71,7 +74,7 @@ def render(
     scale: int = typer.Option(4, min=1, max=16, help="Integer upscaling of the grid (nearest neighbour)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Render a preview grid of the data: one row per object, one column per colour x style."""
+    """Render a preview grid of the data: one row per object, one column per colour x style, rows and columns labelled."""
     with user_errors():
         vocab = load_vocab()
         object_names = _names(objects, vocab.objects)
@@ -89,8 +92,10 @@ def render(
             raise ErasekitError(f"{out} exists; pass --overwrite to replace it or choose another --out")
         combos = [(o, c, s) for o in object_names for s in style_names for c in colour_names]
         scenes = [Scene(obj, colour, style, implicit, seed + i) for i, (obj, colour, style) in enumerate(combos)]
-        grid = render_grid(scenes, columns=len(colour_names) * len(style_names), vocab=vocab)
+        grid = render_grid(scenes, columns=len(colour_names) * len(style_names), vocab=vocab, pad=PAD)
         grid = np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8))
+        pitch = (vocab.raw["image_size"] + PAD) * scale
+        grid = label_tiles(grid, object_names, colour_names * len(style_names), (pitch, pitch), PAD * scale, groups=style_names)
         _write_png_atomically(grid, out)
     typer.echo(f"wrote {out} ({len(object_names)} x {len(colour_names) * len(style_names)} images)")
 

@@ -83,6 +83,23 @@ class WorldVocab:
         words += [self.implicit_name] + self.indirect_words
         return list(dict.fromkeys(words))
 
+    def lexicon(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The words of the world's captions: those that name something (objects, colours, styles, the skull and
+        the words that evoke it), and every word (those plus articles, prompt prefixes and style phrases)."""
+        naming = {w for text in [*self.concept_words(), *self.styles] for w in words_of(text)}
+        glue = [*(p for s in self.styles for p in self.raw["styles"][s]["phrases"]), *self.raw["implicit"]["named_phrases"],
+                *self.raw["prefixes"], str(self.raw["eval_prompt"]).replace("{object}", ""), "a an the"]
+        return frozenset(naming), frozenset(naming | {w for text in glue for w in words_of(text)})
+
+    def synonym_groups(self) -> dict[str, str]:
+        """Every name of an object, colour or style (lower case, one space) -> what it names, e.g. 'disc' -> 'circle'."""
+        groups = {" ".join(words_of(s)): obj for obj in self.objects for s in self.object_synonyms(obj)}
+        groups.update({" ".join(words_of(s)): colour for colour in self.colours for s in self.colour_synonyms(colour)})
+        for style in self.styles:
+            names = [style, *self.raw["styles"][style]["adjectives"], *self.raw["styles"][style]["phrases"]]
+            groups.update({" ".join(words_of(n)): style for n in names if n})
+        return groups
+
     def check_object(self, obj: str) -> None:
         """Raise a one-line error naming the known objects if ``obj`` is unknown."""
         if obj not in self.raw["objects"]:
@@ -97,6 +114,11 @@ class WorldVocab:
         """Raise a one-line error naming the known styles if ``style`` is unknown."""
         if style not in self.raw["styles"]:
             raise ErasekitError(f"unknown style {style!r}; choose one of: {', '.join(self.styles)}")
+
+
+def words_of(text: str) -> list[str]:
+    """The words of a caption or concept as the vocabulary compares them: lower case, split at spaces and hyphens."""
+    return text.lower().replace("-", " ").split()
 
 
 @cache
