@@ -128,9 +128,21 @@ def test_lookalike_pairs_rank_each_partner_among_the_drops(smoke_run: SmokeRun) 
         drops = row["drops"]
         assert row["erased"] not in drops and len(drops) == 9
         ranked = sorted(drops, key=lambda o: (-drops[o], o))
-        assert ranked.index(row["partner"]) + 1 == row["partner_rank"] and row["met"] == (row["partner_rank"] <= 3)
+        assert ranked.index(row["partner"]) + 1 == row["partner_rank"]
+        assert row["met"] == (row["partner_rank"] <= 3 and drops[row["partner"]] >= 5.0)
     assert report["met"] == sum(r["met"] for r in report["pairs"]) and report["bar_met"] == (report["met"] >= 3)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items()), "the base model was left erased"
+
+
+@pytest.mark.parametrize(("partner_drop", "met"), [(18.9, True), (5.0, True), (4.9, False), (0.0, False)])
+def test_a_partner_ranked_by_ties_does_not_meet_the_pair_bar(partner_drop: float, met: bool) -> None:
+    from erasekit.world.pairs import rank_partner
+
+    # erasing star on toy world v2: nothing else moved, and cross ranked 2nd with a drop of -0.0
+    drops = {"star": 99.2, "triangle": partner_drop + 0.01, "cross": partner_drop, "moon": 0.0, "circle": -7.9}
+    row = rank_partner(drops, "star", "cross")
+    assert row["partner_rank"] == 2 and row["partner_drop"] == partner_drop and row["met"] is met
+    assert row["top"] == ["triangle", "cross", "moon"] and "star" not in row["drops"]
 
 
 def test_a_v1_world_folder_is_refused_as_a_model(smoke_run: SmokeRun, tmp_path: Path) -> None:

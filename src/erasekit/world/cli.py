@@ -13,12 +13,11 @@ import numpy as np
 import typer
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from erasekit.errors import ErasekitError
 from erasekit.grid import label_tiles
-from erasekit.world.render import Scene, render_grid
 from erasekit.world.vocab import load_vocab
 
 if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them, so `--help` stays fast
@@ -38,7 +37,14 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ErasekitError as exc:
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        from erasekit.errors import cli_message
+
+        typer.echo(f"error: {cli_message(exc)}", err=True)  # a setting is named by its flag here
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a bug to see in full
+            raise
+        typer.echo(f"error: cannot use {exc.filename}: {exc.strerror or exc}; choose another path", err=True)
         raise typer.Exit(2) from None
 
 
@@ -75,6 +81,8 @@ def render(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Render a preview grid of the data: one row per object, one column per colour x style, rows and columns labelled."""
+    from erasekit.world.render import Scene, render_grid  # scipy: only for this command, so `erasekit --help` stays fast
+
     with user_errors():
         vocab = load_vocab()
         object_names = _names(objects, vocab.objects)
@@ -90,6 +98,9 @@ def render(
             raise ErasekitError(f"--out must name a .png file, got {out}")
         if out.exists() and not overwrite:
             raise ErasekitError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+        from erasekit.checks import check_seed
+
+        check_seed("seed", seed)  # image i uses seed + i: numpy's generators take no negative seed
         combos = [(o, c, s) for o in object_names for s in style_names for c in colour_names]
         scenes = [Scene(obj, colour, style, implicit, seed + i) for i, (obj, colour, style) in enumerate(combos)]
         grid = render_grid(scenes, columns=len(colour_names) * len(style_names), vocab=vocab, pad=PAD)
@@ -111,6 +122,14 @@ def _resume_config(out: Path, flags: dict) -> WorldTrainConfig:
     bad = [f"--{k.replace('_', '-')}" for k, v in asdict(config).items() if isinstance(v, (int, float)) and v < 0]
     if bad:
         raise ErasekitError(f"{bad[0]} must be >= 0")
+    from erasekit.checks import check_between, check_fields
+
+    check_fields(config)  # floats finite
+    for key, value in asdict(config).items():  # sizes a machine can hold; the seed feeds torch's 64-bit generator after scaling
+        if isinstance(value, int) and not isinstance(value, bool):
+            check_between(key, value, 0, {"seed": 2**32 - 1, "threads": 1024}.get(key, 10**9))
+    for key in ("cfg_dropout", "ema_decay"):
+        check_between(key, getattr(config, key), 0.0, 1.0, why="a probability" if key == "cfg_dropout" else "a decay rate")
     return config
 
 
@@ -138,11 +157,10 @@ def train(
             flags["unet_steps"] = steps
         flags["threads"] = threads
         config = _resume_config(out, flags)
-        columns = (
-            TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"),
-        )
-        bar = Progress(*columns, console=Console(stderr=True))
+        from erasekit.models import quiet_loading
+        from erasekit.run_display import progress_bar
+
+        bar = progress_bar(Console(stderr=True), "loss")  # plain lines in a log file
         tasks = {stage: bar.add_task(stage, total=None, loss="") for stage in STAGES}
 
         def report(stage: str, step: int, total: int, info: dict) -> None:
@@ -153,7 +171,7 @@ def train(
         for stage in STAGES:
             if trainer.done(stage):
                 bar.update(tasks[stage], completed=1, total=1, loss="done earlier")
-        with bar:
+        with bar, quiet_loading():  # the stages' bars only, none of HF's "Loading weights"
             result = trainer.run()
             for task in bar.tasks:
                 if task.total is None:  # stages that report no steps (export)
@@ -179,7 +197,8 @@ def _print_table(result: dict, console: Console) -> None:
     if "lookalike_pairs" in result:
         pairs = result["lookalike_pairs"]
         for row in pairs["pairs"]:
-            table.add_row(f"erase {row['erased']}: rank of {row['partner']} among drops", str(row["partner_rank"]), "<= 3")
+            table.add_row(f"erase {row['erased']}: {row['partner']}'s rank among drops (its drop)",
+                          f"{row['partner_rank']} ({row['partner_drop']:+.1f})", "<= 3 (>= +5.0)")
         table.add_row("look-alike pairs met", f"{pairs['met']} of {pairs['of']}", f">= {pairs['of'] - 1}")
     console.print(table)
 

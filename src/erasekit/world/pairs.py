@@ -4,7 +4,10 @@ This is the shape of the EAP paper's Fig. 2 (erasing "nudity" hurts "naked", "wo
 reason toy world v2 conditions its UNet on a frozen, contrastively trained text encoder. For each
 designed pair (a, b): erase a with ESD-x (toy preset), generate every object's evaluation prompt with
 the base and the erased model, and rank the other objects by the drop in the judge's probability of
-their class. The pair meets the bar when b is among the three most affected.
+their class. The pair meets the bar when b is among the three most affected *and* really affected: its drop
+is at least ``MIN_DROP`` points. Without that floor, an erasure that leaves every other object untouched
+would "rank" the partner by ties of ±0.1 points (seen on toy world v2: star's partner ranked 2nd with a
+drop of -0.0).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from erasekit.world.judge import Judge, judge_images
 from erasekit.world.vocab import load_vocab
 
 PAIR_SEED, TOP = 4_000_000, 3
+MIN_DROP = 5.0  # points of the judge's mean probability: less than losing one image of 16 outright (6.25)
 Generate = Callable[[Any, list[str], list[int]], np.ndarray]  # (diffusers pipeline, prompts, seeds) -> uint8 images
 
 
@@ -50,10 +54,15 @@ def lookalike_pairs(
         finally:
             pipe.unet.load_state_dict(original)
         drops = {o: round(float(base[i] - after[i]), 2) for i, o in enumerate(vocab.objects)}  # ranked as reported
-        others = sorted((o for o in vocab.objects if o != erased), key=lambda o: (-drops[o], o))
-        rank = others.index(partner) + 1
-        rows.append({"erased": erased, "partner": partner, "partner_rank": rank, "met": rank <= TOP,
-                     "own_drop": drops[erased], "top": others[:TOP],
-                     "drops": {o: drops[o] for o in others}})
+        rows.append(rank_partner(drops, erased, partner))
     met = sum(r["met"] for r in rows)
     return {"pairs": rows, "met": met, "of": len(rows), "bar_met": met >= len(rows) - 1}
+
+
+def rank_partner(drops: dict[str, float], erased: str, partner: str) -> dict[str, Any]:
+    """One pair's row: the partner's rank among the other objects' drops, and whether it is a top-3, >= MIN_DROP drop."""
+    others = sorted((o for o in drops if o != erased), key=lambda o: (-drops[o], o))
+    rank = others.index(partner) + 1
+    return {"erased": erased, "partner": partner, "partner_rank": rank, "partner_drop": drops[partner],
+            "met": rank <= TOP and drops[partner] >= MIN_DROP, "own_drop": drops[erased], "top": others[:TOP],
+            "drops": {o: drops[o] for o in others}}
