@@ -161,8 +161,11 @@ def test_unknown_suite_lists_the_suites() -> None:
 
 @pytest.mark.parametrize(("name", "flag"), [("imagenette", "--classifier DIR"), ("i2p", "--prompts CSV"), ("artists", "--clip DIR")])
 def test_real_suites_name_the_missing_flag(name: str, flag: str) -> None:
-    with pytest.raises(ErasekitError, match=f"suite {name} needs {flag}"):
+    from erasekit.errors import cli_message
+
+    with pytest.raises(ErasekitError, match=f"suite {name} needs {flag.removeprefix('--')}") as info:  # from Python: the keyword
         resolve_settings(get_suite(name))
+    assert cli_message(info.value).startswith(f"suite {name} needs {flag}")  # on the command line: the flag
 
 
 def test_i2p_csv_with_missing_columns_names_them() -> None:

@@ -300,7 +300,7 @@ def test_age_refuses_settings_its_own_loop_does_not_use(setting: dict, words_fil
 
 @pytest.mark.parametrize("setting, message", [
     ({"seed": -1}, "seed must be a whole number"), ({"seed": 99999999999999999999}, "seed must be a whole number"),
-    ({"gumbel_lr": -1.0}, "gumbel_lr must be a positive finite"), ({"gumbel_lr": float("nan")}, "gumbel_lr must be a positive finite"),
+    ({"gumbel_lr": -1.0}, "gumbel_lr must be a positive finite"), ({"gumbel_lr": float("nan")}, "gumbel_lr must be a finite number"),
     ({"gumbel_lr": 0.0}, "gumbel_lr must be a positive finite"), ({"gumbel_temperature": float("inf")}, "gumbel_temperature must be"),
 ])
 def test_out_of_range_search_settings_are_refused_before_training(tiny, setting: dict, message: str) -> None:

@@ -208,7 +208,7 @@ def test_report_keeps_the_previous_report_when_it_cannot_be_written(world: dict[
     before = _snapshot(folder)
     assert set(before) == {"report.html", "report.md"}
     request.getfixturevalue(trouble)(folder)
-    res = runner.invoke(app, ["report", str(world["run"]), "--out", str(folder / "report.html")])
+    res = runner.invoke(app, ["report", str(world["run"]), "--out", str(folder / "report.html"), "--overwrite"])
     _one_error_line(res, "cannot write", str(folder))
     assert _snapshot(folder) == before and not _temp_files(folder)
 
@@ -266,6 +266,6 @@ def test_a_result_and_its_companion_file_stay_a_pair_when_the_second_write_fails
     before = _snapshot(folder)
     disk_full(folder, name=second)
     args = ["evaluate", str(world["run"]), *world["common"], "--seed", "5"] if command == "evaluate" else \
-        ["report", str(world["run"]), str(world["run"]), "--out", str(folder / "report.html")]
+        ["report", str(world["run"]), str(world["run"]), "--out", str(folder / "report.html"), "--overwrite"]
     _one_error_line(runner.invoke(app, args), "No space left on device")
     assert _snapshot(folder) == before

@@ -56,6 +56,10 @@ def erase(
         config = make_config(spec, budget, **overrides)
     elif overrides or budget:
         raise ErasekitError("pass either a config object or keyword settings, not both")
+    elif not isinstance(config, spec.config_class):
+        raise ErasekitError(f"config must be a {spec.config_class.__name__} for method {method!r}, got {type(config).__name__}")
+    elif (validate := getattr(config, "validate", None)) is not None:
+        validate()  # a config object built by hand gets the same checks as keyword settings
     request = ErasureRequest(targets=targets, preserve=preserve, checkpoint=checkpoint, release_unused=release_unused, base_hash=weights_hash(pipe))
     with flush_denormals():
         return spec.fit(pipe, request, config, progress)

@@ -16,7 +16,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from erasekit import __version__
 from erasekit.attack.cli import attack  # noqa: E402
@@ -25,7 +25,7 @@ from erasekit.compare import compare  # noqa: E402
 from erasekit.demo import DEMO_SEED
 from erasekit.errors import ErasekitError
 from erasekit.eval.cli import SETTINGS_FLAGS, evaluate, report, spectrum  # noqa: E402
-from erasekit.run_display import Estimate, plan_line
+from erasekit.run_display import Estimate, plan_line, progress_bar
 from erasekit.runs import parse_method_flags, partial_dir, read_request, read_toml_config, write_request, write_run  # noqa: F401
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
@@ -69,7 +69,7 @@ app.command()(report)
 app.command()(spectrum)
 app.command()(compare)
 app.command(context_settings=SETTINGS_FLAGS)(attack)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log file
 
 
 def _version(value: bool) -> None:
@@ -83,31 +83,15 @@ def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """erasekit: erase a concept without breaking its neighbours (EAP and baselines)."""
-    quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal to erasekit's own progress: no per-component bars or notices from HF libraries."""
-    import logging
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
 
 
 @app.command()
 def methods() -> None:
     """List the registered erasure methods: their kind, the model families each runs on, and a summary."""
-    from erasekit.families import families
     from erasekit.methods import registry
+    from erasekit.methods.specs import ALL_FAMILIES  # the families' names without importing them (and torch)
 
-    names = list(families())
+    names = list(ALL_FAMILIES)
     typer.echo(f"{'method':10s} {'kind':12s} {' '.join(f'{n:5s}' for n in names)} summary")
     for name, spec in sorted(registry().items()):
         marks = " ".join(f"{'yes' if n in spec.families else '-':5s}" for n in names)
@@ -115,10 +99,7 @@ def methods() -> None:
 
 
 def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"), console=console, transient=False,
-    )
+    return progress_bar(console, "info")  # a bar on a terminal; plain lines in a log file
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -147,9 +128,7 @@ def erase(
 ) -> None:
     """Erase concept(s) from a model; method settings are flags too (e.g. --iterations 200 --k 40)."""
     with user_errors():
-        from erasekit.concepts import check_length, check_targets
-        from erasekit.methods import get_method, make_config
-        from erasekit.methods.checkpoint import CheckpointSpec
+        from erasekit.methods import get_method, make_config  # torch loads only once the method's name is known
         from erasekit.runs import check_resume_matches, settings_lines
 
         if resume is not None:
@@ -166,7 +145,9 @@ def erase(
             out, model, method, device = resume, request["model"], request["method"], request.get("device", device)
             family, allow_unknown = request.get("family"), request.get("allow_unknown", False)
             concept, preserve = request["concepts"], request["preserve"]
-            cfg = make_config(spec, None, **request["config"])
+            from erasekit.run_folders import resumed_config
+
+            cfg = resumed_config(spec, request, resume)
             checkpoint_every = int(request["checkpoint_every"])
         else:
             spec = get_method(method)
@@ -183,6 +164,8 @@ def erase(
                 raise ErasekitError("empty concept (or none given); pass --concept WORD such as 'circle'")
             if any(not p for p in preserve):
                 raise ErasekitError("empty --preserve; give a word or phrase such as 'ring', or drop the flag")
+            from erasekit.concepts import check_length, check_targets
+
             check_targets(concept, preserve, toy=model == "toy", allow_unknown=allow_unknown, cli=True)
             if out is None:
                 raise ErasekitError("missing --out; name the run folder to create")
@@ -191,8 +174,9 @@ def erase(
             cfg = make_config(spec, budget, **settings)
             if out.exists():
                 raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
-            if partial_dir(out).exists():
-                raise ErasekitError(f"an interrupted run is in {partial_dir(out)}; continue it with `erasekit erase --resume {out}` or delete that folder")
+            from erasekit.run_folders import clear_stale_partial
+
+            clear_stale_partial(out, note=console.print)  # refuses a resumable or live one; removes one that never checkpointed
             from erasekit.models import load_tokenizer
 
             if (tokenizer := load_tokenizer(model)) is not None:  # the 77-token check, before the model loads
@@ -200,6 +184,7 @@ def erase(
                     check_length(tokenizer, text, what)
         from erasekit.api import erase as run_erase
         from erasekit.distributed import distributed, resolve_device
+        from erasekit.methods.checkpoint import CheckpointSpec
         from erasekit.models import load_pipeline
 
         pipe = load_pipeline(model, device=resolve_device(device), family=family)
@@ -229,9 +214,11 @@ def erase(
             try:
                 result = run_erase(pipe, concept, method=method, config=cfg, preserve=preserve, progress=report,
                                    checkpoint=CheckpointSpec(work, checkpoint_every), release_unused=True, allow_unknown=allow_unknown)
-            except ErasekitError as exc:
+            except BaseException as exc:  # an error, a crash or Ctrl-C: keep OUT.partial only if it holds a checkpoint
                 if (work / "checkpoint.safetensors").exists():
-                    raise ErasekitError(f"{exc}; continue with `erasekit erase --resume {out}`") from None
+                    if isinstance(exc, ErasekitError):
+                        raise ErasekitError(f"{exc}; continue with `erasekit erase --resume {out}`") from None
+                    raise
                 if resume is None and rank == 0:  # nothing worth keeping: leave no trace of the failed start
                     shutil.rmtree(work, ignore_errors=True)
                 raise
@@ -288,6 +275,8 @@ def generate(
             raise ErasekitError(f"--steps must be between 1 and 1000, got {steps}")
         if not 0 <= seed < 2**63:
             raise ErasekitError(f"--seed must be a whole number in 0 .. 2**63 - 1, got {seed}")
+        if not 0 <= guidance <= 50:  # NaN fails this too
+            raise ErasekitError(f"--guidance must be >= 0 and <= 50 (a CFG scale; 7.5 is usual), got {guidance}")
         if out.exists() and not overwrite:
             raise ErasekitError(f"{out} already exists; pass --overwrite or choose another --out")
         if out.suffix.lower() != ".png":
@@ -345,8 +334,9 @@ def demo(
 ) -> None:
     """Erase a toy concept with EAP and write a before/after grid and a report (a few minutes on 2 cores)."""
     with user_errors():
-        from erasekit.demo import run_demo
+        from erasekit.demo import check_demo, run_demo
 
+        check_demo(out, concept, seed)  # before the bar and the folder: a refusal is one line and leaves nothing
         if not out.parent.exists():
             out.parent.mkdir(parents=True)
         with _progress_bar() as bar:

@@ -167,6 +167,9 @@ def _save(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_files({out / "compare.json": json_dumps(summary).encode("utf-8"), out / "compare.md": markdown(summary).encode("utf-8")})
 
 
+MAX_SEEDS = 100  # training seeds per method: each is a whole training of every method
+
+
 def compare_methods(
     model: str,
     concepts: str | Sequence[str],
@@ -208,8 +211,10 @@ def compare_methods(
     from erasekit.eval.suites import get_suite, resolve_settings
     from erasekit.methods import get_method, make_config, registry
 
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ErasekitError(f"seeds must be a whole number >= 1 (training seeds per method), got {seeds!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        from erasekit.errors import SettingError
+
+        raise SettingError("seeds", f"{{name}} must be a whole number >= 1 and <= {MAX_SEEDS} (training seeds per method, each a whole training), got {seeds!r}")
     intervals = seeds > 1 if intervals is None else intervals
     if intervals and seeds < 2:
         raise ErasekitError("an interval over training seeds needs at least 2 seeds; pass --seeds 2 or more (or drop --intervals)")
@@ -349,7 +354,8 @@ def compare(
 ) -> None:
     """Erase a concept with several methods under the same seeds, evaluate each, and write one comparison table."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from erasekit.run_display import progress_bar
 
     with user_errors():
         names = [n.strip() for item in methods for n in item.split(",") if n.strip()] if methods else None
@@ -364,9 +370,7 @@ def compare(
 
         attack_settings = parse_attack_settings(attack_set) if attack else None
         console = Console(stderr=True)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        with progress_bar(console, "info") as bar:  # plain lines in a log file
             tasks: dict[str, Any] = {}
 
             def tick(label: str, done: int, total: Optional[int], info: str) -> None:

@@ -42,6 +42,20 @@ def expected_seconds(pipe: Any, iterations: int, ddim_steps: int, images: int, e
 DEMO_SEED = 1  # EAP's training seed in the demo: ESR-1 100 / PSR-1 89 on 32 images per class (seeds 0 and 2: 87.5 / 96.5 and 90.6 / 95.5)
 
 
+def check_demo(out: Path, concept: str, seed: int) -> None:
+    """Refuse the demo's inputs before anything runs: an existing OUT, a concept the toy world lacks, a seed out of range."""
+    from erasekit.checks import usable_path
+    from erasekit.methods import get_method, make_config
+    from erasekit.world.vocab import load_vocab
+
+    if usable_path(out, "--out").exists():
+        raise ErasekitError(f"{out} already exists; choose another --out or remove it")
+    if not out.name:
+        raise ErasekitError("--out needs a folder name, such as runs/demo")
+    load_vocab().check_object(concept)
+    make_config(get_method("eap"), "toy", seed=seed)
+
+
 def run_demo(out: Path, concept: str = "circle", images_per_class: int = 16, progress: Any = None, eval_progress: Any = None,
              announce: Any = None, seed: int = DEMO_SEED) -> dict[str, Any]:
     """Erase ``concept`` from the toy model with EAP; write the run, its toy-objects evaluation, grid.png and report.html.
@@ -55,12 +69,10 @@ def run_demo(out: Path, concept: str = "circle", images_per_class: int = 16, pro
     from erasekit.runs import write_run
     from erasekit.world.vocab import load_vocab
 
-    if out.exists():
-        raise ErasekitError(f"{out} already exists; choose another --out or remove it")
+    check_demo(out, concept, seed)
     if not out.parent.exists():
         raise ErasekitError(f"folder {out.parent} does not exist; create it first")
     vocab = load_vocab()
-    vocab.check_object(concept)
     pipe = toy_pipeline()
     if announce is not None:
         from erasekit.methods import get_method, make_config

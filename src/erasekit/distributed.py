@@ -90,7 +90,9 @@ def is_main_process() -> bool:
 
 def resolve_device(device: str | None) -> str:
     """The torch device of this process: ``device`` alone; under several processes 'cuda' becomes this process's GPU."""
-    device = (device or "cpu").strip()
+    from erasekit.checks import check_device
+
+    device = check_device(device or "cpu", available=False)  # whether this machine has it, the load says
     if launched_world() <= 1:
         return device
     kind, _, index = device.partition(":")

@@ -38,17 +38,43 @@ def toy_pipeline(dtype: torch.dtype = torch.float32) -> Pipeline:
     return pipe
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False, family: str = "sd") -> Any:
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """While erasekit loads a model: transformers and diffusers log errors only and draw no loading bars (restored after).
 
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    The one switch for their notices (e.g. "CLIPImageProcessor requires torchvision") and their "Loading pipeline
+    components" / "Loading weights" bars; a hub download still shows its own bar.
+    """
+    from transformers.utils import logging as tlog  # first: diffusers' import can already print transformers' notices
 
+    saved = [(tlog, tlog.get_verbosity(), tlog.is_progress_bar_enabled())]
+    tlog.set_verbosity_error()
+    from diffusers.utils import logging as dlog
+
+    saved.append((dlog, dlog.get_verbosity(), dlog.is_progress_bar_enabled()))
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
-        if family == "sd":
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
-            )
-        else:
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        yield
+    finally:
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool = False, family: str = "sd") -> Any:
+    try:
+        with quiet_loading():
+            from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+            if family == "sd":
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    source, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_only
+                )
+            else:
+                pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ErasekitError(f"cannot load a {family} pipeline from {source!r} ({first}); pass a diffusers folder, a hub id you have cached, or 'toy'") from exc
@@ -81,8 +107,10 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
 
     The family is read from the folder's ``model_index.json``; ``family`` (``--family``) must agree with it.
     """
+    from erasekit.checks import check_device
     from erasekit.families import detect, get_family
 
+    check_device(device)  # before minutes of loading
     if not model or not model.strip():
         raise ErasekitError("empty --model; pass 'toy', a diffusers folder, or a hub id")
     if model == "toy":
@@ -123,9 +151,10 @@ def load_tokenizer(model: str) -> Any | None:
 
         folder = check_world_folder(folder)
         kind = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("tokenizer", [None, None])[1]
-        import transformers
+        with quiet_loading():
+            import transformers
 
-        return getattr(transformers, str(kind)).from_pretrained(str(folder / "tokenizer"))
+            return getattr(transformers, str(kind)).from_pretrained(str(folder / "tokenizer"))
     except (OSError, ValueError, AttributeError, TypeError, ErasekitError):
         return None  # load_pipeline says what is wrong with the folder, in its own words
 
@@ -206,5 +235,7 @@ def remove_lora(unet: Any) -> None:
 
 
 def json_dumps(obj: object) -> str:
-    """Stable, readable JSON used in metadata and run files."""
-    return json.dumps(obj, indent=1, sort_keys=True, default=str)
+    """Stable, readable JSON used in metadata and run files; a NaN or infinity is a one-line error, never written."""
+    from erasekit.checks import strict_json
+
+    return strict_json(obj, "the record", "a value came out undefined; check the settings and inputs", indent=1, sort_keys=True, default=str)

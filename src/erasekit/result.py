@@ -59,14 +59,23 @@ class ErasureResult:
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the delta as one ``.safetensors`` file (atomically); refuse to clobber unless asked."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise ErasekitError(f"{path} already exists; choose another output path or remove it first")
-        if not path.parent.exists():
-            raise ErasekitError(f"folder {path.parent} does not exist; create it first")
+        """Write the delta as one ``.safetensors`` file (atomically) and return its path; refuse to clobber unless asked.
+
+        ``path`` is the file (``*.safetensors``) or a folder: an existing one, or a name without a suffix, which is
+        created (its parent must exist); the delta is then ``folder/delta.safetensors``, as `erasekit erase` writes it.
+        """
+        from erasekit.result_io import save_target
+
+        path, made = save_target(Path(path), overwrite)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.delta.items()}
-        atomic_write_bytes(path, st_save(tensors, metadata=self.metadata()))
+        try:
+            atomic_write_bytes(path, st_save(tensors, metadata=self.metadata()))
+        except BaseException:
+            if made is not None:  # the folder this call created: leave nothing behind
+                import shutil
+
+                shutil.rmtree(made, ignore_errors=True)
+            raise
         return path
 
     def check_fits(self, pipe: Any, check_base: bool = True) -> None:
@@ -114,8 +123,10 @@ class ErasureResult:
 
 
 def load_result(path: str | Path) -> ErasureResult:
-    """Read a delta file written by :meth:`ErasureResult.save`, validating its header before use."""
-    path = Path(path)
+    """Read a delta written by :meth:`ErasureResult.save` (the file, or the run folder that holds delta.safetensors), validating its header."""
+    from erasekit.result_io import delta_file
+
+    path = delta_file(Path(path))
     if not path.is_file():
         raise ErasekitError(f"no delta file at {path}; pass the .safetensors file that `erasekit erase` wrote")
     try:
@@ -149,5 +160,5 @@ def load_result(path: str | Path) -> ErasureResult:
 
 
 def load(pipe: Pipeline, path: str | Path, check_base: bool = True) -> Pipeline:
-    """Apply the delta saved at ``path`` to ``pipe`` (in place) and return the pipeline."""
+    """Apply the delta saved at ``path`` (a delta file or a run folder) to ``pipe`` (in place) and return the pipeline."""
     return load_result(path).apply(pipe, check_base=check_base)

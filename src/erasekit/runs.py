@@ -9,8 +9,8 @@ import os
 import platform
 import shlex
 import shutil
-import tempfile
 import typing
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +148,17 @@ def write_request(work: Path, request: dict[str, Any]) -> None:
     """Record what the run was asked to do, so --resume can redo it exactly."""
     from erasekit.models import atomic_write_text
 
-    atomic_write_text(work / "request.json", json.dumps(request, indent=1, default=str))
+    # the process id tells a later run whether this one is still alive (erasekit.run_folders)
+    record = {**request, "pid": os.getpid(), "host": platform.node()}
+    atomic_write_text(work / "request.json", json.dumps(record, indent=1, default=str))
 
 
 def read_request(out: Path) -> dict[str, Any]:
     """The request of an interrupted run, or a one-line error saying why it cannot resume."""
+    from erasekit.checks import usable_path
+
+    if not usable_path(out, "--resume folder").name:
+        raise ErasekitError(f"--resume {str(out)!r} names no run folder; pass the --out of the interrupted run")
     if out.exists() and (out / "delta.safetensors").exists():
         raise ErasekitError(f"{out} already finished; nothing to resume")
     path = partial_dir(out) / "request.json"
@@ -175,8 +181,9 @@ def write_run(out: Path, result: Any, model: str, argv: list[str], resumed_by: l
     import torch
     import transformers
 
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.mkdir()  # the user's usual permissions (0o777 less the umask), where tempfile.mkdtemp gives 0700
     except OSError as exc:
         raise ErasekitError(f"cannot write the run folder {out}: {exc.strerror or exc}; free space or fix permissions, then "
                             f"`erasekit erase --resume {out}` continues from the checkpoints kept in {partial_dir(out)}") from None
@@ -184,7 +191,10 @@ def write_run(out: Path, result: Any, model: str, argv: list[str], resumed_by: l
         result.save(tmp / "delta.safetensors")
         steps = [h for h in result.history if "step" in h]
         search = [h["search"] for h in result.history if "search" in h]
-        (tmp / "history.json").write_text(json.dumps({"steps": steps, "search": search[0] if search else None}, indent=1))
+        from erasekit.checks import strict_json
+
+        diverged = f"the training diverged; lower --lr (or the loss weights), delete {partial_dir(out)} and start again"
+        (tmp / "history.json").write_text(strict_json({"steps": steps, "search": search[0] if search else None}, "history.json", diverged, indent=1))
         record = {
             "command": " ".join(shlex.quote(a) for a in ["erasekit", *argv[1:]]),
             **({"resumed_by": " ".join(shlex.quote(a) for a in ["erasekit", *resumed_by[1:]])} if resumed_by else {}),
@@ -198,7 +208,7 @@ def write_run(out: Path, result: Any, model: str, argv: list[str], resumed_by: l
             "versions": {"erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
         }
-        (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
+        (tmp / "run.json").write_text(strict_json(record, "run.json", diverged, indent=1, default=str))
         os.replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

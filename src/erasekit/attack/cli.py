@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from erasekit.run_display import progress_bar
 from erasekit.world.cli import user_errors
 
 status = Console(stderr=True)
@@ -48,9 +48,7 @@ def attack(
             _print_settings(AttackConfig, given)
             return
 
-        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=status, transient=False, disable=not status.is_terminal) as bar:
+        with progress_bar(status, "info") as bar:  # plain lines in a log file
             tasks: dict[str, Any] = {}
 
             def tick(phase: str, done: int, total: int, info: dict[str, float]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from erasekit.attack.detect import Detector
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, SettingError
 from erasekit.result import ErasureResult
 
 # progress(phase, done, total, info): phases are "base", "search", "erased"
@@ -48,21 +48,23 @@ class AttackConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot run, with one-line messages."""
+        from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, check_between, check_fields, check_seed
+
+        check_fields(self)
         for name in ("n_prompts", "tokens", "iterations", "noise_draws", "steps", "batch_size"):
             if getattr(self, name) < 1:
-                raise ErasekitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**63 or self.steps > 1000:
-            raise ErasekitError(f"--seed must be in 0 .. 2**63 - 1 and --steps at most 1000, got {self.seed} and {self.steps}")
-        if self.n_prompts > MAX_PROMPTS:
-            raise ErasekitError(f"--n-prompts must be at most {MAX_PROMPTS}, got {self.n_prompts}")
-        if self.tokens > 20:
-            raise ErasekitError(f"--tokens must be at most 20, got {self.tokens}")
-        if not self.lr > 0:
-            raise ErasekitError(f"--lr must be > 0, got {self.lr}")
+                raise SettingError(name, f"{{name}} must be at least 1, got {getattr(self, name)}")
+        check_seed("seed", self.seed)
+        check_between("steps", self.steps, 1, 1000, why="the training timesteps")
+        check_between("n_prompts", self.n_prompts, 1, MAX_PROMPTS)
+        check_between("tokens", self.tokens, 1, 20)
+        check_between("iterations", self.iterations, 1, MAX_ITERATIONS)
+        check_between("noise_draws", self.noise_draws, 1, 1000)
+        check_between("lr", self.lr, 0.0, 10.0, low_open=True, why="relative to the spread of the token embeddings; 0.1 is usual")
+        check_between("guidance", self.guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; 7.5 is usual")
         if self.vocabulary not in ("clip", "toy"):
-            raise ErasekitError(f"--vocabulary must be 'clip' or 'toy', got {self.vocabulary!r}")
-        if not 0 < self.threshold <= 1:
-            raise ErasekitError(f"--threshold must be in (0, 1], got {self.threshold}")
+            raise SettingError("vocabulary", f"{{name}} must be 'clip' or 'toy', got {self.vocabulary!r}")
+        check_between("threshold", self.threshold, 0.0, 1.0, low_open=True, why="a detector score")
 
 
 @torch.no_grad()

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from erasekit.run_display import progress_bar
 from erasekit.world.cli import user_errors
 
 status = Console(stderr=True)
@@ -28,9 +28,8 @@ def _command() -> str:
 
 @contextmanager
 def _image_bar() -> Iterator[Callable[[str, int, int], None]]:
-    """A progress bar over images, one line per model (base, erased)."""
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=status, transient=False, disable=not status.is_terminal) as bar:
+    """A progress bar over images, one line per model (base, erased); plain lines in a log file."""
+    with progress_bar(status) as bar:
         tasks: dict[str, Any] = {}
 
         def tick(name: str, done: int, total: int) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from diffusers import DiffusionPipeline
 
 from erasekit.distributed import distributed, gather_rows, is_main_process, resolve_device, shard
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, SettingError
 from erasekit.eval.generate import GenerationCache, default_cache_dir, generate_cached
 from erasekit.eval.scorers import Scorer, load_scorer
 from erasekit.eval.suites import SEED_STRIDE, Plan, Settings, Suite, get_suite, resolve_settings
@@ -39,7 +39,9 @@ class Target:
 
 def resolve_target(target: str, model: str | None = None) -> Target:
     """A base model ('toy', a diffusers folder, a hub id), a delta file, or a run folder with delta.safetensors + run.json."""
-    path = Path(target)
+    from erasekit.checks import usable_path
+
+    path = usable_path(target, "TARGET")
     if path.is_dir() and (path / "delta.safetensors").is_file():
         base = model
         if base is None:
@@ -147,9 +149,9 @@ def grid_image(plan: Plan, images: Mapping[str, np.ndarray], titles: Mapping[str
 
 
 def evaluate(
-    target: str,
+    target: str | Path | ErasureResult | Any,
     suite: str = "toy-objects",
-    model: str | None = None,
+    model: str | Any | None = None,
     out_json: str | Path | None = None,
     images_per_class: int | None = None,
     cache_dir: str | Path | None = None,
@@ -169,6 +171,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate TARGET with a suite, base and erased model in the same run; returns the JSON-able result.
 
+    TARGET is a run folder, a delta file or a base model name (as on the command line), an :class:`ErasureResult`,
+    or a pipeline (a base model alone); ``model`` is the base of a delta: a name or a pipeline, which is left as it was.
     The result is saved as RUN/eval-<suite>.json (+ .png grid) when TARGET is a run folder, and at ``out_json``.
     ``erased`` names the erased concepts for a base model alone (or overrides the delta's).
     """
@@ -176,9 +180,12 @@ def evaluate(
     device = resolve_device(device)
     settings = resolve_settings(spec, images_per_class=images_per_class, steps=steps, guidance=guidance, batch_size=batch_size,
                                 seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts)
-    tgt = resolve_target(target, model)
+    from erasekit.eval.targets import check_keywords, describe, kept_as_it_was, resolve_any
+
+    erased = check_keywords(out_json, cache_dir, erased)
+    tgt, given_pipe = resolve_any(target, model)
     if out_json is not None and Path(out_json).suffix != ".json":
-        raise ErasekitError(f"--json must name a .json file, got {out_json}")
+        raise SettingError("out_json", f"{{name}} must name a .json file, got {out_json}", flag="--json")
     if out_json is not None and not Path(out_json).parent.is_dir():
         raise ErasekitError(f"folder {Path(out_json).parent} does not exist; create it first")
     concepts = list(erased) if erased else list(tgt.result.concepts if tgt.result else [])
@@ -186,15 +193,16 @@ def evaluate(
     scorer = load_scorer(spec, settings, tgt.base, device)
     from erasekit.models import load_pipeline
 
-    pipe = load_pipeline(tgt.base, device=device)
+    pipe = given_pipe if given_pipe is not None else load_pipeline(tgt.base, device=device)
     models: dict[str, PipeSource] = {"base": pipe}
     result = tgt.result
     if result is not None:
         models["erased"] = lambda: result.apply(pipe, check_base=not force)
     cache = GenerationCache(cache_dir or default_cache_dir())
-    record, images = run_suite(spec, plan, models, scorer, settings, cache, progress)
+    with kept_as_it_was(given_pipe):  # a caller's pipeline comes back unerased
+        record, images = run_suite(spec, plan, models, scorer, settings, cache, progress)
     out = {
-        "suite": spec.name, "summary": spec.summary, "target": str(target), "model": tgt.base,
+        "suite": spec.name, "summary": spec.summary, "target": describe(target), "model": tgt.base,
         "delta": str(tgt.delta) if tgt.delta else None, "method": result.method if result else None,
         "concepts": concepts, "erased": plan.erased if spec.name not in ("toy-implicit", "i2p") else [],
         "settings": asdict(settings), "command": command, "scorer": scorer.info, "versions": versions(),

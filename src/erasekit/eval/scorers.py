@@ -64,7 +64,9 @@ def find_judge(judge_dir: str | None, model: str) -> Path:
     from erasekit.models import toy_dir
 
     if judge_dir:
-        path = Path(judge_dir)
+        from erasekit.checks import usable_path
+
+        path = usable_path(judge_dir, "judge folder")
         if not (path / "judge.safetensors").is_file():
             raise ErasekitError(f"no judge at {path} (judge.safetensors missing); pass the judge/ folder `erasekit world train` wrote")
         return path
@@ -88,7 +90,9 @@ def load_judge_scorer(settings: Settings, model: str) -> Scorer:
 
 
 def _local_folder(path: str | None, flag: str) -> Path:
-    if not path or not Path(path).is_dir():
+    from erasekit.checks import usable_path
+
+    if not path or not usable_path(path, "model folder").is_dir():
         raise ErasekitError(f"no model folder at {path!r}; pass {flag} DIR, a folder saved with save_pretrained")
     return Path(path)
 
@@ -103,10 +107,13 @@ def classifier_scorer(folder: str | None, batch_size: int = 32, device: str = "c
     """An image classifier (e.g. ResNet-50) from a local transformers folder: softmax over its classes."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    from erasekit.models import quiet_loading
+
     path = _local_folder(folder, "--classifier")
     try:
-        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        with quiet_loading():
+            processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+            model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True).to(device).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise ErasekitError(f"cannot load an image classifier from {path} ({str(exc).splitlines()[0]}); pass a transformers classifier folder") from None
     extra = clip_scorer(clip, batch_size, device) if clip else None
@@ -130,11 +137,13 @@ def clip_scorer(folder: str | None, batch_size: int = 32, device: str = "cpu") -
     from transformers import CLIPModel, CLIPProcessor
 
     from erasekit.eval.metrics import clip_score
+    from erasekit.models import quiet_loading
 
     path = _local_folder(folder, "--clip")
     try:
-        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
-        loaded: Any = CLIPModel.from_pretrained(str(path), local_files_only=True)  # Any: mypy mis-binds transformers' wrapped .to()
+        with quiet_loading():
+            processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+            loaded: Any = CLIPModel.from_pretrained(str(path), local_files_only=True)  # Any: mypy mis-binds transformers' wrapped .to()
         model = loaded.to(device).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise ErasekitError(f"cannot load CLIP from {path} ({str(exc).splitlines()[0]}); pass a transformers CLIPModel folder") from None

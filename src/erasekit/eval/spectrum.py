@@ -207,8 +207,10 @@ def spectrum(
     if not words:
         raise ErasekitError("no concepts given; pass --concepts FILE (one per line) or --concepts toy")
     settings = Settings(images_per_class=images_per_concept, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed, judge=judge, clip=clip)
-    if not 1 <= images_per_concept <= SEED_STRIDE or steps < 1 or batch_size < 1:
-        raise ErasekitError(f"--images-per-concept must be in 1..{SEED_STRIDE}; --steps and --batch-size at least 1")
+    from erasekit.checks import check_between
+
+    check_between("images_per_concept", images_per_concept, 1, SEED_STRIDE, why="the seeds of one concept must not run into the next's")
+    settings.validate()
     toy = clip is None
     plan = plan_spectrum(words, settings, toy)
     scorer = load_judge_scorer(settings, tgt.base) if toy else clip_scorer(clip, batch_size, device)

@@ -48,6 +48,17 @@ class Settings:
     clip: str | None = field(default=None, metadata={"help": "Local transformers CLIPModel folder (artists; FID features on real models)."})
     prompts: str | None = field(default=None, metadata={"help": "Prompt CSV in the I2P layout (i2p)."})
 
+    def validate(self) -> None:
+        """Refuse settings that cannot run, naming each (the keyword in Python, the flag on the command line) with its range."""
+        from erasekit.checks import MAX_GUIDANCE, check_between, check_fields, check_seed
+
+        check_fields(self)
+        check_between("images_per_class", self.images_per_class, 1, SEED_STRIDE, why="the seeds of one group must not run into the next's")
+        check_between("steps", self.steps, 1, 1000, why="the training timesteps")
+        check_between("batch_size", self.batch_size, 1, 100_000)
+        check_between("guidance", self.guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; 7.5 is usual")
+        check_seed("seed", self.seed)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -94,7 +105,7 @@ def suites() -> dict[str, Suite]:
 
 def get_suite(name: str) -> Suite:
     """The suite called ``name``, or a one-line error listing the suites."""
-    if name not in _SUITES:
+    if not isinstance(name, str) or name not in _SUITES:
         raise ErasekitError(f"unknown suite {name!r}; choose one of: {', '.join(_SUITES)}")
     return _SUITES[name]
 
@@ -102,19 +113,14 @@ def get_suite(name: str) -> Suite:
 def resolve_settings(suite: Suite, **given: Any) -> Settings:
     """The suite's defaults table overridden by the values the user gave (None = not given); checks needs."""
     values = {**suite.defaults, **{k: v for k, v in given.items() if v is not None}}
-    for key, flag in suite.needs.items():
+    from erasekit.errors import SettingError
+
+    for key, need in suite.needs.items():
         if not values.get(key):
-            raise ErasekitError(f"suite {suite.name} needs {flag}")
+            flag, _, what = need.partition(" ")
+            raise SettingError(key, f"suite {suite.name} needs {{name}} {what}", flag=flag)
     settings = Settings(**values)
-    for key in ("images_per_class", "steps", "batch_size"):
-        if getattr(settings, key) < 1:
-            raise ErasekitError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(settings, key)}")
-    if not 0 <= settings.seed < 2**63:
-        raise ErasekitError(f"--seed must be a whole number in 0 .. 2**63 - 1, got {settings.seed}")
-    if not 1 <= settings.steps <= 1000:
-        raise ErasekitError(f"--steps must be between 1 and 1000 (the training timesteps), got {settings.steps}")
-    if settings.images_per_class > SEED_STRIDE:  # seeds of one group must not run into the next group's
-        raise ErasekitError(f"--images-per-class must be at most {SEED_STRIDE}, got {settings.images_per_class}")
+    settings.validate()
     return settings
 
 

@@ -16,16 +16,13 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, register_method
+from erasekit.methods.base import ErasureRequest, Progress
 from erasekit.methods.eap import EAPConfig, GumbelSearch
 from erasekit.methods.loop import erasure_losses
 from erasekit.methods.trainer import Setup, prepare, train
 from erasekit.result import ErasureResult
 
 # toy: 150 steps left a fifth of the circles (ESR-1 81 %, 16 images/class, seed 0); 250 erase them (100 % on 8 images/class)
-TOY_PRESET = {"iterations": 250, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
-FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
-TINY_PRESET = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "concept_space": "toy", "k": 8, "n_centres": 8}  # tests, any family
 
 
 @dataclass
@@ -170,8 +167,6 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
         s.after_step(erase, preserve, search, boundary=s.done % config.rollout_reuse == 0)
 
 
-@register_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).", AGEConfig,
-                 {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, lora=True, checkpointable=True)
 def fit_age(pipe: Pipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:
     """Run AGE through the shared run life cycle (checkpoints, resume, Ctrl-C); the pipeline is left as it was."""
     search = GumbelSearch(pipe, [t.strip() for t in request.targets], config)

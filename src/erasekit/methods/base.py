@@ -1,10 +1,9 @@
-"""Method registry, shared config fields, and the trainable-UNet wrapper every fine-tuning method uses."""
+"""Shared config fields and the trainable-UNet wrapper every fine-tuning method uses (the registry itself is in `specs`)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,6 +15,7 @@ from torch.func import functional_call
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, Family, family_of
 from erasekit.families.base import Pipeline
+from erasekit.methods.specs import _REGISTRY, ALL_FAMILIES, KINDS, MethodSpec, get_method, make_config, register_method, registry  # noqa: F401  (re-exported)
 from erasekit.models import add_lora, lora_disabled, lora_state_dict, remove_lora
 
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -59,81 +59,6 @@ class Method(Protocol):
 ErasureResultT = Any
 
 
-KINDS = ("fine-tune", "closed-form", "inference-time", "text-encoder")
-ALL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method: name, summary, config class, fit function, budget presets, and what it can do.
-
-    The capabilities are what the CLI and the tests read (never the config's fields): the model families
-    it runs on, its kind, whether it checkpoints and resumes, trains LoRA, splits a batch across processes.
-    """
-
-    name: str
-    summary: str
-    config_class: type
-    fit: Method
-    presets: dict[str, dict[str, Any]]
-    families: tuple[str, ...] = ("sd",)
-    kind: str = "fine-tune"
-    checkpointable: bool = False
-    lora: bool = False
-    distributed: bool = False
-
-
-_REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register_method(
-    name: str, summary: str, config_class: type, presets: dict[str, dict[str, Any]] | None = None, **capabilities: Any
-) -> Callable[[Method], Method]:
-    """Decorator: register ``fit`` under ``name`` (unique, lower-case, dash-separated) with its capabilities."""
-
-    def wrap(fit: Method) -> Method:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
-        spec = MethodSpec(name, summary, config_class, fit, presets or {}, **capabilities)
-        if spec.kind not in KINDS or not set(spec.families) <= set(ALL_FAMILIES):
-            raise ValueError(f"method {name!r}: unknown kind {spec.kind!r} or family in {spec.families}")
-        _REGISTRY[name] = spec
-        return fit
-
-    return wrap
-
-
-def registry() -> dict[str, MethodSpec]:
-    """All registered methods by name."""
-    return dict(_REGISTRY)
-
-
-def get_method(name: str) -> MethodSpec:
-    """Look a method up, with a one-line error listing the known names."""
-    if name not in _REGISTRY:
-        raise ErasekitError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def make_config(spec: MethodSpec, budget: str | None = None, **overrides: Any) -> Any:
-    """Build a method's config: paper defaults, then a budget preset, then explicit overrides."""
-    values: dict[str, Any] = {}
-    if budget:
-        if budget not in spec.presets and budget != "paper":
-            raise ErasekitError(f"unknown budget {budget!r} for {spec.name}; choose one of: paper, {', '.join(spec.presets)}")
-        values.update(spec.presets.get(budget, {}))
-    names = {f.name for f in dataclasses.fields(spec.config_class)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ErasekitError(f"{spec.name} has no setting {key!r}; its settings are: {', '.join(sorted(names))}")
-        values[key] = value
-    config = spec.config_class(**values)
-    validate = getattr(config, "validate", None)
-    if validate:
-        validate()
-    return config
-
-
 @dataclass
 class MethodConfig:
     """What every method's settings share: a seed and ``validate``."""
@@ -141,9 +66,11 @@ class MethodConfig:
     seed: int = field(default=0, metadata={"help": "Seed of every random draw of the run."})
 
     def validate(self) -> None:
-        """Refuse values that cannot run, with one-line messages (methods extend it)."""
-        if isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ErasekitError(f"seed must be a whole number in 0 .. 2**63 - 1, got {self.seed}")
+        """Refuse values that cannot run, with one-line messages (methods extend it); every field must be of its type, floats finite."""
+        from erasekit.checks import check_fields, check_seed
+
+        check_fields(self)
+        check_seed("seed", self.seed)
 
 
 @dataclass
@@ -164,23 +91,19 @@ class TrainConfig(MethodConfig):
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
         super().validate()
-        if self.iterations < 1:
-            raise ErasekitError(f"iterations must be >= 1, got {self.iterations}")
+        from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, MAX_LORA_RANK, MAX_LR, MAX_WEIGHT, check_between
+
+        check_between("iterations", self.iterations, 1, MAX_ITERATIONS)
         if self.batch_size < 1:
             raise ErasekitError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ErasekitError(f"unknown precision {self.precision!r}; choose one of: fp32, bf16, fp16")
-        if not 0 < self.lr < math.inf:
-            raise ErasekitError(f"lr must be a positive finite number, got {self.lr}")
-        if not 1 <= self.ddim_steps <= 1000:
-            raise ErasekitError(f"ddim_steps must be between 1 and 1000 (the training timesteps), got {self.ddim_steps}")
-        if not 0 <= self.preserve_weight < math.inf:
-            raise ErasekitError(f"preserve_weight must be >= 0 and finite, got {self.preserve_weight}")
-        for name in ("start_guidance", "negative_guidance"):
-            if not math.isfinite(getattr(self, name)):
-                raise ErasekitError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.train_method == "lora" and self.lora_rank < 1:
-            raise ErasekitError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        check_between("lr", self.lr, 0.0, MAX_LR, low_open=True, why="Adam's step; the papers use 1e-5")
+        check_between("ddim_steps", self.ddim_steps, 1, 1000, why="the training timesteps")
+        check_between("preserve_weight", self.preserve_weight, 0.0, MAX_WEIGHT, why="the papers use 1")
+        check_between("start_guidance", self.start_guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; the reference uses 3")
+        check_between("negative_guidance", self.negative_guidance, 0.0, MAX_GUIDANCE, why="ESD's eta; the reference uses 1")
+        check_between("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
         from erasekit.models import TRAIN_METHODS
 
         if self.train_method not in TRAIN_METHODS:

@@ -20,7 +20,7 @@ from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, Family, family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, MethodConfig, Progress, TrainableModel, register_method
+from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, TrainableModel
 from erasekit.methods.trainer import Setup, train
 from erasekit.models import TRAIN_METHODS, weights_hash
 from erasekit.result import ErasureResult
@@ -54,11 +54,15 @@ class CAConfig(MethodConfig):
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
         super().validate()
-        for name in ("iterations", "batch_size", "anchor_images", "ddim_steps"):
-            if getattr(self, name) < 1:
-                raise ErasekitError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ErasekitError(f"lr must be > 0, got {self.lr}")
+        from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, MAX_LR, MAX_WEIGHT, check_between
+
+        for name in ("iterations", "batch_size", "anchor_images"):
+            check_between(name, getattr(self, name), 1, MAX_ITERATIONS)
+        check_between("ddim_steps", self.ddim_steps, 1, 1000, why="the training timesteps")
+        check_between("lr", self.lr, 0.0, MAX_LR, low_open=True, why="per sample; CA uses 2e-6")
+        check_between("guidance", self.guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; diffusers' default is 7.5")
+        check_between("prior_weight", self.prior_weight, 0.0, MAX_WEIGHT, why="CA uses 1")
+        check_between("weight_decay", self.weight_decay, 0.0, 1.0, why="AdamW's; CA uses 1e-2")
         if self.precision not in dist.PRECISIONS:
             raise ErasekitError(f"unknown precision {self.precision!r}; choose one of: {', '.join(dist.PRECISIONS)}")
         if self.loss not in LOSSES:
@@ -241,14 +245,6 @@ def prepare_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig) -> tup
         raise
 
 
-@register_method(
-    "ca", "CA (Ablating Concepts): fine-tune the target's prediction onto an anchor concept's, on the model's own anchor images.",
-    # toy: CA's erasure is a cliff in lr on the toy world (seed 0, 8 images/class: lr 2e-5 ESR-1 6 %, 3e-5 75 %, 4e-5 100 % at
-    # PSR-1 42 %, 1e-4 100 % at 17 %); 4e-5 is the smallest that erases, 20x the paper's 2e-6 for a 3 M-parameter model
-    CAConfig, {"toy": {"lr": 4e-5, "anchor_images": 64, "ddim_steps": 20, "iterations": 150}, "fast": {"anchor_images": 64, "ddim_steps": 25},
-             "tiny": {"iterations": 2, "anchor_images": 2, "ddim_steps": 3, "batch_size": 2, "lr": 1e-3}},
-    families=ALL_FAMILIES, checkpointable=True,
-)
 def fit_ca(pipe: Pipeline, request: ErasureRequest, config: CAConfig, progress: Progress | None) -> ErasureResult:
     """Generate anchor images, then train the target prompts' predictions onto the anchor's; the pipeline is left unchanged.
 

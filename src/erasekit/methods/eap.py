@@ -17,14 +17,11 @@ from erasekit.concepts import concept_space, distances, encode_cond, select_cand
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig
 from erasekit.methods.loop import finetune
 from erasekit.models import model_id
 from erasekit.result import ErasureResult
 
-TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
-FAST_PRESET = {"iterations": 300, "rollout_reuse": 4}
-TINY_PRESET = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "concept_space": "toy", "k": 8, "n_centres": 3}  # tests, any family
 PRESERVE_CHOICES = ("adversarial", "random", "nearest", "none")
 
 
@@ -48,16 +45,16 @@ class EAPConfig(TrainConfig):
         super().validate()
         if self.preserve_choice not in PRESERVE_CHOICES:
             raise ErasekitError(f"unknown preserve_choice {self.preserve_choice!r}; choose one of: {', '.join(PRESERVE_CHOICES)}")
-        if self.kmeans_n_init < 1:
-            raise ErasekitError(f"kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
-        if self.k < 1 or self.n_centres < 1:
-            raise ErasekitError(f"k and n_centres must be >= 1, got k={self.k}, n_centres={self.n_centres}")
+        from erasekit.checks import MAX_ITERATIONS, MAX_LR, check_between
+        from erasekit.errors import SettingError
+
+        for name in ("kmeans_n_init", "k", "n_centres", "rollout_reuse", "rollout_share"):
+            check_between(name, getattr(self, name), 1, MAX_ITERATIONS)
         if not 0 < self.gumbel_temperature < math.inf:
-            raise ErasekitError(f"gumbel_temperature must be a positive finite number, got {self.gumbel_temperature}")
+            raise SettingError("gumbel_temperature", f"{{name}} must be a positive finite number, got {self.gumbel_temperature}")
         if not 0 < self.gumbel_lr < math.inf:
-            raise ErasekitError(f"gumbel_lr must be a positive finite number (the search's Adam step), got {self.gumbel_lr}")
-        if self.rollout_reuse < 1 or self.rollout_share < 1:
-            raise ErasekitError(f"rollout_reuse and rollout_share must be >= 1, got {self.rollout_reuse} and {self.rollout_share}")
+            raise SettingError("gumbel_lr", f"{{name}} must be a positive finite number (the search's Adam step), got {self.gumbel_lr}")
+        check_between("gumbel_lr", self.gumbel_lr, 0.0, MAX_LR, low_open=True, why="the search's Adam step; the reference uses 1e-2")
 
 
 @dataclass
@@ -72,6 +69,9 @@ class EAPPGDConfig(EAPConfig):
         super().validate()
         if self.preserve_choice != "adversarial":
             raise ErasekitError("preserve_choice applies to eap; eap-pgd always preserves its PGD embedding (use --method eap --preserve-choice ...)")
+        from erasekit.checks import MAX_LR, check_between
+
+        check_between("pgd_lr", self.pgd_lr, 0.0, MAX_LR, low_open=True, why="the PGD step relative to |emb|; the reference uses 1e-5")
 
 
 def exclusions(targets: list[str], pipe: Pipeline) -> set[str]:
@@ -319,8 +319,6 @@ def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(t.float() ** 2).sum() for t in tensors]).sum().sqrt() if len(tensors) > 1 else tensors[0].norm()
 
 
-@register_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).", EAPConfig,
-                 {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)
 def fit_eap(pipe: Pipeline, request: ErasureRequest, config: EAPConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP's fast path (one weight copy, batched forwards, shared rollouts); ``preserve_choice`` picks the ablation."""
     targets = [t.strip() for t in request.targets]
@@ -329,8 +327,6 @@ def fit_eap(pipe: Pipeline, request: ErasureRequest, config: EAPConfig, progress
     return finetune(pipe, request, config, progress, "eap", "x0", search, config.rollout_reuse, config.faithful, rollout_share=config.rollout_share)
 
 
-@register_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.", EAPPGDConfig,
-                 {"toy": {**TOY_PRESET, "pgd_lr": 1e-2}, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)
 def fit_eap_pgd(pipe: Pipeline, request: ErasureRequest, config: EAPPGDConfig, progress: Progress | None) -> ErasureResult:
     """Run EAP with the PGD search."""
     search = PGDSearch(pipe, [t.strip() for t in request.targets], config)

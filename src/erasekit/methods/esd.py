@@ -5,13 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ALL_FAMILIES, ErasureRequest, Progress, TrainConfig, register_method
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig
 from erasekit.methods.loop import finetune
 from erasekit.result import ErasureResult
-
-TOY_PRESET = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25}
-FAST_PRESET = {"iterations": 300}
-TINY_PRESET = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3}  # a few steps on a tiny random model of any family (tests)
 
 
 @dataclass
@@ -28,17 +24,11 @@ class ESDUConfig(TrainConfig):
     train_method: str = field(default="noxattn", metadata={"help": "Parameters to train (ESD-u: noxattn)."})
 
 
-def _fit(name: str):  # type: ignore[no-untyped-def]
-    def fit(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
-        return finetune(pipe, request, config, progress, method=name, loss_space="eps")
-
-    return fit
+def fit_esd_x(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
+    """ESD-x: train cross-attention toward the negatively guided prediction (loss on eps)."""
+    return finetune(pipe, request, config, progress, method="esd-x", loss_space="eps")
 
 
-register_method("esd-x", "ESD on cross-attention: negative guidance away from the concept (objects, styles).", ESDXConfig,
-                {"toy": TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)(_fit("esd-x"))
-# toy: every non-cross-attention weight at lr 1e-3 collapsed the model (PSR-1 8 %); seed 0, 8 images/class: lr 1e-4 ESR-1 62 % /
-# PSR-1 92 %, 2e-4 100 % / 65 %, 3e-4 100 % / 35 %
-ESDU_TOY_PRESET = {**TOY_PRESET, "lr": 2e-4}
-register_method("esd-u", "ESD on all non-cross-attention layers (unconditional erasure, e.g. nudity).", ESDUConfig,
-                {"toy": ESDU_TOY_PRESET, "fast": FAST_PRESET, "tiny": TINY_PRESET}, families=ALL_FAMILIES, checkpointable=True, lora=True, distributed=True)(_fit("esd-u"))
+def fit_esd_u(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, progress: Progress | None) -> ErasureResult:
+    """ESD-u: train every non-cross-attention weight toward the negatively guided prediction (loss on eps)."""
+    return finetune(pipe, request, config, progress, method="esd-u", loss_space="eps")

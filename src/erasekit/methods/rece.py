@@ -19,7 +19,7 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.families import family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, Progress, register_method
+from erasekit.methods.base import ErasureRequest, Progress
 from erasekit.methods.closed_form import EditRows, applied, derive_embedding, edit_rows, encoder_rows, relative_change, residuals, uce_edit, weights_of
 from erasekit.methods.uce import UCEConfig, resolve_prompts, result
 from erasekit.models import weights_hash
@@ -86,11 +86,6 @@ def _select(pipe: Pipeline, snapshots: list[dict[str, torch.Tensor]], selector: 
     return 1 + min(range(len(scores)), key=lambda i: scores[i]), scores
 
 
-@register_method(
-    "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
-    RECEConfig, {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
-    kind="closed-form", families=("sd", "sdxl", "sd3", "flux"),
-)
 def fit_rece(pipe: Pipeline, request: ErasureRequest, config: RECEConfig, progress: Progress | None) -> ErasureResult:
     """UCE start, then ``rounds`` accumulating RECE rounds; the pipeline is left unchanged."""
     started = time.perf_counter()

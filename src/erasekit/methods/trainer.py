@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,7 +161,25 @@ def prepare(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, separa
     )
 
 
-def _defer_ctrl_c(s: Setup[Any]) -> Callable[[], None]:
+def ctrl_c_notice(s: Setup[Any], period: int) -> str:
+    """What the first Ctrl-C prints at once: the step at whose boundary the run stops (and checkpoints), as ``after_step`` decides."""
+    period = max(1, period)
+    if s.between_steps and s.done % period == 0 and s.done > s.saved:
+        step = s.done  # a step has just ended (its report is under way): its after_step stops the run
+    else:
+        step = min(s.config.iterations, (s.done // period + 1) * period)
+    return f"finishing step {step} {'to save a checkpoint' if s.checkpoint is not None else 'before stopping'}; Ctrl-C again to stop now"
+
+
+def _tell(text: str) -> None:
+    """Print from a signal handler; a stream that cannot take the line now (a reentrant write) must not stop the run."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, RuntimeError, ValueError):
+        pass
+
+
+def _defer_ctrl_c(s: Setup[Any], period: int = 1) -> Callable[[], None]:
     """Make the first Ctrl-C finish the current step and checkpoint at its boundary (a second one stops at once).
 
     A checkpoint taken mid-step would hold a random-number state already advanced by that step, so the resumed
@@ -174,6 +193,8 @@ def _defer_ctrl_c(s: Setup[Any]) -> Callable[[], None]:
     def first(signum: int, frame: Any) -> None:
         s.interrupted = True
         signal.signal(signal.SIGINT, fallback)
+        if s.rank == 0:  # acknowledged at once, by one process
+            _tell(ctrl_c_notice(s, period))
 
     signal.signal(signal.SIGINT, first)
 
@@ -201,7 +222,7 @@ def train(s: Setup[C], request: ErasureRequest, method: str, loop: Loop[C], sear
         s.done = s.saved = ckpt.load(request.checkpoint, s, search)
     setup_s = time.perf_counter() - s.started
     try:
-        restore = _defer_ctrl_c(s)
+        restore = _defer_ctrl_c(s, period)
         try:
             loop(s, progress)
         except KeyboardInterrupt:

@@ -19,7 +19,7 @@ from erasekit.concepts import check_prompt, concept_space
 from erasekit.errors import ErasekitError
 from erasekit.families import family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, make_result, register_method
+from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, make_result
 from erasekit.methods.closed_form import ART_TEMPLATES, KEY_ROWS, OBJECT_TEMPLATES, as_delta, edit_rows, relative_change, residuals, uce_edit, weights_of
 from erasekit.methods.eap import exclusions
 from erasekit.models import weights_hash
@@ -118,14 +118,6 @@ def result(
     )
 
 
-@register_method(
-    "uce", "UCE: closed-form edit of cross-attention keys/values (SD3/FLUX.1: the text embedder) mapping the concept to a guide (seconds, no training).",
-    # toy: the 2-layer toy CLIP carries the object in the EOS/padding rows after the word, which last-token keys miss
-    # (ESR-1 0 %); the old code's rows through EOS, with '' retained, erase it (ESR-1 100 %, PSR-1 83 % on 8 images/class)
-    UCEConfig, {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0},
-             "tiny": {}},
-    kind="closed-form", families=("sd", "sdxl", "sd3", "flux"),
-)
 def fit_uce(pipe: Pipeline, request: ErasureRequest, config: UCEConfig, progress: Progress | None) -> ErasureResult:
     """Solve UCE's closed form for every attn2.to_k/to_v matrix (SD3/FLUX.1: context_embedder); the pipeline is not modified."""
     started = time.perf_counter()

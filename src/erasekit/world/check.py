@@ -37,13 +37,15 @@ def default_toy_dir() -> Path:
 
 def load_toy_pipeline(folder: Path) -> StableDiffusionPipeline:
     """Load a toy pipeline folder in fp32 on CPU, or raise a one-line error if it is missing or corrupt."""
+    from erasekit.models import quiet_loading
     from erasekit.world.config import check_world_folder
 
     folder = check_world_folder(folder)
     if not (folder / "model_index.json").is_file():
         raise ErasekitError(f"no pipeline at {folder} (model_index.json missing); build one with `erasekit world train`")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
     except Exception as exc:  # diffusers raises many types for a broken folder; the user needs one line
         reason = " ".join(str(exc).split())[:200]
         raise ErasekitError(f"cannot load the pipeline from {folder}: {reason}; rebuild it with `erasekit world train`") from exc
@@ -132,6 +134,11 @@ def check_world(
     """Measure every quality bar of the toy world; returns the JSON object `erasekit world check --json` prints."""
     if images_per_class < 1 or steps < 1 or heldout_images < 1:
         raise ErasekitError("images per class, steps and held-out images must be at least 1")
+    from erasekit.checks import MAX_GUIDANCE, check_between
+
+    check_between("steps", steps, 1, 1000, why="the training timesteps")
+    check_between("guidance", guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; 7.5 is usual")
+    check_between("images_per_class", images_per_class, 1, 10_000)
     report = progress or (lambda *a: None)
     pipeline_dir = pipeline_dir or default_toy_dir() / "pipeline"
     judge_dir = judge_dir or default_toy_dir() / "judge"

@@ -178,10 +178,13 @@ def find_world_clip(judge_dir: Path) -> tuple[Path, Path] | None:
 
 def load_world_clip(judge_dir: Path) -> CLIPModel | None:
     """The toy CLIP of the world a judge folder belongs to (the *base* text tower, never an erased one), or None."""
+    from erasekit.models import quiet_loading
+
     found = find_world_clip(judge_dir)
     if found is None:
         return None
-    return load_clip(found[0], CLIPTextModel.from_pretrained(found[1], dtype=torch.float32))
+    with quiet_loading():
+        return load_clip(found[0], CLIPTextModel.from_pretrained(found[1], dtype=torch.float32))
 
 
 def clip_outputs(model: CLIPModel, images: np.ndarray, prompts: Sequence[str], batch_size: int = 256) -> dict[str, np.ndarray]:

@@ -1,0 +1,64 @@
+"""The built-in methods: name, summary, budget presets and capabilities, declared without importing torch.
+
+This is the one place a built-in method is registered; its config class and fit function live in its own
+module (``methods/<name>.py``) and are named here by dotted path, so `erasekit methods` answers at once.
+"""
+
+from __future__ import annotations
+
+from erasekit.methods.specs import ALL_FAMILIES, declare_method
+
+# ESD family (Gandikota et al. 2023); toy: the 3 M-parameter toy model needs a larger lr than the paper's 1e-5
+ESD_TOY = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25}
+ESD_FAST = {"iterations": 300}
+ESD_TINY = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3}  # a few steps on a tiny random model of any family (tests)
+# toy: every non-cross-attention weight at lr 1e-3 collapsed the model (PSR-1 8 %); seed 0, 8 images/class: lr 1e-4 ESR-1 62 % /
+# PSR-1 92 %, 2e-4 100 % / 65 %, 3e-4 100 % / 35 %
+ESDU_TOY = {**ESD_TOY, "lr": 2e-4}
+
+EAP_TOY = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 12, "gumbel_lr": 5e-2}
+EAP_FAST = {"iterations": 300, "rollout_reuse": 4}
+EAP_TINY = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "concept_space": "toy", "k": 8, "n_centres": 3}  # tests, any family
+
+AGE_TOY = {"iterations": 250, "lr": 1e-3, "ddim_steps": 25, "k": 40, "n_centres": 40, "gumbel_lr": 5e-2}
+AGE_FAST = {"iterations": 300, "rollout_reuse": 4}
+AGE_TINY = {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "concept_space": "toy", "k": 8, "n_centres": 8}  # tests, any family
+
+TRAINED = {"families": ALL_FAMILIES, "checkpointable": True, "lora": True, "distributed": True}
+
+declare_method("eap", "EAP: ESD erasure while preserving the adversarially chosen most-sensitive concept (Gumbel-Softmax).",
+               "erasekit.methods.eap:EAPConfig", "erasekit.methods.eap:fit_eap", {"toy": EAP_TOY, "fast": EAP_FAST, "tiny": EAP_TINY}, **TRAINED)
+declare_method("eap-pgd", "EAP with a continuous PGD search of the adversarial embedding.",
+               "erasekit.methods.eap:EAPPGDConfig", "erasekit.methods.eap:fit_eap_pgd",
+               {"toy": {**EAP_TOY, "pgd_lr": 1e-2}, "fast": EAP_FAST, "tiny": EAP_TINY}, **TRAINED)
+declare_method("esd-x", "ESD on cross-attention: negative guidance away from the concept (objects, styles).",
+               "erasekit.methods.esd:ESDXConfig", "erasekit.methods.esd:fit_esd_x", {"toy": ESD_TOY, "fast": ESD_FAST, "tiny": ESD_TINY}, **TRAINED)
+declare_method("esd-u", "ESD on all non-cross-attention layers (unconditional erasure, e.g. nudity).",
+               "erasekit.methods.esd:ESDUConfig", "erasekit.methods.esd:fit_esd_u", {"toy": ESDU_TOY, "fast": ESD_FAST, "tiny": ESD_TINY}, **TRAINED)
+declare_method("age", "AGE: ESD toward an adaptively chosen anchor concept that is also preserved (EAP follow-up).",
+               "erasekit.methods.age:AGEConfig", "erasekit.methods.age:fit_age", {"toy": AGE_TOY, "fast": AGE_FAST, "tiny": AGE_TINY},
+               families=ALL_FAMILIES, lora=True, checkpointable=True)
+declare_method(
+    "ca", "CA (Ablating Concepts): fine-tune the target's prediction onto an anchor concept's, on the model's own anchor images.",
+    "erasekit.methods.ca:CAConfig", "erasekit.methods.ca:fit_ca",
+    # toy: CA's erasure is a cliff in lr on the toy world (seed 0, 8 images/class: lr 2e-5 ESR-1 6 %, 3e-5 75 %, 4e-5 100 % at
+    # PSR-1 42 %, 1e-4 100 % at 17 %); 4e-5 is the smallest that erases, 20x the paper's 2e-6 for a 3 M-parameter model
+    {"toy": {"lr": 4e-5, "anchor_images": 64, "ddim_steps": 20, "iterations": 150}, "fast": {"anchor_images": 64, "ddim_steps": 25},
+     "tiny": {"iterations": 2, "anchor_images": 2, "ddim_steps": 3, "batch_size": 2, "lr": 1e-3}},
+    families=ALL_FAMILIES, checkpointable=True,
+)
+declare_method(
+    "uce", "UCE: closed-form edit of cross-attention keys/values (SD3/FLUX.1: the text embedder) mapping the concept to a guide (seconds, no training).",
+    "erasekit.methods.uce:UCEConfig", "erasekit.methods.uce:fit_uce",
+    # toy: the 2-layer toy CLIP carries the object in the EOS/padding rows after the word, which last-token keys miss
+    # (ESR-1 0 %); the old code's rows through EOS, with '' retained, erase it (ESR-1 100 %, PSR-1 83 % on 8 images/class)
+    {"toy": {"key_rows": "through-eos", "retain_empty": True}, "fast": {}, "old-code": {"key_rows": "through-eos", "retain_empty": True, "preserve_scale": -1.0},
+     "tiny": {}},
+    kind="closed-form", families=ALL_FAMILIES,
+)
+declare_method(
+    "rece", "RECE: UCE, then closed-form rounds that also erase the embedding that still regenerates the concept.",
+    "erasekit.methods.rece:RECEConfig", "erasekit.methods.rece:fit_rece",
+    {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
+    kind="closed-form", families=ALL_FAMILIES,
+)
