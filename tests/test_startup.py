@@ -141,6 +141,9 @@ def test_the_first_ctrl_c_says_at_once_which_step_it_finishes(period: int, done:
 
     run = SimpleNamespace(interrupted=False, rank=0, done=done, saved=saved, between_steps=between_steps, checkpoint=object(),
                           config=SimpleNamespace(iterations=20))
+    # a process started in the background of a non-interactive shell (as CI may run pytest) inherits SIGINT ignored;
+    # the trainer's second Ctrl-C restores the handler it found, so give it Python's own, as a terminal would
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     restore = _defer_ctrl_c(run, period)  # type: ignore[arg-type]
     try:
         signal.raise_signal(signal.SIGINT)
@@ -150,6 +153,7 @@ def test_the_first_ctrl_c_says_at_once_which_step_it_finishes(period: int, done:
             signal.raise_signal(signal.SIGINT)
     finally:
         restore()
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_sigint_to_a_real_erase_is_acknowledged_before_the_step_finishes_and_names_the_checkpointed_step(tiny_dir: Path, tmp_path: Path) -> None:
