@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -106,3 +107,18 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     WorldTrainer(out, tiny_config(), record).run()
     torch.set_num_threads(threads)  # the tiny config trains on one thread; later tests get the default back
     return SmokeRun(out, list(dict.fromkeys(stages)), losses, vae_done)
+
+
+class Loaded(Exception):
+    """Raised in place of loading a model: every check before the load passed."""
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any model load raise Loaded, so a test sees whether a command got as far as loading."""
+    import erasekit.models
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise Loaded
+
+    monkeypatch.setattr(erasekit.models, "load_pipeline", refuse)

@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import erasekit
+from conftest import Loaded
 from erasekit.cli import app
 from erasekit.concepts import check_targets
 from erasekit.errors import ErasekitError
@@ -30,21 +31,6 @@ def _one_error(res: Any) -> str:
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, res.output
     return errors[0]
-
-
-class Loaded(Exception):
-    """Raised in place of loading a model: the checks before the load all passed."""
-
-
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any model load raise Loaded, so a test sees whether a command got that far."""
-    import erasekit.models
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise Loaded
-
-    monkeypatch.setattr(erasekit.models, "load_pipeline", refuse)
 
 
 # ---- item 4: concepts that cannot be what the user meant ----

@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import Loaded
 from erasekit.cli import app
 from erasekit.errors import ErasekitError
 from erasekit.result import ErasureResult
@@ -24,21 +25,6 @@ from erasekit.runs import partial_dir, write_run
 
 runner = CliRunner()
 BIG = "99999999999999999999"
-
-
-class Loaded(Exception):
-    """Raised in place of loading a model: every check before the load passed."""
-
-
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any model load raises Loaded."""
-    import erasekit.models
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise Loaded
-
-    monkeypatch.setattr(erasekit.models, "load_pipeline", refuse)
 
 
 @pytest.fixture(scope="module")
