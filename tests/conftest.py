@@ -122,3 +122,20 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise Loaded
 
     monkeypatch.setattr(erasekit.models, "load_pipeline", refuse)
+
+
+def kill_at_first_checkpoint(command: list[str], out: Path, env: dict[str, str]) -> None:
+    """Start an ``erase`` command writing ``out``, SIGKILL it once its first checkpoint exists, and check it died mid-run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out.parent / f"{out.name}.partial" / "checkpoint.safetensors"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists(), "the run must have been killed mid-way"

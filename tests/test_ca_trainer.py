@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import erasekit
-from conftest import tiny_pipeline
+from conftest import kill_at_first_checkpoint, tiny_pipeline
 from erasekit.errors import ErasekitError
 from erasekit.families import family_of
 from erasekit.methods import get_method
@@ -69,14 +67,7 @@ def test_ca_sigkilled_through_the_cli_resumes_to_the_same_delta(tiny_dir: Path, 
     common = [*cli, "--model", str(tiny_dir), "-c", "circle", "--method", "ca", "--iterations", "60", "--anchor-images", "4",
               "--ddim-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--checkpoint-every", "4"]
     killed_out = tmp_path / "killed"
-    proc = subprocess.Popen([*common, "--out", str(killed_out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed.partial" / "checkpoint.safetensors"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not killed_out.exists(), "the run must have been killed mid-way"
+    kill_at_first_checkpoint([*common, "--out", str(killed_out)], killed_out, env)
 
     resumed = subprocess.run([*cli, "--resume", str(killed_out)], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import erasekit
-from conftest import tiny_pipeline
+from conftest import kill_at_first_checkpoint, tiny_pipeline
 from erasekit.errors import ErasekitError
 from erasekit.methods.checkpoint import CheckpointSpec
 from erasekit.result import load_result
@@ -37,14 +36,7 @@ def test_sigkilled_run_resumes_to_the_same_delta(tiny_dir: Path, tmp_path: Path,
     assert full.returncode == 0, full.stderr[-2000:]
 
     killed_out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*common, "--out", str(killed_out)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed.partial" / "checkpoint.safetensors"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not killed_out.exists(), "the run must have been killed mid-way"
+    kill_at_first_checkpoint(_cli(*common, "--out", str(killed_out)), killed_out, _env())
 
     resumed = subprocess.run(_cli("erase", "--resume", str(killed_out)), env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
