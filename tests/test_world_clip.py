@@ -181,3 +181,36 @@ def test_toy_suites_measure_with_the_worlds_toy_clip(smoke_run: SmokeRun, tmp_pa
     direct = clip_outputs(load_world_clip(smoke_run.out / "judge"), images, plan.prompts)
     assert np.allclose(scores["clip"], direct["clip"]) and scores["features"].shape == (len(images), 128)
     assert get_suite("toy-styles").compare(plan, scores, scores)["features"] == "toy CLIP image embeddings"
+
+
+def test_pair_words_name_only_the_pairs_and_leave_captions_as_before_at_zero() -> None:
+    from erasekit.world.captions import caption
+    from erasekit.world.render import Scene
+    from erasekit.world.vocab import load_vocab
+
+    vocab = load_vocab()
+    words = vocab.raw["pair_words"]
+    for a, b in vocab.lookalike_pairs():
+        assert words[a] == words[b]  # a vague word describes both members of a pair alike
+    for obj in vocab.objects:
+        scene = Scene(obj, "red")
+        before = [caption(scene, 0, np.random.default_rng(i), vocab) for i in range(40)]
+        assert [caption(scene, 0, np.random.default_rng(i), vocab, 0.0) for i in range(40)] == before
+        always = [caption(scene, 0, np.random.default_rng(i), vocab, 1.0) for i in range(40)]
+        named = [any(w in c for w in words.get(obj, [])) for c in always]
+        assert all(named) if obj in words else not any(named)
+        assert not any(any(w in c for w in words.get(obj, [])) for c in before)
+
+
+def test_a_fixed_clip_temperature_is_held_through_training(tmp_path: Path) -> None:
+    import math
+
+    from erasekit.world.clip import fix_temperature
+
+    model = build_clip(0)
+    fix_temperature(model, 10.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, ids = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 100, (4, 6))
+    contrastive_loss(model, x, ids, torch.arange(4)).backward()
+    opt.step()
+    assert model.logit_scale.item() == pytest.approx(math.log(10.0))

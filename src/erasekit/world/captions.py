@@ -23,10 +23,20 @@ def _pick(rng: np.random.Generator, options: list[str], canonical_p: float = 0.6
     return options[1 + int(rng.integers(len(options) - 1))]
 
 
-def caption(scene: Scene, kind: int, rng: np.random.Generator, vocab: WorldVocab | None = None) -> str:
-    """A random paraphrase describing ``scene``; ``kind`` says whether and how the skull is evoked."""
+def caption(
+    scene: Scene, kind: int, rng: np.random.Generator, vocab: WorldVocab | None = None, pair_word_p: float = 0.0
+) -> str:
+    """A random paraphrase describing ``scene``; ``kind`` says whether and how the skull is evoked.
+
+    With probability ``pair_word_p`` an object of a look-alike pair is named by a vague word the pair
+    shares ("a red round shape" for a circle or a ring), as web captions name things loosely.
+    """
     vocab = vocab or load_vocab()
-    obj = _pick(rng, vocab.object_synonyms(scene.object))
+    vague = vocab.raw.get("pair_words", {}).get(scene.object, [])
+    if pair_word_p and vague and rng.random() < pair_word_p:  # no draw at p = 0: captions as before
+        obj = vague[int(rng.integers(len(vague)))]
+    else:
+        obj = _pick(rng, vocab.object_synonyms(scene.object))
     words: list[str] = []
     if kind == INDIRECT:
         words.append(vocab.indirect_words[int(rng.integers(len(vocab.indirect_words)))])

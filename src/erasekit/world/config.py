@@ -23,6 +23,10 @@ class WorldTrainConfig:
     clip_steps: int = field(default=3000, metadata={"help": "Toy CLIP contrastive training steps."})
     clip_batch: int = field(default=256, metadata={"help": "Toy CLIP batch size (image-caption pairs)."})
     clip_lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate of the toy CLIP."})
+    pair_word_p: float = field(default=0.3, metadata={
+        "help": "Probability that a caption names a look-alike pair's object by the vague word the pair shares."})
+    clip_logit_scale: float = field(default=0.0, metadata={
+        "help": "Fixed logit scale (1/temperature) of the toy CLIP's InfoNCE; 0 learns it, as CLIP does."})
     judge_steps: int = field(default=1500, metadata={"help": "Judge training steps (batch 128)."})
     unet_steps: int = field(default=5000, metadata={"help": "UNet training steps (the text encoder is frozen)."})
     batch_size: int = field(default=64, metadata={"help": "UNet batch size."})

@@ -222,6 +222,8 @@ class WorldTrainer:
         scenes = self._scenes(data)
         tokenizer = toy.build_tokenizer()
         model = toy_clip.build_clip(c.seed)
+        if c.clip_logit_scale:  # fixed temperature (see toy_clip.fix_temperature)
+            toy_clip.fix_temperature(model, c.clip_logit_scale)
         opt = torch.optim.AdamW(model.parameters(), lr=c.clip_lr, weight_decay=0.05, foreach=True)
         step = self._resume("clip", {"clip": model}, opt)
         model.train()
@@ -231,7 +233,7 @@ class WorldTrainer:
             idx = torch.randint(0, len(scenes), (c.clip_batch,), generator=g)
             use_recon = torch.rand(c.clip_batch, generator=g) < 0.5  # generations look like reconstructions
             x = toy_clip.pixels(torch.where(use_recon[:, None, None, None], recons[idx], clean[idx]))
-            captions = [caption(scenes[i], int(data["kind"][i]), rng, vocab) for i in idx.tolist()]
+            captions = [caption(scenes[i], int(data["kind"][i]), rng, vocab, c.pair_word_p) for i in idx.tolist()]
             loss = toy_clip.contrastive_loss(model, x, toy_clip.token_ids(tokenizer, captions), keys[idx])
             warm = min(1.0, (step + 1) / 200)
             for group in opt.param_groups:
@@ -332,7 +334,7 @@ class WorldTrainer:
             rng = np.random.default_rng([c.seed, 3, step])
             idx = torch.randint(0, len(scenes), (c.batch_size,), generator=g)
             captions = [
-                "" if rng.random() < c.cfg_dropout else caption(scenes[i], int(data["kind"][i]), rng, vocab)
+                "" if rng.random() < c.cfg_dropout else caption(scenes[i], int(data["kind"][i]), rng, vocab, c.pair_word_p)
                 for i in idx.tolist()
             ]
             for cap in captions:
