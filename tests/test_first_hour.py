@@ -111,6 +111,47 @@ def test_the_77_token_check_happens_before_the_model_loads(command: str, tiny_di
     assert list(tmp_path.iterdir()) == [tiny_dir]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["-c", "giraffe"], "--concept 'giraffe' is not something the toy world knows"),
+    (["-c", "circle", "--preserve", "disc"], "--preserve 'disc' names the same toy object as the erased 'circle'"),
+    (["-c", "circle", "--preserve", "circle"], "drop it from --preserve"),
+    (["-c", "circle,ring"], "--concept circle --concept ring"),
+])
+def test_compare_checks_its_concepts_as_erase_does_before_the_model_loads(args: list[str], says: str, tmp_path: Path, no_model_load: None) -> None:
+    line = _one_error(runner.invoke(app, ["compare", *args, "--methods", "uce", "--out", str(tmp_path / "cmp")]))
+    assert says in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_from_python_names_the_keyword_and_allow_unknown_lets_a_concept_through(tmp_path: Path, no_model_load: None) -> None:
+    from erasekit.compare import compare_methods
+
+    with pytest.raises(ErasekitError, match=r"concept 'giraffe' is not something the toy world knows.*allow_unknown=True"):
+        compare_methods("toy", "giraffe", tmp_path / "cmp", methods=["uce"])
+    res = runner.invoke(app, ["compare", "-c", "giraffe", "--allow-unknown", "--suite", "toy-objects", "--methods", "uce", "--out", str(tmp_path / "cmp")])
+    assert isinstance(res.exception, Loaded), res.output  # every check passed: the base model's load was next
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("keyword, value, says", [
+    ("method", ["eap"], r"method must be one method's name \(a string\), got \['eap'\]; choose one of: .*eap, eap-pgd"),
+    ("concepts", 5, r"concepts must be a string or a list of strings, got 5 \(int\)"),
+    ("concepts", None, r"concepts must be a string or a list of strings, got None"),
+    ("concepts", ["circle", 1], r"concepts must be a string or a list of strings; item 1 is 1 \(int\)"),
+    ("preserve", 3, r"preserve must be a string or a list of strings, got 3"),
+    ("preserve", [b"ring"], r"preserve must be a string or a list of strings; item 0 is b'ring'"),
+    ("budget", ["toy"], r"budget must be a preset's name \(a string\) or None, got \['toy'\]; choose one of: paper, toy"),
+    ("progress", "yes", r"progress must be a function progress\(step, total, record\) or None"),
+    ("checkpoint", "runs/x", r"checkpoint must be an erasekit.methods.checkpoint.CheckpointSpec"),
+    ("allow_unknown", "no", r"allow_unknown must be True or False, got 'no'"),
+])
+def test_python_arguments_of_the_wrong_type_are_one_line_naming_the_keyword(keyword: str, value: Any, says: str, tiny: Any) -> None:
+    arguments: dict[str, Any] = {"concepts": "circle", "method": "uce", keyword: value}
+    with pytest.raises(ErasekitError, match=says) as info:
+        erasekit.erase(tiny, **arguments)
+    assert "\n" not in str(info.value)
+
+
 # ---- item 5: settings and records that tell the truth ----
 
 @pytest.mark.parametrize("model, extra, budget", [
@@ -256,3 +297,21 @@ def test_world_render_labels_rows_and_columns(scale: int, tmp_path: Path) -> Non
     top, left = image.shape[0] - bare_h, image.shape[1] - bare_w
     assert top >= 14 and left >= 20  # room for the column and row names
     assert (image[:top, left:] < 128).any() and (image[top:, :left] < 128).any()  # text drawn there
+
+
+def test_world_check_prints_one_plain_line_per_stage_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    import erasekit.world.check
+
+    def check_world(*args: Any, **kwargs: Any) -> dict[str, Any]:  # the real one's stages, without its minutes of work
+        progress = args[5]
+        for step, stage in enumerate(["judge", "objects", "implicit", "timing", "pairs", "done"]):
+            progress(stage, step, 5, {})
+        return {"object_top1": 0.95}
+
+    monkeypatch.setattr(erasekit.world.check, "check_world", check_world)
+    res = runner.invoke(app, ["world", "check", "--json"])  # not a terminal: plain lines on stderr
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"object_top1": 0.95}  # stdout stays one JSON object
+    lines = res.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["judge", "objects", "implicit", "timing", "pairs"], res.stderr
+    assert all("1/1 (100%)" in line and "of 5" in line for line in lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def _refused(args: list[str], folder: Path) -> str:
 
 
 ERASE = ["erase", "--model", "toy", "--concept", "circle", "--iterations", "1", "--out", "{out}/sd"]
+CLOSED = ["erase", "--model", "toy", "--concept", "circle", "--out", "{out}/sd"]  # UCE and RECE have no --iterations
 CASES = {
     "erase seed -1": (ERASE + ["--seed", "-1"], "--seed must be a whole number in 0 .. 2**63 - 1"),
     "erase seed 1e20": (ERASE + ["--seed", BIG], "--seed must be a whole number in 0 .. 2**63 - 1"),
@@ -76,6 +78,18 @@ CASES = {
     "evaluate guidance -1": (["evaluate", "{run}", "--guidance=-1", "--json", "{out}/e.json"], "--guidance must be >= 0 and <= 50"),
     "attack guidance nan": (["attack", "{run}", "-c", "circle", "--guidance", "nan", "--out", "{out}/a"], "--guidance must be a finite number"),
     "attack guidance -1": (["attack", "{run}", "-c", "circle", "--guidance=-1", "--out", "{out}/a"], "--guidance must be >= 0 and <= 50"),
+    # UCE and RECE's closed-form weights: positive, and small enough that no term swamps the others
+    "uce lam 0": (CLOSED + ["--method", "uce", "--lam", "0"], "--lam must be >= 1e-06 and <= 1e+06"),
+    "uce lam 1e30": (CLOSED + ["--method", "uce", "--lam", "1e30"], "--lam must be >= 1e-06 and <= 1e+06"),
+    "uce erase-scale 0": (CLOSED + ["--method", "uce", "--erase-scale", "0"], "--erase-scale must be > 0 and <= 1e+06"),
+    "uce erase-scale 1e30": (CLOSED + ["--method", "uce", "--erase-scale", "1e30"], "--erase-scale must be > 0 and <= 1e+06"),
+    "uce preserve-scale 1e30": (CLOSED + ["--method", "uce", "--preserve-scale", "1e30"], "--preserve-scale must be <= 1e+06"),
+    "rece lam -1": (CLOSED + ["--method", "rece", "--lam=-1"], "--lam must be >= 1e-06 and <= 1e+06"),
+    "rece erase-scale -1": (CLOSED + ["--method", "rece", "--erase-scale=-1"], "--erase-scale must be > 0 and <= 1e+06"),
+    "rece reg-scale 0": (CLOSED + ["--method", "rece", "--reg-scale", "0"], "--reg-scale must be >= 1e-06 and <= 1e+06"),
+    "rece reg-scale 1e30": (CLOSED + ["--method", "rece", "--reg-scale", "1e30"], "--reg-scale must be >= 1e-06 and <= 1e+06"),
+    "rece start-lam 1e30": (CLOSED + ["--method", "rece", "--start-lam", "1e30"], "--start-lam must be >= 1e-06 and <= 1e+06"),
+    "rece rounds 10**6": (CLOSED + ["--method", "rece", "--rounds", "1000000"], "--rounds must be >= 1 and <= 20"),
 }
 
 
@@ -86,6 +100,50 @@ def test_each_case_is_one_line_and_exit_2_before_the_model_loads(case: str, tmp_
     out.mkdir()
     line = _refused([a.replace("{out}", str(out)).replace("{run}", str(run_folder)) for a in args], out)
     assert message in line, line
+
+
+@pytest.mark.parametrize("method, setting, value, message", [
+    ("uce", "lam", 0.0, "lam must be >= 1e-06 and <= 1e+06"),
+    ("uce", "erase_scale", 0.0, "erase_scale must be > 0 and <= 1e+06"),
+    ("rece", "reg_scale", 1e30, "reg_scale must be >= 1e-06 and <= 1e+06"),
+    ("rece", "start_preserve_scale", 1e30, "start_preserve_scale must be <= 1e+06"),
+])
+def test_closed_form_weights_out_of_range_name_the_keyword_in_python(method: str, setting: str, value: float, message: str) -> None:
+    from erasekit.methods import get_method, make_config
+
+    with pytest.raises(ErasekitError, match=re.escape(message)):
+        make_config(get_method(method), **{setting: value})
+    make_config(get_method(method), preserve_scale=-1.0)  # negative: the old code's max(0.1, 1/|retain|), still allowed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "--seeds must be >= 1 and <= 20"),
+    (["--seeds", "100000"], "--seeds must be >= 1 and <= 20"),
+    (["--iterations", "0"], "--iterations must be >= 1 and <= 100000"),
+    (["--iterations", str(10**12)], "--iterations must be >= 1 and <= 100000"),
+    (["--images-per-class", "1000000"], "--images-per-class must be >= 1 and <= 10000"),
+    (["--sd14-steps", "1"], "--sd14-steps must be >= 2 and <= 100000"),
+])
+def test_bench_eap_refuses_sizes_out_of_range_before_any_run(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import erasekit.bench
+
+    def start(*a: Any, **k: Any) -> Any:
+        raise Loaded
+
+    monkeypatch.setattr(erasekit.bench, "measure", start)  # a worker process would load a model
+    assert message in _refused(["bench", "eap", *args], tmp_path)
+
+
+def test_world_check_refuses_a_folder_that_is_no_pipeline_before_the_judge_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import erasekit.world.check
+
+    def load(*a: Any, **k: Any) -> Any:
+        raise Loaded
+
+    monkeypatch.setattr(erasekit.world.check, "load_toy_judge", load)
+    monkeypatch.setattr(erasekit.world.check, "load_toy_pipeline", load)
+    line = _refused(["world", "check", "--pipeline", str(tmp_path)], tmp_path)
+    assert f"no pipeline at {tmp_path}" in line and "erasekit world train" in line
 
 
 def test_a_refused_seed_leaves_nothing_so_the_same_command_says_the_same_and_resume_has_nothing(tmp_path: Path, no_model_load: None) -> None:

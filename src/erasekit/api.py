@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, SettingError
 from erasekit.methods import ErasureRequest, get_method, make_config
 from erasekit.methods.base import Progress
 from erasekit.result import ErasureResult
@@ -17,7 +17,7 @@ def erase(
     concepts: str | Sequence[str],
     method: str = "eap",
     config: Any = None,
-    preserve: Sequence[str] = (),
+    preserve: str | Sequence[str] | None = (),
     budget: str | None = None,
     progress: Progress | None = None,
     checkpoint: Any = None,
@@ -35,12 +35,14 @@ def erase(
     the first and the last through.
     """
     spec = get_method(method)
+    targets = _texts(concepts, "concepts")
+    preserve = _texts(preserve, "preserve") if preserve is not None else ()
+    _check_arguments(progress, checkpoint, release_unused=release_unused, allow_unknown=allow_unknown)
     from erasekit.families import family_of
 
     family = family_of(pipe)
     if family.name not in spec.families:
         raise ErasekitError(f"{method} does not run on {family.label} models yet; it supports: {', '.join(spec.families)} (see `erasekit methods`)")
-    targets = (concepts,) if isinstance(concepts, str) else tuple(concepts)
     if not targets:
         raise ErasekitError("no concept to erase; give at least one")
     from erasekit.concepts import check_prompt, check_targets
@@ -48,7 +50,7 @@ def erase(
 
     # made once here for every method: the checked prompts and the base weights' hash
     targets = tuple(check_prompt(pipe, t, "concept") for t in targets)
-    preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in ([preserve] if isinstance(preserve, str) else preserve))
+    preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in preserve)
     check_targets(targets, preserve, toy=model_id(pipe) == "toy", allow_unknown=allow_unknown)
     if config is None:
         if budget is None and model_id(pipe) == "toy" and "toy" in spec.presets:
@@ -63,6 +65,32 @@ def erase(
     request = ErasureRequest(targets=targets, preserve=preserve, checkpoint=checkpoint, release_unused=release_unused, base_hash=weights_hash(pipe))
     with flush_denormals():
         return spec.fit(pipe, request, config, progress)
+
+
+def _texts(value: Any, keyword: str) -> tuple[str, ...]:
+    """``value``, one string or a list of them, as a tuple of strings; anything else is one line naming ``keyword``."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
+        raise SettingError(keyword, f"{{name}} must be a string or a list of strings, got {value!r} ({type(value).__name__})")
+    items = tuple(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise SettingError(keyword, f"{{name}} must be a string or a list of strings; item {i} is {item!r} ({type(item).__name__})")
+    return items
+
+
+def _check_arguments(progress: Any, checkpoint: Any, **flags: Any) -> None:
+    """Refuse a ``progress`` that cannot be called, a ``checkpoint`` that is no CheckpointSpec, and flags that are not True or False."""
+    if progress is not None and not callable(progress):
+        raise SettingError("progress", f"{{name}} must be a function progress(step, total, record) or None, got {progress!r}")
+    from erasekit.methods.checkpoint import CheckpointSpec
+
+    if checkpoint is not None and not isinstance(checkpoint, CheckpointSpec):
+        raise SettingError("checkpoint", f"{{name}} must be an erasekit.methods.checkpoint.CheckpointSpec(folder, every) or None, got {checkpoint!r}")
+    for keyword, value in flags.items():
+        if not isinstance(value, bool):
+            raise SettingError(keyword, f"{{name}} must be True or False, got {value!r}")
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import typer
 
 from erasekit.errors import ErasekitError
 
+MAX_BENCH_SEEDS = 20  # each seed is two trainings and two evaluations; 20 paired seeds give tight intervals
 SD14_NOTE = "SD-1.4 UNet and text encoder with random weights; latent reduced to 16x16 (CPU), DDIM rollout of 10 steps"
 
 
@@ -116,6 +117,7 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
     import platform
     import statistics
 
+    check_bench(images_per_class, iterations, sd14_steps if sd14 else None, seeds)
     from erasekit.eval.runner import evaluate
 
     out: dict[str, Any] = {}
@@ -179,6 +181,19 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
     return out
 
 
+def check_bench(images_per_class: int, iterations: int | None, sd14_steps: int | None, seeds: int) -> None:
+    """Refuse sizes outside their ranges (one line naming the flag), before any worker starts; None skips a check."""
+    from erasekit.checks import MAX_ITERATIONS, check_between
+    from erasekit.eval.suites import SEED_STRIDE
+
+    check_between("images_per_class", images_per_class, 1, SEED_STRIDE, why="the seeds of one class must not run into the next's")
+    if iterations is not None:
+        check_between("iterations", iterations, 1, MAX_ITERATIONS)
+    if sd14_steps is not None:
+        check_between("sd14_steps", sd14_steps, 2, MAX_ITERATIONS, why="the first step includes warm-up, so timing needs two")
+    check_between("seeds", seeds, 1, MAX_BENCH_SEEDS, why="each seed trains fast and faithful EAP and evaluates both")
+
+
 app = typer.Typer(help="Benchmarks, measured on this machine (each configuration in its own process).", no_args_is_help=True)
 
 
@@ -194,11 +209,7 @@ def bench_eap(
     from erasekit.world.cli import user_errors
 
     with user_errors():
-        for name, value in (("--images-per-class", images_per_class), ("--iterations", iterations), ("--sd14-steps", sd14_steps), ("--seeds", seeds)):
-            if value is not None and value < 1:
-                raise ErasekitError(f"{name} must be >= 1, got {value}")
-        if sd14_steps < 2 and sd14:
-            raise ErasekitError("--sd14-steps must be >= 2 to time a step (the first one includes warm-up)")
+        check_bench(images_per_class, iterations, sd14_steps if sd14 else None, seeds)
         result = eap_speed(images_per_class=images_per_class, sd14=sd14, log=typer.echo, iterations=iterations, sd14_steps=sd14_steps, seeds=seeds)
         typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 

@@ -23,6 +23,11 @@ MAX_ITERATIONS = 100_000  # 100 x the papers' 1000 steps; more cannot finish on 
 MAX_LR = 1.0  # Adam steps above 1 diverge at once (the papers use 1e-6 .. 1e-2)
 MAX_WEIGHT = 1000.0  # loss weights (the papers use 0.1 .. 10)
 MAX_LORA_RANK = 1024
+# closed-form weights (UCE/RECE's lambda, s_e, s_p, RECE's reg; the papers use 1e-3 .. 1): above MAX_SCALE one term
+# swamps the others (and near 1e300 the Gram matrix overflows); below MIN_REGULARISER the solve is ill-conditioned
+# wherever the keys do not span the embedding space (a few keys in 768 dimensions: almost everywhere)
+MAX_SCALE = 1e6
+MIN_REGULARISER = 1e-6
 
 
 def _allowed(kind: Any) -> tuple[type, ...] | None:
@@ -73,6 +78,12 @@ def check_between(name: str, value: float, low: float, high: float, low_open: bo
     if not inside:
         span = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
         raise SettingError(name, f"{{name}} must be {span}{f' ({why})' if why else ''}, got {value!r}")
+
+
+def check_scale(name: str, value: float) -> None:
+    """Refuse a closed-form preserve weight above MAX_SCALE; a negative one is the old UCE code's max(0.1, 1/|retain|)."""
+    if not value <= MAX_SCALE:
+        raise SettingError(name, f"{{name}} must be <= {MAX_SCALE:g} (a negative value picks the old code's max(0.1, 1/|retain|)), got {value!r}")
 
 
 def _non_finite(obj: Any, path: str = "") -> str | None:

@@ -85,6 +85,7 @@ def erase_argv(spec: Mapping[str, Any]) -> list[str]:
     argv = ["erasekit", "erase", "--model", spec["model"], *[a for c in spec["concepts"] for a in ("-c", c)], "--method", spec["method"],
             "--out", spec["out"], *[a for p in spec["preserve"] for a in ("--preserve", p)]]
     argv += ["--budget", spec["budget"]] if spec["budget"] else []
+    argv += ["--allow-unknown"] if spec.get("allow_unknown") else []
     return argv + [f"--{k.replace('_', '-')}={v}" for k, v in spec["settings"].items()]
 
 
@@ -111,7 +112,8 @@ def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None]
             progress(step, total, losses)
 
     started = time.perf_counter()
-    result = erase(pipe, spec["concepts"], method=spec["method"], config=config, preserve=spec["preserve"], progress=report)
+    result = erase(pipe, spec["concepts"], method=spec["method"], config=config, preserve=spec["preserve"], progress=report,
+                   allow_unknown=spec.get("allow_unknown", False))
     erase_s = time.perf_counter() - started
     write_run(Path(spec["out"]), result, spec["model"], erase_argv(spec))
     out = {"erase_s": erase_s, "loaded_rss_mib": loaded, "own_peak_rss_mib": own_peak_rss_mib(), "timings": dict(result.timings)}
@@ -190,6 +192,7 @@ def compare_methods(
     attack: Mapping[str, Any] | None = None,
     seeds: int = 1,
     intervals: bool | None = None,
+    allow_unknown: bool = False,
 ) -> dict[str, Any]:
     """Erase ``concepts`` with every method (default: all registered) under the same seeds; evaluate each; write OUT.
 
@@ -202,7 +205,8 @@ def compare_methods(
     logs/, compare.json, compare.md and report.html. ``budget`` defaults to each method's 'toy' preset on the
     toy model; ``overrides`` maps a method to settings on top of it. A failing method is recorded and skipped.
     ``attack`` (AttackConfig fields; ``{}`` for the defaults) also attacks every erased model on each concept with the
-    same prompts and seeds (RUN/attack-<concept>/) and adds its success rate to the table.
+    same prompts and seeds (RUN/attack-<concept>/) and adds its success rate to the table. Concepts are checked as
+    :func:`erasekit.erase` checks them (``allow_unknown`` as there), before anything loads.
     """
     import torch
 
@@ -222,6 +226,12 @@ def compare_methods(
     targets = [c.strip() for c in targets]
     if not targets or any(not c for c in targets):
         raise ErasekitError("empty concept; give a word or phrase such as 'circle'")
+    from erasekit.concepts import check_targets
+
+    preserve = [p.strip() for p in ([preserve] if isinstance(preserve, str) else preserve)]
+    if any(not p for p in preserve):
+        raise ErasekitError("empty preserve concept; give a word or phrase such as 'ring', or drop it")
+    check_targets(targets, preserve, toy=model == "toy", allow_unknown=allow_unknown)
     names = list(dict.fromkeys(methods)) if methods is not None else sorted(registry())
     if not names:
         raise ErasekitError(f"no method to compare; choose from: {', '.join(sorted(registry()))}")
@@ -299,7 +309,7 @@ def compare_methods(
             run = name if seeds == 1 else f"{name}-seed{train_seed}"
             settings_s = {**settings[name], **({"seed": train_seed} if "seed" in settings[name] and "seed" not in overrides.get(name, {}) else {})}
             run_spec = {"model": model, "concepts": targets, "method": name, "out": str(out / run), "preserve": list(preserve), "budget": budget,
-                    "settings": settings_s, "seed": train_seed, "device": device, "threads": torch.get_num_threads()}
+                    "settings": settings_s, "seed": train_seed, "device": device, "threads": torch.get_num_threads(), "allow_unknown": allow_unknown}
             record = {"method": name, "run": run, "seed": train_seed, "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
             label = name if seeds == 1 else f"{name} seed {train_seed}"
             erase_progress = lambda step, total, info, label=label: tell(f"{label} erase", step, total, info)  # noqa: E731
@@ -351,6 +361,7 @@ def compare(
     isolate: bool = typer.Option(True, "--isolate/--in-process", help="Run each erasure in its own process (honest peak memory) or in this one."),
     attack: bool = typer.Option(False, "--attack", help="Also attack every erased model (adversarial prompts, as `erasekit attack`); adds ASR to the table."),
     attack_set: list[str] = typer.Option([], "--attack-set", help="An attack setting, KEY=VALUE (repeatable), e.g. iterations=40, n_prompts=10."),
+    allow_unknown: bool = typer.Option(False, "--allow-unknown", help="Accept a concept that looks like a mistake, as `erasekit erase --allow-unknown` does."),
 ) -> None:
     """Erase a concept with several methods under the same seeds, evaluate each, and write one comparison table."""
     from rich.console import Console
@@ -361,8 +372,12 @@ def compare(
         names = [n.strip() for item in methods for n in item.split(",") if n.strip()] if methods else None
         if methods and not names:
             raise ErasekitError("--methods is empty; name at least one method, separated by commas")
+        from erasekit.concepts import check_targets
         from erasekit.methods import registry
 
+        # as `erasekit erase` does, naming the flags (compare_methods checks again, naming its keywords; and refuses empty ones)
+        check_targets([c.strip() for c in concept if c.strip()], [p.strip() for p in preserve if p.strip()], toy=model == "toy",
+                      allow_unknown=allow_unknown, cli=True)
         overrides = parse_settings(setting, names or sorted(registry()))
         if attack_set and not attack:
             raise ErasekitError("--attack-set needs --attack")
@@ -380,7 +395,7 @@ def compare(
 
             summary = compare_methods(model, concept, out, names, budget, overrides, suite or None, preserve, images_per_class, steps, seed, judge,
                               device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), attack_settings,
-                              seeds, intervals)
+                              seeds, intervals, allow_unknown)
         typer.echo(markdown(summary))
         written = ", ".join(str(out / f) for f in ("compare.md", "compare.json", *(["report.html"] if summary["report"] else [])))
         console.print(f"wrote {written}")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, SettingError
 
 Method = Callable[..., Any]  # fit(pipe, request, config, progress) -> ErasureResult; methods.base.Method is the full Protocol
 
@@ -96,6 +96,8 @@ def registry() -> dict[str, MethodSpec]:
 
 def get_method(name: str) -> MethodSpec:
     """Look a method up, with a one-line error listing the known names."""
+    if not isinstance(name, str):  # a list or None would not even hash; say what is expected
+        raise SettingError("method", f"{{name}} must be one method's name (a string), got {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     if name not in _REGISTRY:
         raise ErasekitError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -104,6 +106,8 @@ def get_method(name: str) -> MethodSpec:
 def make_config(spec: MethodSpec, budget: str | None = None, **overrides: Any) -> Any:
     """Build a method's config: paper defaults, then a budget preset, then explicit overrides."""
     values: dict[str, Any] = {}
+    if budget is not None and not isinstance(budget, str):
+        raise SettingError("budget", f"{{name}} must be a preset's name (a string) or None, got {budget!r}; choose one of: paper, {', '.join(spec.presets)}")
     if budget:
         if budget not in spec.presets and budget != "paper":
             raise ErasekitError(f"unknown budget {budget!r} for {spec.name}; choose one of: paper, {', '.join(spec.presets)}")

@@ -50,10 +50,11 @@ class UCEConfig(MethodConfig):
         name = type(self).__name__.removesuffix("Config").lower()
         if self.train_method != "xattn":
             raise ErasekitError(f"{name} edits only the text-reading matrices in closed form (attn2.to_k/to_v; context_embedder on SD3/FLUX.1); it cannot edit train_method={self.train_method!r} (use xattn)")
-        if not self.lam > 0:
-            raise ErasekitError(f"lam must be > 0 (it keeps the solve well posed), got {self.lam}")
-        if self.erase_scale < 0:
-            raise ErasekitError(f"erase_scale must be >= 0, got {self.erase_scale}")
+        from erasekit.checks import MAX_SCALE, MIN_REGULARISER, check_between, check_scale
+
+        check_between("lam", self.lam, MIN_REGULARISER, MAX_SCALE, why="it keeps the solve well posed; UCE uses 0.5, RECE 0.1")
+        check_between("erase_scale", self.erase_scale, 0.0, MAX_SCALE, low_open=True, why="the erase terms' weight; UCE uses 1")
+        check_scale("preserve_scale", self.preserve_scale)
         if self.key_rows not in KEY_ROWS:
             raise ErasekitError(f"unknown key_rows {self.key_rows!r}; choose one of: {', '.join(KEY_ROWS)}")
         if self.concept_type not in CONCEPT_TYPES:

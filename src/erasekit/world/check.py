@@ -35,14 +35,28 @@ def default_toy_dir() -> Path:
     return Path(str(resources.files("erasekit.world").joinpath("assets/toy")))
 
 
-def load_toy_pipeline(folder: Path) -> StableDiffusionPipeline:
-    """Load a toy pipeline folder in fp32 on CPU, or raise a one-line error if it is missing or corrupt."""
-    from erasekit.models import quiet_loading
+def toy_pipeline_folder(folder: Path) -> Path:
+    """The pipeline folder ``folder`` names (a world's or its ``pipeline/``), or a one-line error when it holds none; loads nothing."""
     from erasekit.world.config import check_world_folder
 
     folder = check_world_folder(folder)
     if not (folder / "model_index.json").is_file():
         raise ErasekitError(f"no pipeline at {folder} (model_index.json missing); build one with `erasekit world train`")
+    return folder
+
+
+def toy_judge_folder(folder: Path) -> Path:
+    """``folder`` if it holds a judge, else a one-line error; loads nothing."""
+    if not (folder / "judge.safetensors").is_file():
+        raise ErasekitError(f"no judge at {folder} (judge.safetensors missing); build one with `erasekit world train`")
+    return folder
+
+
+def load_toy_pipeline(folder: Path) -> StableDiffusionPipeline:
+    """Load a toy pipeline folder in fp32 on CPU, or raise a one-line error if it is missing or corrupt."""
+    from erasekit.models import quiet_loading
+
+    folder = toy_pipeline_folder(folder)
     try:
         with quiet_loading():
             pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
@@ -55,9 +69,7 @@ def load_toy_pipeline(folder: Path) -> StableDiffusionPipeline:
 
 def load_toy_judge(folder: Path) -> Judge:
     """Load a judge folder, or raise a one-line error if it is missing or corrupt."""
-    if not (folder / "judge.safetensors").is_file():
-        raise ErasekitError(f"no judge at {folder} (judge.safetensors missing); build one with `erasekit world train`")
-    return Judge.load(folder)
+    return Judge.load(toy_judge_folder(folder))
 
 
 def generate(
@@ -140,8 +152,9 @@ def check_world(
     check_between("guidance", guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; 7.5 is usual")
     check_between("images_per_class", images_per_class, 1, 10_000)
     report = progress or (lambda *a: None)
-    pipeline_dir = pipeline_dir or default_toy_dir() / "pipeline"
-    judge_dir = judge_dir or default_toy_dir() / "judge"
+    # both folders are checked before either loads: a wrong --pipeline is refused at once, not after the judge loaded
+    judge_dir = toy_judge_folder(judge_dir or default_toy_dir() / "judge")
+    pipeline_dir = toy_pipeline_folder(pipeline_dir or default_toy_dir() / "pipeline")
     judge = load_toy_judge(judge_dir)
     pipe = load_toy_pipeline(pipeline_dir)
     total = 5 if pairs else 4

@@ -13,7 +13,7 @@ import numpy as np
 import typer
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TaskID
 from rich.table import Table
 
 from erasekit.errors import ErasekitError
@@ -128,8 +128,9 @@ def _resume_config(out: Path, flags: dict) -> WorldTrainConfig:
     for key, value in asdict(config).items():  # sizes a machine can hold; the seed feeds torch's 64-bit generator after scaling
         if isinstance(value, int) and not isinstance(value, bool):
             check_between(key, value, 0, {"seed": 2**32 - 1, "threads": 1024}.get(key, 10**9))
-    for key in ("cfg_dropout", "ema_decay"):
-        check_between(key, getattr(config, key), 0.0, 1.0, why="a probability" if key == "cfg_dropout" else "a decay rate")
+    check_between("clip_logit_scale", config.clip_logit_scale, 0.0, 100.0, why="CLIP caps its logit scale at 100")
+    for key in ("cfg_dropout", "ema_decay", "pair_word_p"):
+        check_between(key, getattr(config, key), 0.0, 1.0, why="a decay rate" if key == "ema_decay" else "a probability")
     return config
 
 
@@ -215,21 +216,22 @@ def check(
     pair_images: int = typer.Option(16, min=1, help="Images per object class for the look-alike-pair bar."),
 ) -> None:
     """Measure the quality bars of the toy model: judge accuracy, top-1 on generations, implicit rates, speed."""
+    from erasekit.run_display import progress_bar
     from erasekit.world.check import check_world
 
-    status = Console(stderr=True)
     with user_errors():
-        if as_json or not status.is_terminal:  # a progress bar only where someone watches it
-            result = check_world(pipeline, judge, images_per_class, steps, guidance, pairs=pairs, pair_images=pair_images)
-        else:
-            columns = (TextColumn("{task.description:<8}"), BarColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=status, transient=True) as bar:
-                task = bar.add_task("check", total=5 if pairs else 4)
+        # on stderr (stdout keeps the table or the one JSON object): a bar on a terminal, one plain line per stage in a log
+        bar = progress_bar(Console(stderr=True), "info", transient=True)
+        stages: dict[str, TaskID] = {}
 
-                def report(stage: str, step: int, total: int, info: dict) -> None:
-                    bar.update(task, completed=step, total=total, description=stage)
+        def report(stage: str, step: int, total: int, info: dict) -> None:
+            for task in stages.values():  # a new stage starts: the earlier ones are done (a log prints each once, with its time)
+                bar.update(task, completed=1)
+            if step < total:
+                stages[stage] = bar.add_task(stage, total=1, info=f"stage {step + 1} of {total}")
 
-                result = check_world(pipeline, judge, images_per_class, steps, guidance, report, pairs=pairs, pair_images=pair_images)
+        with bar:
+            result = check_world(pipeline, judge, images_per_class, steps, guidance, report, pairs=pairs, pair_images=pair_images)
     if as_json:
         typer.echo(json.dumps(result))
     else:
