@@ -214,3 +214,18 @@ def test_a_fixed_clip_temperature_is_held_through_training(tmp_path: Path) -> No
     contrastive_loss(model, x, ids, torch.arange(4)).backward()
     opt.step()
     assert model.logit_scale.item() == pytest.approx(math.log(10.0))
+
+
+def test_settings_of_stages_not_begun_may_change_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    WorldTrainer(out, tiny_config()).stage_data()  # then "killed" before the VAE began
+    later = tiny_config()
+    later.clip_steps, later.pair_word_p, later.unet_steps = 7, 0.5, 11
+    trainer = WorldTrainer(out, later)
+    saved = json.loads((out / "work" / "config.json").read_text())
+    assert (saved["clip_steps"], saved["pair_word_p"], saved["unet_steps"]) == (7, 0.5, 11)
+    assert trainer.done("data")
+    earlier = tiny_config()
+    earlier.n_images = 301  # the data stage is done: its settings are frozen
+    with pytest.raises(ErasekitError, match="n_images=300"):
+        WorldTrainer(out, earlier)

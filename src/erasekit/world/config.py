@@ -37,6 +37,15 @@ class WorldTrainConfig:
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
 
 
+# The first stage each setting shapes (later stages are built on it): on resume, a setting may change only while
+# that stage has not begun. Settings not listed (checkpoint_every, threads) change nothing a stage computes.
+STAGE_OF = {
+    "seed": "data", "n_images": "data", "n_heldout": "data", "vae_steps": "vae",
+    "clip_steps": "clip", "clip_batch": "clip", "clip_lr": "clip", "pair_word_p": "clip", "clip_logit_scale": "clip",
+    "judge_steps": "judge", "unet_steps": "unet", "batch_size": "unet", "lr": "unet", "cfg_dropout": "unet",
+    "ema_decay": "unet",
+}
+
 
 def load_saved_config(out: Path) -> tuple[WorldTrainConfig, str] | None:
     """The config and run id of the run ``out`` holds, None if it holds none; a one-line error if it cannot resume."""

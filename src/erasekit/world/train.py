@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
 from erasekit.world.captions import caption, sample_example
-from erasekit.world.config import FORMAT, STAGES, WorldTrainConfig, load_saved_config
+from erasekit.world.config import FORMAT, STAGE_OF, STAGES, WorldTrainConfig, load_saved_config
 from erasekit.world.judge import Judge, to_judge_input
 from erasekit.world.render import Scene, render
 from erasekit.world.vocab import load_vocab
@@ -78,22 +78,23 @@ class WorldTrainer:
         cfg_path = self.work / "config.json"
         saved = load_saved_config(out)
         if saved is not None:
-            # a longer UNet schedule may resume a shorter one ("train longer"), nothing else may change
-            mine, theirs = asdict(config), asdict(saved[0])
-            theirs["threads"] = mine["threads"]
-            longer = theirs["unet_steps"] < mine["unet_steps"]
-            theirs["unet_steps"] = max(theirs["unet_steps"], mine["unet_steps"])
-            changed = [k for k in mine if mine[k] != theirs[k]]
-            if changed:
-                raise ErasekitError(
-                    f"{out} holds a run with other settings ({', '.join(f'{k}={theirs[k]}' for k in changed)}); "
-                    "resume with the same flags or pick a new --out"
-                )
             self.run_id = saved[1]
-            if longer:
+            mine, theirs = asdict(config), asdict(saved[0])
+            changed = [k for k in STAGE_OF if mine[k] != theirs[k]]
+            if changed:
+                # a setting may change while its stage has not begun, and the UNet may train longer ("resume to
+                # train longer"); anything that would mix two settings in one stage's result is refused
+                longer = mine["unet_steps"] > theirs["unet_steps"]
+                frozen = [k for k in changed if self.begun(STAGE_OF[k]) and not (k == "unet_steps" and longer)]
+                if frozen:
+                    raise ErasekitError(
+                        f"{out} holds a run with other settings ({', '.join(f'{k}={theirs[k]}' for k in frozen)}) "
+                        f"for stages it has begun; resume with the same flags or pick a new --out"
+                    )
                 _atomic_write_text(cfg_path, json.dumps({"format": FORMAT, "run_id": self.run_id, **mine}, indent=1))
-                (self.work / "unet.done").unlink(missing_ok=True)
-                (self.work / "export.done").unlink(missing_ok=True)
+                if longer:
+                    (self.work / "unet.done").unlink(missing_ok=True)
+                    (self.work / "export.done").unlink(missing_ok=True)
         else:
             self.work.mkdir(parents=True, exist_ok=True)
             self.run_id = os.urandom(6).hex()
@@ -104,6 +105,10 @@ class WorldTrainer:
     def done(self, stage: str) -> bool:
         """Whether ``stage`` finished in an earlier (or this) run."""
         return (self.work / f"{stage}.done").exists()
+
+    def begun(self, stage: str) -> bool:
+        """Whether ``stage`` has begun: finished, or checkpointed part of the way."""
+        return self.done(stage) or (self.work / f"{stage}.ckpt").exists()
 
     def _mark(self, stage: str, info: dict | None = None) -> None:
         _atomic_write_text(self.work / f"{stage}.done", json.dumps(info or {}))
