@@ -229,3 +229,16 @@ def test_settings_of_stages_not_begun_may_change_on_resume(tmp_path: Path) -> No
     earlier.n_images = 301  # the data stage is done: its settings are frozen
     with pytest.raises(ErasekitError, match="n_images=300"):
         WorldTrainer(out, earlier)
+
+
+def test_a_slimmed_work_folder_rebuilds_its_data_and_latents_bit_for_bit(smoke_run: SmokeRun, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run.out / "work", out / "work")
+    for name in ("data.npz", "heldout.npz", "latents.pt", "recons.npy"):  # what a session carrying the run leaves out
+        (out / "work" / name).unlink()
+    trainer = WorldTrainer(out, tiny_config())
+    latents = trainer._latents()
+    original = torch.load(smoke_run.out / "work" / "latents.pt", weights_only=True)["latents"]
+    assert torch.equal(latents, original)
+    with np.load(smoke_run.out / "work" / "data.npz") as f:
+        assert all(np.array_equal(trainer._data()[k], f[k]) for k in f.files)

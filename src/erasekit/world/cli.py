@@ -138,7 +138,7 @@ def _resume_config(out: Path, flags: dict) -> WorldTrainConfig:
 def train(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Folder for the run (resumed if it holds one)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="UNet training steps (default 5000; more resumes a run to train longer)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="UNet training steps (default 3500; more resumes a run to train longer)."),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print every stage setting (each is a flag) and exit."),
 ) -> None:

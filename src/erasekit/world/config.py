@@ -14,13 +14,13 @@ FORMAT = 2  # 1: text encoder trained jointly with the UNet; 2: the UNet under a
 
 @dataclass
 class WorldTrainConfig:
-    """Sizes and schedules of `erasekit world train` (defaults: the shipped model)."""
+    """Sizes and schedules of `erasekit world train` (defaults: the v2 run in worlds/v2)."""
 
     seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and training."})
     n_images: int = field(default=40000, metadata={"help": "Rendered training images."})
     n_heldout: int = field(default=2000, metadata={"help": "Rendered held-out images for the judge's accuracy."})
     vae_steps: int = field(default=800, metadata={"help": "AutoencoderKL training steps (batch 64)."})
-    clip_steps: int = field(default=3000, metadata={"help": "Toy CLIP contrastive training steps."})
+    clip_steps: int = field(default=2000, metadata={"help": "Toy CLIP contrastive training steps."})
     clip_batch: int = field(default=256, metadata={"help": "Toy CLIP batch size (image-caption pairs)."})
     clip_lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate of the toy CLIP."})
     pair_word_p: float = field(default=0.3, metadata={
@@ -28,7 +28,7 @@ class WorldTrainConfig:
     clip_logit_scale: float = field(default=0.0, metadata={
         "help": "Fixed logit scale (1/temperature) of the toy CLIP's InfoNCE; 0 learns it, as CLIP does."})
     judge_steps: int = field(default=1500, metadata={"help": "Judge training steps (batch 128)."})
-    unet_steps: int = field(default=5000, metadata={"help": "UNet training steps (the text encoder is frozen)."})
+    unet_steps: int = field(default=3500, metadata={"help": "UNet training steps (the text encoder is frozen)."})
     batch_size: int = field(default=64, metadata={"help": "UNet batch size."})
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the UNet."})
     cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt (for CFG)."})

@@ -67,6 +67,19 @@ def render_dataset(n: int, seed: int, offset: int = 0) -> dict[str, np.ndarray]:
     return {"images": images, **cols}
 
 
+@torch.inference_mode()
+def _encode(vae: Any, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Posterior means (unscaled) and uint8 reconstructions of uint8 NHWC images, in batches of 500."""
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+    latents, recons = [], []
+    for start in range(0, len(images), 500):
+        x = x_all[start : start + 500].float() / 127.5 - 1.0
+        mean = vae.encode(x).latent_dist.mean
+        latents.append(mean)
+        recons.append(((vae.decode(mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
+    return torch.cat(latents), torch.cat(recons).numpy()
+
+
 class WorldTrainer:
     """Runs the stages of the toy world's training into ``out`` (resumable)."""
 
@@ -129,21 +142,37 @@ class WorldTrainer:
     # -- stages -----------------------------------------------------------------------------
     def stage_data(self) -> None:
         """Render the training and held-out sets."""
-        c = self.config
         self.progress("data", 0, 2, {})
-        train: dict[str, Any] = render_dataset(c.n_images, c.seed)  # Any: numpy's savez stub types **kwds as its allow_pickle flag
-        np.savez(self.work / "data.tmp.npz", **train)
-        os.replace(self.work / "data.tmp.npz", self.work / "data.npz")
+        self._render("data")
         self.progress("data", 1, 2, {})
-        held: dict[str, Any] = render_dataset(c.n_heldout, c.seed, offset=10_000_000)
-        np.savez(self.work / "heldout.tmp.npz", **held)
-        os.replace(self.work / "heldout.tmp.npz", self.work / "heldout.npz")
+        self._render("heldout")
         self.progress("data", 2, 2, {})
         self._mark("data")
 
+    def _render(self, name: str) -> None:
+        c = self.config
+        sizes = {"data": (c.n_images, 0), "heldout": (c.n_heldout, 10_000_000)}[name]
+        rendered: dict[str, Any] = render_dataset(sizes[0], c.seed, offset=sizes[1])  # Any: numpy's savez stub types **kwds as its allow_pickle flag
+        np.savez(self.work / f"{name}.tmp.npz", **rendered)
+        os.replace(self.work / f"{name}.tmp.npz", self.work / f"{name}.npz")
+
     def _data(self, name: str = "data") -> dict[str, np.ndarray]:
+        """A rendered set; re-rendered (deterministic by seed) where a slimmed work folder left it out."""
+        if not (self.work / f"{name}.npz").exists() and self.done("data"):
+            self._render(name)
         with np.load(self.work / f"{name}.npz") as f:
             return {k: f[k] for k in f.files}
+
+    def _latents(self) -> torch.Tensor:
+        """The scaled VAE latents of the training set; re-encoded with the trained VAE where a slimmed folder left them out."""
+        path = self.work / "latents.pt"
+        if not path.exists():
+            from diffusers import AutoencoderKL
+
+            vae: Any = AutoencoderKL.from_pretrained(self.work / "vae_model")
+            latents, _ = _encode(vae.eval(), self._data()["images"])
+            torch.save({"latents": latents * vae.config.scaling_factor}, path)
+        return torch.load(path, weights_only=True)["latents"]
 
     def _resume(self, name: str, modules: dict, optimizer: torch.optim.Optimizer) -> int:
         path = self.work / f"{name}.ckpt"
@@ -197,15 +226,7 @@ class WorldTrainer:
             step += 1
             self._after_step("vae", step, c.vae_steps, loss, {"vae": vae}, opt)
         vae.eval()
-        latents, recons = [], []
-        with torch.inference_mode():
-            for start in range(0, len(images), 500):
-                x = x_all[start : start + 500].float() / 127.5 - 1.0
-                mean = vae.encode(x).latent_dist.mean
-                latents.append(mean)
-                recons.append(((vae.decode(mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
-        latents_t = torch.cat(latents)
-        recon_np = torch.cat(recons).numpy()
+        latents_t, recon_np = _encode(vae, images)
         mse = float(np.mean((recon_np.astype(np.float32) - images.astype(np.float32)) ** 2))
         scaling = float(1.0 / latents_t.std())
         vae.register_to_config(scaling_factor=scaling)
@@ -315,7 +336,7 @@ class WorldTrainer:
         c = self.config
         vocab = load_vocab()
         data = self._data()
-        latents = torch.load(self.work / "latents.pt", weights_only=True)["latents"]
+        latents = self._latents()
         tokenizer = toy.build_tokenizer()
         text = CLIPTextModel.from_pretrained(self.work / "text_model").eval().requires_grad_(False)
         # diffusers UNet2DConditionModels (Any: mypy cannot see their torch.nn.Module methods)
