@@ -25,6 +25,8 @@ FAST = {"iterations": 3, "ddim_steps": 3, "lr": 1e-3}
 
 def settings_for(name: str, words: Path) -> dict:
     """Small settings every method accepts."""
+    if get_method(name).kind == "inference-time":  # no training loop: the tiny preset sizes its SAE
+        return {"budget": "tiny"}
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
     extra = {"concept_space": str(words), "k": 8, "n_centres": 3} if "k" in fields else {}
     return {**{k: v for k, v in FAST.items() if k in fields}, **extra}
@@ -41,6 +43,12 @@ def test_method_changes_only_its_parameters_and_leaves_pipeline_unchanged(name: 
     after_fit = _unet_state(tiny)
     assert all(torch.equal(before[k], after_fit[k]) for k in before), "erase() must leave the pipeline as it was"
     assert result.delta and result.base_hash and result.method == name
+    if get_method(name).kind == "inference-time":  # a hook on the text encoder: no weight of either network changes
+        text_before = {k: v.clone() for k, v in tiny.text_encoder.state_dict().items()}
+        result.apply(tiny)
+        assert result.kind == "hook" and all(torch.equal(v, before[k]) for k, v in _unet_state(tiny).items())
+        assert all(torch.equal(v, text_before[k]) for k, v in tiny.text_encoder.state_dict().items())
+        return
     result.apply(tiny)
     applied = _unet_state(tiny)
     changed = {k for k in before if not torch.equal(before[k], applied[k])}

@@ -25,6 +25,7 @@ from erasekit.compare import compare  # noqa: E402
 from erasekit.demo import DEMO_SEED
 from erasekit.errors import ErasekitError
 from erasekit.eval.cli import SETTINGS_FLAGS, evaluate, report, spectrum  # noqa: E402
+from erasekit.itd_cli import itd_app
 from erasekit.run_display import Estimate, plan_line, progress_bar
 from erasekit.runs import parse_method_flags, partial_dir, read_request, read_toml_config, write_request, write_run  # noqa: F401
 from erasekit.world.cli import app as world_app
@@ -64,6 +65,7 @@ app = typer.Typer(
 )
 app.add_typer(world_app, name="world")
 app.add_typer(bench_app, name="bench")
+app.add_typer(itd_app, name="itd")
 app.command(context_settings=SETTINGS_FLAGS)(evaluate)
 app.command()(report)
 app.command()(spectrum)

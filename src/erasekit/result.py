@@ -19,14 +19,17 @@ from erasekit.models import atomic_write_bytes, weights_hash
 
 FORMAT = "erasekit-delta"
 FORMAT_VERSION = "1"
+KINDS = ("weights", "lora", "hook")
 
 
 @dataclass(frozen=True)
 class ErasureResult:
     """The outcome of an erasure: the changed tensors and everything needed to reproduce and apply them.
 
-    ``kind`` is ``weights`` (new values of the changed UNet parameters, keys ``unet.<name>``) or
-    ``lora`` (a diffusers-format LoRA state dict).
+    ``kind`` is ``weights`` (new values of the changed parameters, keys ``<component>.<name>`` with the component
+    ``unet``/``transformer`` or ``text_encoder``/``text_encoder_2``/``text_encoder_3``), ``lora`` (a LoRA state dict
+    in the format diffusers' ``pipe.load_lora_weights`` reads, text-encoder keys included), or ``hook`` (the tensors
+    of an inference-time hook on one text-encoder layer, described by ``hook``; see :mod:`erasekit.hooks`).
     """
 
     method: str
@@ -40,6 +43,7 @@ class ErasureResult:
     history: tuple[dict[str, Any], ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     family: str = "sd"  # the model family the delta was made on (erasekit.families)
+    hook: dict[str, Any] = field(default_factory=dict)  # kind "hook": {type, encoder, layer, settings} (erasekit.hooks)
 
     def metadata(self) -> dict[str, str]:
         """String metadata stored in the safetensors header."""
@@ -56,6 +60,7 @@ class ErasureResult:
             "erasekit_version": __version__,
             "timings": json.dumps(self.timings),
             "family": self.family,
+            **({"hook": json.dumps(self.hook, sort_keys=True)} if self.kind == "hook" else {}),
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -79,9 +84,12 @@ class ErasureResult:
         return path
 
     def check_fits(self, pipe: Any, check_base: bool = True) -> None:
-        """Refuse ``pipe`` when it is of another family, or (``check_base``) its weights are not this delta's base."""
+        """Refuse ``pipe`` when it is of another family, (``check_base``) its weights are not this delta's base, or a key does not fit it."""
+        from erasekit.delta_keys import check_lora, weight_targets
         from erasekit.families import family_of
+        from erasekit.hooks import prepare
 
+        check_kind(self.kind, "this delta")
         family = family_of(pipe)
         if family.name != self.family:
             raise ErasekitError(
@@ -95,31 +103,54 @@ class ErasureResult:
                     f"this delta was made for base {self.base_model_id!r} (hash {self.base_hash}) but the pipeline's weights hash to {found}; "
                     "load the same base model, or pass check_base=False / --force to apply anyway"
                 )
+        if self.kind == "weights":
+            weight_targets(pipe, self.delta)
+        elif self.kind == "lora":
+            check_lora(pipe, self.delta)
+        else:
+            prepare(pipe, self.delta, self.hook)
 
     def apply(self, pipe: Any, check_base: bool = True) -> Any:
-        """Apply this delta to ``pipe`` in place (refusing a different base or family) and return it."""
-        from erasekit.families import family_of
+        """Apply this delta to ``pipe`` in place (every key checked first: a refused delta changes nothing) and return it.
 
-        family = family_of(pipe)
+        A ``hook`` installs a forward hook and leaves the weights as they are; a pipeline already carrying an
+        erasekit hook is refused (take it off first with :meth:`remove` or ``erasekit.remove(pipe)``).
+        """
+        from erasekit.delta_keys import weight_targets
+
         self.check_fits(pipe, check_base)
-        if self.kind == "lora":
-            pipe.load_lora_weights({k: v.clone() for k, v in self.delta.items()}, adapter_name="erasekit")
-            pipe.fuse_lora(adapter_names=["erasekit"])
-            pipe.unload_lora_weights()
-            return pipe
-        prefix = "unet." if hasattr(pipe, "unet") else "transformer."
-        params = dict(family.denoiser(pipe).named_parameters())
-        for key, value in self.delta.items():
-            name = key.removeprefix(prefix)
-            if not key.startswith(prefix) or name not in params:
-                raise ErasekitError(f"the delta changes {key!r}, which this pipeline's {prefix[:-1]} does not have; it was made for another architecture")
-            if params[name].shape != value.shape:
-                raise ErasekitError(f"shape mismatch for {key}: delta {tuple(value.shape)} vs model {tuple(params[name].shape)}")
-        with torch.no_grad():
-            for key, value in self.delta.items():
-                target = params[key.removeprefix(prefix)]
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
+        if self.kind == "hook":
+            from erasekit.hooks import install
+
+            install(pipe, self.delta, self.hook)
+        elif self.kind == "lora":
+            from erasekit.models import quiet_loading
+
+            with quiet_loading():  # diffusers warns of each component the LoRA leaves alone; transformers draws a loading bar
+                pipe.load_lora_weights({k: v.clone() for k, v in self.delta.items()}, adapter_name="erasekit")
+                pipe.fuse_lora(adapter_names=["erasekit"])
+                pipe.unload_lora_weights()
+        else:
+            with torch.no_grad():
+                for key, target in weight_targets(pipe, self.delta).items():
+                    target.copy_(self.delta[key].to(device=target.device, dtype=target.dtype))
         return pipe
+
+    def remove(self, pipe: Any) -> Any:
+        """Take this result's hook off ``pipe`` and return it; weights and LoRA deltas changed weights in place and are refused."""
+        from erasekit.hooks import fingerprint, take_off
+
+        if self.kind != "hook":
+            raise ErasekitError(f"a {self.kind} delta changed the pipeline's weights in place and cannot be taken off; load the base model again")
+        if not take_off(pipe, only=fingerprint(self.delta, self.hook)):
+            raise ErasekitError("this result's hook is not on the pipeline; nothing to take off (erasekit.remove(pipe) takes off any erasekit hook)")
+        return pipe
+
+
+def check_kind(kind: str, what: str) -> None:
+    """Refuse a delta kind this erasekit cannot apply."""
+    if kind not in KINDS:
+        raise ErasekitError(f"{what} is of kind {kind!r}, which this erasekit cannot apply (it applies {', '.join(KINDS)}); a newer erasekit may")
 
 
 def load_result(path: str | Path) -> ErasureResult:
@@ -143,7 +174,7 @@ def load_result(path: str | Path) -> ErasureResult:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ErasekitError(f"{path} has delta format version {meta.get('format_version')!r}; this erasekit reads version {FORMAT_VERSION}")
     try:
-        return ErasureResult(
+        result = ErasureResult(
             method=meta["method"],
             concepts=tuple(json.loads(meta["concepts"])),
             delta=tensors,
@@ -154,9 +185,19 @@ def load_result(path: str | Path) -> ErasureResult:
             base_hash=meta.get("base_hash", ""),
             timings=json.loads(meta.get("timings", "{}")),
             family=meta.get("family", "sd"),  # deltas from before the family layer are all SD 1.x/2.x
+            hook=json.loads(meta.get("hook", "{}")),
         )
     except (KeyError, ValueError) as exc:
         raise ErasekitError(f"{path} has a damaged erasekit header ({exc})") from exc
+    check_kind(result.kind, str(path))
+    if result.kind == "hook":
+        from erasekit.hooks import check_spec
+
+        try:
+            check_spec(result.hook)
+        except ErasekitError as exc:
+            raise ErasekitError(f"{path}: {exc}") from None
+    return result
 
 
 def load(pipe: Pipeline, path: str | Path, check_base: bool = True) -> Pipeline:

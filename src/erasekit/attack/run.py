@@ -123,6 +123,7 @@ def attack_pipeline(
             return None
         return lambda done, total, info=None: progress(phase, done, total, info or {})
 
+    erased.check_fits(pipe, check_base=False)  # every key and hook setting fits: refuse before the base images (apply checks the base)
     x0, base_pixels = base if base is not None else base_images(pipe, prompts, config)
     if len(x0) != len(prompts):
         raise ErasekitError(f"{len(x0)} base images were given for {len(prompts)} prompts; make them with base_images() of the same prompts")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from erasekit.distributed import distributed
 from erasekit.errors import ErasekitError
-from erasekit.models import weights_hash
+from erasekit.hooks import generation_hash
 from erasekit.sampling import generate
 
 CACHE_ENV = "ERASEKIT_CACHE"
@@ -45,7 +45,7 @@ class SamplerSettings:
 
 
 def image_key(model_hash: str, prompt: str, seed: int, settings: SamplerSettings) -> str:
-    """SHA-256 of the model's weights hash, the prompt, the seed and the sampler settings."""
+    """SHA-256 of the model's generation hash (weights, and any hook on it), the prompt, the seed and the sampler settings."""
     record = {
         "model": model_hash, "prompt": prompt, "seed": int(seed), "steps": int(settings.steps),
         "guidance": float(settings.guidance), "height": int(settings.height), "width": int(settings.width), "sampler": "ddim",
@@ -130,7 +130,7 @@ def generate_cached(
         raise ErasekitError(f"{len(prompts)} prompts but {len(scales)} guidance scales")
     if batch_size < 1:
         raise ErasekitError(f"batch size must be at least 1, got {batch_size}")
-    model_hash = model_hash or weights_hash(pipe)
+    model_hash = model_hash or generation_hash(pipe)
     keys = [image_key(model_hash, p, s, sampler_settings(pipe, steps, g)) for p, s, g in zip(prompts, seeds, scales)]
     counts = Counter(keys)
     rank, world, barrier = distributed(cpu=pipe.device.type == "cpu")

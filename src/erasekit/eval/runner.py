@@ -17,7 +17,8 @@ from erasekit.errors import ErasekitError, SettingError
 from erasekit.eval.generate import GenerationCache, default_cache_dir, generate_cached
 from erasekit.eval.scorers import Scorer, load_scorer
 from erasekit.eval.suites import SEED_STRIDE, Plan, Settings, Suite, get_suite, resolve_settings
-from erasekit.models import json_dumps, weights_hash
+from erasekit.hooks import generation_hash
+from erasekit.models import json_dumps
 from erasekit.result import ErasureResult, load_result
 
 # progress(model label, images just finished, images in total for that model)
@@ -87,7 +88,7 @@ def run_suite(
     scores, images = {}, {}
     for name, source in models.items():
         pipe = _pipe(source)
-        model_hash = weights_hash(pipe)
+        model_hash = generation_hash(pipe)  # a hook changes the images but not the weights
         tick = (lambda n, name=name: progress(name, n, len(plan.prompts))) if progress else None
         gen = generate_cached(pipe, plan.prompts, plan.seeds, cache, settings.steps, plan.guidance, settings.batch_size, tick, model_hash)
         scores[name] = score_sharded(scorer, gen.images, gen.paths, plan, pipe.device)
@@ -197,9 +198,10 @@ def evaluate(
     models: dict[str, PipeSource] = {"base": pipe}
     result = tgt.result
     if result is not None:
+        result.check_fits(pipe, check_base=False)  # every key and hook setting fits: refuse before the base images (apply checks the base)
         models["erased"] = lambda: result.apply(pipe, check_base=not force)
     cache = GenerationCache(cache_dir or default_cache_dir())
-    with kept_as_it_was(given_pipe):  # a caller's pipeline comes back unerased
+    with kept_as_it_was(given_pipe, result):  # a caller's pipeline comes back unerased
         record, images = run_suite(spec, plan, models, scorer, settings, cache, progress)
     out = {
         "suite": spec.name, "summary": spec.summary, "target": describe(target), "model": tgt.base,

@@ -217,6 +217,7 @@ def spectrum(
     pipe = load_pipeline(tgt.base, device=device)
     distance = text_distances(pipe, tgt.result.concepts, words)
     result = tgt.result
+    result.check_fits(pipe, check_base=False)  # every key and hook setting fits: refuse before the base images (apply checks the base)
     models = {"base": pipe, "erased": lambda: result.apply(pipe, check_base=not force)}
     record, _ = run_suite(SPECTRUM, plan, models, scorer, settings, GenerationCache(cache_dir or default_cache_dir()), progress)
     rows = spectrum_rows(record["metrics"]["base"]["per_concept"], record["metrics"]["erased"]["per_concept"], distance)

@@ -62,19 +62,31 @@ def describe(target: Any) -> str:
 
 
 @contextmanager
-def kept_as_it_was(pipe: Any) -> Iterator[None]:
-    """Restore ``pipe``'s denoiser weights afterwards (the evaluation applies the delta to it in place); None: nothing to keep."""
+def kept_as_it_was(pipe: Any, result: Any = None) -> Iterator[None]:
+    """Restore ``pipe`` afterwards (the evaluation applies ``result`` to it in place); None: nothing to keep.
+
+    The denoiser's weights always come back, a text encoder's when ``result`` changes it, and a hook put on meanwhile comes off.
+    """
     if pipe is None:
         yield
         return
-    from erasekit.families import family_of
+    from erasekit.delta_keys import components, touched
+    from erasekit.hooks import installed, take_off
 
-    denoiser = family_of(pipe).denoiser(pipe)
-    saved = {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
+    kept = {"unet" if hasattr(pipe, "unet") else "transformer"}
+    if result is not None:
+        kept |= touched(result.delta, result.kind)
+    modules = {name: module for name, module in components(pipe).items() if name in kept}
+    saved = {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in modules.items()}
+    hooks_before = {h.fingerprint for h in installed(pipe)}
     try:
         yield
     finally:
-        denoiser.load_state_dict(saved)
+        for hook in installed(pipe):
+            if hook.fingerprint not in hooks_before:
+                take_off(pipe, only=hook.fingerprint)
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
 
 
 def check_keywords(out_json: Any, cache_dir: Any, erased: Any) -> list[str] | None:

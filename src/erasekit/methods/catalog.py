@@ -62,3 +62,10 @@ declare_method(
     {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
     kind="closed-form", families=ALL_FAMILIES,
 )
+declare_method(
+    "itd", "ItD: a sparse autoencoder on a text-encoder layer; the concept's features are switched off at inference (no weight changes).",
+    "erasekit.methods.itd:ItDConfig", "erasekit.methods.itd:fit_itd",
+    {"toy": {"corpus": "toy"}, "fast": {"sae_steps": 1000},
+     "tiny": {"corpus": "toy", "corpus_size": 64, "sae_steps": 5, "sae_batch": 64, "expansion": 2, "k": 4, "n_features": 2, "threshold": 0.0}},
+    kind="inference-time", families=("sd",),
+)
