@@ -249,3 +249,17 @@ def test_shipped_judge_is_at_least_98_percent_accurate_on_fresh_renders() -> Non
     for head in ("object", "colour", "style"):
         assert np.mean(probs[head].argmax(1) == held[head]) >= 0.98, head
     assert np.mean((probs["implicit"] >= 0.5) == (held["implicit"] == 1)) >= 0.98
+
+
+def test_the_shipped_world_is_v2_with_its_toy_clip_and_passes_the_v1_refusal() -> None:
+    """The package ships a v2 world (frozen toy CLIP) that the v1 check accepts for what it is, not by exemption."""
+    import json
+
+    from erasekit.world.clip import find_world_clip
+    from erasekit.world.config import check_world_folder
+
+    meta = json.loads((SHIPPED / "world_train.json").read_text())
+    assert meta["format"] == 2 and meta["config"]["pair_word_p"] > 0
+    assert find_world_clip(SHIPPED / "judge") is not None, "the shipped world carries clip/ beside its pipeline"
+    assert check_world_folder(SHIPPED) == SHIPPED / "pipeline"
+    assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 40 * 2**20, "the shipped world stays under 40 MB"

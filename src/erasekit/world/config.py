@@ -70,15 +70,10 @@ def load_saved_config(out: Path) -> tuple[WorldTrainConfig, str] | None:
 def check_world_folder(folder: Path) -> Path:
     """The pipeline folder of a toy world (its own folder or ``pipeline/`` inside it); refuses a v1 world in one line.
 
-    A folder that belongs to no toy world (no ``world_train.json`` beside or above it) is returned as is. The
-    world shipped inside the package is accepted as it is (v1 until the v2 model ships).
+    A folder that belongs to no toy world (no ``world_train.json`` beside or above it) is returned as is; the
+    world shipped inside the package is a v2 world like any other (a test checks its ``world_train.json``).
     """
-    from importlib import resources
-
-    shipped = Path(str(resources.files("erasekit.world").joinpath("assets/toy"))).resolve()
     for world, pipeline in ((folder, folder / "pipeline"), (folder.parent, folder)):
-        if world.resolve() == shipped and (pipeline / "model_index.json").is_file():
-            return pipeline
         meta = world / "world_train.json"
         if meta.is_file() and (pipeline / "model_index.json").is_file():
             try:
