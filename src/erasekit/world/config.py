@@ -14,7 +14,7 @@ FORMAT = 2  # 1: text encoder trained jointly with the UNet; 2: the UNet under a
 
 @dataclass
 class WorldTrainConfig:
-    """Sizes and schedules of `erasekit world train` (defaults: the v2 run in worlds/v2)."""
+    """Sizes and schedules of `erasekit world train` (defaults: the run that built the shipped v2 world; its world_train.json records them)."""
 
     seed: int = field(default=0, metadata={"help": "Seed for data, initialisation and training."})
     n_images: int = field(default=40000, metadata={"help": "Rendered training images."})
