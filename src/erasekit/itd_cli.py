@@ -31,7 +31,9 @@ def toy_prompt_sets(concept: str, seed: int = 12345, per_group: int = 60) -> dic
         raise ValueError(f"the toy report covers the toy world's objects ({', '.join(vocab.objects)}); got {concept!r}")
     synonyms = vocab.object_synonyms(concept)
     rng = np.random.default_rng(seed)
-    named, paraphrased, without = [f"an image of a {concept}", f"a {concept}", f"a photo of a {concept}"], [], []
+    named = [f"an image of a {concept}", f"a {concept}", f"a photo of a {concept}"]
+    paraphrased: list[str] = []
+    without: list[str] = []
     while min(len(named), len(paraphrased), len(without)) < per_group:
         scene, kind = sample_example(rng, 0, vocab)
         text = caption(scene, kind, rng, vocab)
