@@ -101,6 +101,7 @@ BASE: dict[tuple[str, ...], list[str]] = {
     ("world", "render"): ["world", "render", "--out", "{out}/r.png", "--objects", "circle", "--colours", "red", "--styles", "flat"],
     ("world", "train"): ["world", "train", "--out", "{out}/world"],
     ("world", "check"): ["world", "check", "--json", "--no-pairs", "--images-per-class", "1", "--steps", "1"],
+    ("itd", "classify"): ["itd", "classify", "{run}", "-p", "circle"],
     ("bench", "eap"): ["bench", "eap", "--no-sd14", "--images-per-class", "1", "--iterations", "1"],
 }
 OPTIONS = sorted({o for words, info in commands() for o in typer_options(words, info)} | set(setting_options()),
