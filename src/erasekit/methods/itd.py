@@ -150,10 +150,10 @@ def concept_words(concept: str, toy: bool) -> list[str]:
     return [concept]
 
 
-def select_features(z: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, n: int, max_general: float) -> torch.Tensor:
+def select_features(z: torch.Tensor, mask: torch.Tensor, n: int, max_general: float) -> torch.Tensor:
     """The ``n`` features most active on the concept's positions among those firing on at most ``max_general`` of the rest."""
     target = z[mask]
-    general = z[valid & ~mask.any(1, keepdim=True).expand_as(mask)]
+    general = z[~mask.any(1, keepdim=True).expand_as(mask)]
     if target.shape[0] == 0:
         raise ErasekitError("no corpus prompt names the concept; add prompts that name it to the corpus")
     rate = (general > 0).float().mean(0) if general.shape[0] else torch.zeros(z.shape[-1])
@@ -227,7 +227,6 @@ def fit_itd(pipe: Pipeline, request: ErasureRequest, config: ItDConfig, progress
     sae = trained_sae(pipe, config, layer, prompts, hidden, progress)
     with torch.no_grad():
         z = sae.activations(hidden)
-    valid = torch.ones(ids.shape, dtype=torch.bool)
     toy = config.corpus == "toy"
     chosen, masks = [], []
     for concept in request.targets:
@@ -240,9 +239,9 @@ def fit_itd(pipe: Pipeline, request: ErasureRequest, config: ItDConfig, progress
                 z_extra = sae.activations(h_extra)
             m_extra = concept_mask(pipe, extra, ids_extra, [concept])
             z_all, m_all = torch.cat([z, z_extra]), torch.cat([mask, m_extra])
-            chosen.append(select_features(z_all, m_all, torch.ones(m_all.shape, dtype=torch.bool), config.n_features, config.max_general_rate))
+            chosen.append(select_features(z_all, m_all, config.n_features, config.max_general_rate))
         else:
-            chosen.append(select_features(z, mask, valid, config.n_features, config.max_general_rate))
+            chosen.append(select_features(z, mask, config.n_features, config.max_general_rate))
         masks.append(mask.any(1))
     features = torch.cat(chosen).unique()
     threshold = config.threshold
