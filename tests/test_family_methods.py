@@ -50,6 +50,13 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
     if registry()[method].kind == "inference-time":  # no weight changes: a hook on a text-encoder layer, which changes the images
         assert result.kind == "hook" and not set(result.delta) & set(before)
         assert not np.array_equal(_images(load_pipeline(str(folders[family]))), _images(result.apply(load_pipeline(str(folders[family])))))
+    elif registry()[method].kind == "text-encoder":  # the text encoder's chosen layers; the images change through them
+        from erasekit.methods.te_model import te_parameters
+
+        assert result.delta and all(k.startswith("text_encoder.") for k in result.delta)
+        named = set(te_parameters(pipe.text_encoder, result.config["te_layers"]))
+        assert {k.removeprefix("text_encoder.") for k in result.delta} == named
+        assert not np.array_equal(_images(load_pipeline(str(folders[family]))), _images(result.apply(load_pipeline(str(folders[family])))))
     elif registry()[method].kind == "closed-form":  # the family's text-reading matrices (attn2.to_k/to_v; context_embedder), nothing else
         assert changed and changed == set(fam.closed_form_weights(fam.denoiser(pipe)))
     elif result.config.get("kv_only"):  # CA's default: the text's keys and values within its train set
@@ -57,7 +64,8 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
         assert all(any(kv in f".{k}" for kv in (".to_k.", ".to_v.", ".add_k_proj.", ".add_v_proj.")) for k in changed)
     else:
         assert changed == set(fam.parameters(fam.denoiser(pipe), result.config["train_method"]))
-    assert result.kind == "hook" or any(not torch.equal(result.delta[prefix + k], before[k]) for k in before if prefix + k in result.delta)
+    assert result.kind == "hook" or registry()[method].kind == "text-encoder" or any(
+        not torch.equal(result.delta[prefix + k], before[k]) for k in before if prefix + k in result.delta)
     # save -> load -> apply gives the same images as applying the result in memory
     path = result.save(tmp_path / "delta.safetensors")
     direct = _images(result.apply(load_pipeline(str(folders[family]))))

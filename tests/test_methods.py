@@ -25,7 +25,7 @@ FAST = {"iterations": 3, "ddim_steps": 3, "lr": 1e-3}
 
 def settings_for(name: str, words: Path) -> dict:
     """Small settings every method accepts."""
-    if get_method(name).kind == "inference-time":  # no training loop: the tiny preset sizes its SAE
+    if get_method(name).kind in ("inference-time", "text-encoder"):  # the tiny preset sizes the SAE or the text-encoder run
         return {"budget": "tiny"}
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
     extra = {"concept_space": str(words), "k": 8, "n_centres": 3} if "k" in fields else {}
@@ -48,6 +48,16 @@ def test_method_changes_only_its_parameters_and_leaves_pipeline_unchanged(name: 
         result.apply(tiny)
         assert result.kind == "hook" and all(torch.equal(v, before[k]) for k, v in _unet_state(tiny).items())
         assert all(torch.equal(v, text_before[k]) for k, v in tiny.text_encoder.state_dict().items())
+        return
+    if get_method(name).kind == "text-encoder":  # the text encoder's chosen layers change, the denoiser never
+        from erasekit.methods.te_model import te_parameters
+
+        text_before = {k: v.detach().clone() for k, v in tiny.text_encoder.named_parameters()}
+        config = erasekit.methods.make_config(get_method(name), "tiny")
+        result.apply(tiny)
+        assert all(torch.equal(v, before[k]) for k, v in _unet_state(tiny).items())
+        moved = {k for k, v in tiny.text_encoder.named_parameters() if not torch.equal(v, text_before[k])}
+        assert moved and moved <= set(te_parameters(tiny.text_encoder, config.te_layers))
         return
     result.apply(tiny)
     applied = _unet_state(tiny)

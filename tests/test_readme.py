@@ -35,7 +35,35 @@ def test_readme_shows_the_demo_and_the_core_commands() -> None:
     assert names[0] == "demo" and {"erase", "generate", "evaluate", "report", "world"} <= set(names)
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command at full scale, as a new user runs them (about 20 min on a 2-core AMD machine: the slow suite)."""
+    run_readme_commands(tmp_path, monkeypatch)
+
+
+def test_every_readme_command_runs_at_a_small_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command as written, with the toy presets cut to 2 steps and every evaluation and world check to a few images.
+
+    The commands, their flags and every file they write are the README's; only the amount of work is smaller, so the
+    default suite stays within its time (the full-scale run is the slow test above).
+    """
+    import erasekit.eval.runner as runner
+    import erasekit.world.check as check
+    from erasekit.methods import registry
+
+    for spec in registry().values():
+        for preset in spec.presets.values():
+            if "iterations" in preset:
+                monkeypatch.setitem(preset, "iterations", 2)
+    full_evaluate, full_check = runner.evaluate, check.check_world
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: full_evaluate(*a, **{**k, "images_per_class": 2}))
+    monkeypatch.setattr(check, "check_world", lambda pipeline_dir=None, judge_dir=None, images_per_class=20, steps=25, *a, **k:
+                        full_check(pipeline_dir, judge_dir, 1, 2, *a, **{**k, "heldout_images": 20}))
+    run_readme_commands(tmp_path, monkeypatch)
+
+
+def run_readme_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the README's commands in order in ``tmp_path`` and check what they wrote and printed."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()

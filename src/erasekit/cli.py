@@ -26,7 +26,7 @@ from erasekit.demo import DEMO_SEED
 from erasekit.errors import ErasekitError
 from erasekit.eval.cli import SETTINGS_FLAGS, evaluate, report, spectrum  # noqa: E402
 from erasekit.itd_cli import itd_app
-from erasekit.run_display import Estimate, plan_line, progress_bar
+from erasekit.run_display import Estimate, plan_line, planned_steps, progress_bar
 from erasekit.runs import parse_method_flags, partial_dir, read_request, read_toml_config, write_request, write_run  # noqa: F401
 from erasekit.world.cli import app as world_app
 from erasekit.world.cli import user_errors
@@ -203,7 +203,7 @@ def erase(
             write_request(work, {"model": model, "family": family, "method": method, "concepts": concept, "preserve": list(preserve), "device": device,
                                  "config": dataclasses.asdict(cfg), "checkpoint_every": checkpoint_every, "allow_unknown": allow_unknown,
                                  "argv": sys.argv})
-        total = getattr(cfg, "iterations", 1)
+        total = planned_steps(cfg) or 1
         console.print(plan_line(method, cfg))
         with _progress_bar() as bar:
             task = bar.add_task(f"{method} ✕ {', '.join(concept)}", total=total, info="preparing")

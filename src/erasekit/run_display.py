@@ -103,9 +103,15 @@ class LineProgress(Progress):
         return f"{task.description}: {done}, {_clock(task.elapsed)} elapsed{left}" + (f"; {extra}" if extra else "")
 
 
+def planned_steps(cfg: Any) -> int:
+    """The model steps a run of ``cfg`` takes (0 for a closed form); a config may compute them (``total_steps``)."""
+    total = getattr(cfg, "total_steps", None)
+    return int(total()) if callable(total) else int(getattr(cfg, "iterations", 0))
+
+
 def plan_line(method: str, cfg: Any) -> str:
     """One line naming the work a run will do: model steps and DDIM rollouts."""
-    steps = getattr(cfg, "iterations", 0)
+    steps = planned_steps(cfg)
     if not steps:
         return f"{method}: closed form"
     if not hasattr(cfg, "start_guidance"):  # no rollouts (e.g. CA trains on pre-generated anchor images)

@@ -69,3 +69,18 @@ declare_method(
      "tiny": {"corpus": "toy", "corpus_size": 64, "sae_steps": 5, "sae_batch": 64, "expansion": 2, "k": 4, "n_features": 2, "threshold": 0.0}},
     kind="inference-time", families=("sd",),
 )
+declare_method(
+    "advunlearn", "AdvUnlearn: adversarial training of the text encoder (PGD prefix attack inside, ESD erasure + retain loss outside).",
+    "erasekit.methods.advunlearn:AdvUnlearnConfig", "erasekit.methods.advunlearn:fit_advunlearn",
+    {"toy": {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "warmup": 30, "attack_steps": 5, "attack_lr": 1e-2, "retain_prompts": "toy"},
+     "fast": {"attack": "fast-at"},
+     "tiny": {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "warmup": 1, "attack_steps": 2, "retain_batch": 2}},
+    kind="text-encoder", families=("sd",), checkpointable=True,
+)
+declare_method(
+    "fewshot-te", "Few-shot unlearning: gradient ascent on the denoising loss of a few concept images, through the text encoder's last layer.",
+    "erasekit.methods.fewshot_te:FewShotTEConfig", "erasekit.methods.fewshot_te:fit_fewshot_te",
+    {"toy": {"n_images": 8, "epochs": 4, "lr": 3e-4, "te_layers": "all", "ddim_steps": 25}, "fast": {},
+     "tiny": {"n_images": 2, "epochs": 1, "ddim_steps": 3, "lr": 1e-3}},
+    kind="text-encoder", families=("sd",), checkpointable=True,
+)

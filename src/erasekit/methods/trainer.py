@@ -58,6 +58,29 @@ class Search(Protocol):
 ToX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Trainable(Protocol):
+    """What the life cycle reads of a trainable model: the denoiser's (:class:`TrainableModel`) or a text encoder's."""
+
+    family: Family
+    params: dict[str, torch.nn.Parameter]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the latents live."""
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The trained model's output."""
+
+    def frozen_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The base model's output, a constant."""
+
+    def delta(self) -> tuple[dict[str, torch.Tensor], str]:
+        """The changed tensors and their kind."""
+
+    def restore(self) -> None:
+        """Put the pipeline back as it was."""
+
+
 class RunConfig(Protocol):
     """The settings the life cycle itself reads: :class:`TrainConfig`'s, or a method's own (CA's) that has these."""
 
@@ -83,7 +106,7 @@ class Setup(Generic[C]):
     emb_preserve: Cond | None
     family: Family
     schedule: Schedule
-    trainable: TrainableModel
+    trainable: Trainable
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     base_hash: str
