@@ -93,11 +93,12 @@ def methods() -> None:
     from erasekit.methods import registry
     from erasekit.methods.specs import ALL_FAMILIES  # the families' names without importing them (and torch)
 
-    names = list(ALL_FAMILIES)
-    typer.echo(f"{'method':10s} {'kind':12s} {' '.join(f'{n:5s}' for n in names)} summary")
-    for name, spec in sorted(registry().items()):
+    names, found = list(ALL_FAMILIES), registry()
+    w_name, w_kind = max(len("method"), *map(len, found)), max(len("kind"), *(len(s.kind) for s in found.values()))
+    typer.echo(f"{'method':{w_name}s} {'kind':{w_kind}s} {' '.join(f'{n:5s}' for n in names)} summary")
+    for name, spec in sorted(found.items()):
         marks = " ".join(f"{'yes' if n in spec.families else '-':5s}" for n in names)
-        typer.echo(f"{name:10s} {spec.kind:12s} {marks} {spec.summary}")
+        typer.echo(f"{name:{w_name}s} {spec.kind:{w_kind}s} {marks} {spec.summary}")
 
 
 def _progress_bar() -> Progress:
