@@ -41,6 +41,18 @@ def test_the_hook_subtracts_exactly_the_concept_features_of_flagged_prompts_and_
     assert torch.equal(half[1], torch.tensor([[0.5, 2.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]])), "selective off: every prompt, scaled"
 
 
+def test_the_classifier_reads_the_detector_features_and_the_hook_removes_the_deactivated_ones() -> None:
+    tensors = {**identity_sae(), "features": torch.tensor([0, 1]), "detect": torch.tensor([2])}
+    hook = build_itd_hook(tensors, {"k": 4, "scale": 0.0, "threshold": 0.5, "selective": True}, 4)
+    h = torch.tensor([[[1.0, 1.0, 3.0, 0.0]],    # detector share 3/5 -> flagged: features 0 and 1 removed, 2 kept
+                      [[3.0, 3.0, 1.0, 0.0]]])   # detector share 1/7 -> left alone, however active 0 and 1 are
+    out = hook(h)
+    assert torch.equal(out[0], torch.tensor([[0.0, 0.0, 3.0, 0.0]]))
+    assert torch.equal(out[1], h[1])
+    with pytest.raises(ErasekitError, match="does not have"):
+        build_itd_hook({**tensors, "detect": torch.tensor([9])}, {"k": 4, "scale": 0.0, "threshold": 0.5, "selective": True}, 4)
+
+
 def test_the_hook_refuses_an_sae_of_another_width_and_features_it_does_not_have() -> None:
     with pytest.raises(ErasekitError, match="trained on another model"):
         build_itd_hook({**identity_sae(4), "features": torch.tensor([0])}, {"k": 4, "scale": 0.0, "threshold": 0.5, "selective": True}, 8)

@@ -62,10 +62,15 @@ declare_method(
     {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
     kind="closed-form", families=ALL_FAMILIES,
 )
+# toy (circle, seed 0, 8 circle + 3 images of each other object): the paper's recipe (8 features switched off at two
+# thirds of the depth, here layer 0 of 2) left ESR-1 at 12 % (the 2-layer toy encoder carries the object in many
+# features); 64 features firing on <= 20 % of other tokens at the last layer: ESR-1 75 / PSR-1 100 at scale 0, 100 / 100
+# at scale -0.5 (pushed past zero); the classifier keeps its 8 most specific detector features either way
+ITD_TOY = {"corpus": "toy", "layer": 1, "n_features": 64, "max_general_rate": 0.2, "scale": -0.5}
 declare_method(
     "itd", "ItD: a sparse autoencoder on a text-encoder layer; the concept's features are switched off at inference (no weight changes).",
     "erasekit.methods.itd:ItDConfig", "erasekit.methods.itd:fit_itd",
-    {"toy": {"corpus": "toy"}, "fast": {"sae_steps": 1000},
+    {"toy": ITD_TOY, "fast": {"sae_steps": 1000},
      "tiny": {"corpus": "toy", "corpus_size": 64, "sae_steps": 5, "sae_batch": 64, "expansion": 2, "k": 4, "n_features": 2, "threshold": 0.0}},
     kind="inference-time", families=("sd",),
 )

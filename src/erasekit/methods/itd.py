@@ -4,10 +4,14 @@
    layer over a prompt corpus (the toy world's captions, or a user's file). It is trained once per model and layer
    and cached; any concept is then a set of its features.
 2. The concept's features: those most active on the concept's tokens (from the concept's word to the end of the
-   prompt, where a causal text encoder carries it) and rarely active on the corpus prompts that do not name it.
+   prompt, where a causal text encoder carries it) and rarely active on the corpus prompts that do not name it. Two
+   sets are chosen the same way: the *detector* (few, very specific: ``detect_features`` firing on at most
+   ``detect_general_rate`` of other tokens) and the *deactivated* set (``n_features`` under ``max_general_rate``),
+   which may be larger and less specific, because removing a concept can take more features than recognising it.
 3. *Deactivate*: an inference-time hook encodes that layer's output, and for a prompt the SAE classifies as
-   carrying the concept (the share of its SAE activation mass on the concept's features exceeds a threshold,
-   calibrated on the corpus) subtracts those features' decoded contribution, scaled: ``h - (1 - scale) z_F D_F``.
+   carrying the concept (the share of its SAE activation mass on the detector features exceeds a threshold,
+   calibrated on the corpus) subtracts the deactivated features' decoded contribution, scaled:
+   ``h - (1 - scale) z_F D_F``.
    Other prompts pass through bit for bit, which is the method's claim to preserve everything else.
 """
 
@@ -45,7 +49,9 @@ class ItDConfig(MethodConfig):
     sae_lr: float = field(default=4e-4, metadata={"help": "SAE learning rate."})
     sae_batch: int = field(default=1024, metadata={"help": "Activation rows per SAE step."})
     n_features: int = field(default=8, metadata={"help": "Features deactivated per concept."})
-    max_general_rate: float = field(default=0.02, metadata={"help": "A concept feature may fire on at most this share of the tokens of prompts without the concept."})
+    max_general_rate: float = field(default=0.02, metadata={"help": "A deactivated feature may fire on at most this share of the tokens of prompts without the concept."})
+    detect_features: int = field(default=8, metadata={"help": "Features per concept the classifier reads (the most specific ones)."})
+    detect_general_rate: float = field(default=0.02, metadata={"help": "A detector feature may fire on at most this share of the tokens of prompts without the concept."})
     scale: float = field(default=0.0, metadata={"help": "Multiplier of the deactivated features (0: off, as ItD; negative pushes away)."})
     threshold: float = field(default=-1.0, metadata={"help": "Classifier threshold on the concept's share of SAE activation mass; -1: calibrated on the corpus."})
     selective: bool = field(default=True, metadata={"help": "Deactivate only in prompts the SAE classifies as carrying the concept (ItD's zero-shot classifier)."})
@@ -64,6 +70,8 @@ class ItDConfig(MethodConfig):
         check_range("sae_batch", self.sae_batch, 1, 10**6)
         check_range("n_features", self.n_features, 1, 10**5)
         check_range("max_general_rate", self.max_general_rate, 0.0, 1.0)
+        check_range("detect_features", self.detect_features, 1, 10**5)
+        check_range("detect_general_rate", self.detect_general_rate, 0.0, 1.0)
         check_range("scale", self.scale, -10.0, 1.0)
         if self.threshold != -1.0:
             check_range("threshold", self.threshold, 0.0, 1.0)
@@ -228,10 +236,11 @@ def fit_itd(pipe: Pipeline, request: ErasureRequest, config: ItDConfig, progress
     with torch.no_grad():
         z = sae.activations(hidden)
     toy = config.corpus == "toy"
-    chosen, masks = [], []
+    chosen, detect, masks = [], [], []
     for concept in request.targets:
         words = concept_words(concept, toy)
         mask = concept_mask(pipe, prompts, ids, words)
+        z_all, m_all = z, mask
         if not mask.any():  # a concept the corpus never names: its own templated prompts stand in for the corpus's
             extra = [t.format(concept) for t in TEMPLATES]
             h_extra, ids_extra = layer_rows(pipe, extra, layer)
@@ -239,18 +248,17 @@ def fit_itd(pipe: Pipeline, request: ErasureRequest, config: ItDConfig, progress
                 z_extra = sae.activations(h_extra)
             m_extra = concept_mask(pipe, extra, ids_extra, [concept])
             z_all, m_all = torch.cat([z, z_extra]), torch.cat([mask, m_extra])
-            chosen.append(select_features(z_all, m_all, config.n_features, config.max_general_rate))
-        else:
-            chosen.append(select_features(z, mask, config.n_features, config.max_general_rate))
+        chosen.append(select_features(z_all, m_all, config.n_features, config.max_general_rate))
+        detect.append(select_features(z_all, m_all, config.detect_features, config.detect_general_rate))
         masks.append(mask.any(1))
-    features = torch.cat(chosen).unique()
+    features, detectors = torch.cat(chosen).unique(), torch.cat(detect).unique()
     threshold = config.threshold
     if threshold == -1.0:
         with torch.no_grad():
-            share = concept_share(sae, hidden, features)
+            share = concept_share(sae, hidden, detectors)
         has = torch.stack(masks).any(0)
         threshold = calibrate(share[has], share[~has]) if has.any() and (~has).any() else 0.0
-    tensors = {**sae_tensors(sae), "features": features.to(torch.int64)}
+    tensors = {**sae_tensors(sae), "features": features.to(torch.int64), "detect": detectors.to(torch.int64)}
     settings = {"k": config.k, "scale": config.scale, "threshold": threshold, "selective": config.selective}
     result = hook_result(pipe, "itd", tensors, request.targets, layer=layer, settings=settings, method="itd")
     return dataclasses.replace(result, config=dataclasses.asdict(config), preserve=tuple(request.preserve),
@@ -258,7 +266,10 @@ def fit_itd(pipe: Pipeline, request: ErasureRequest, config: ItDConfig, progress
 
 
 def build_itd_hook(tensors: dict[str, torch.Tensor], settings: dict[str, Any], width: int) -> Any:
-    """The hook's transform: for prompts classified as carrying the concept, ``h - (1 - scale) z_F D_F`` at every token."""
+    """The hook's transform: for prompts classified as carrying the concept, ``h - (1 - scale) z_F D_F`` at every token.
+
+    The classifier reads the ``detect`` features (a file without them, from before they were separate, reads ``features``).
+    """
     unknown = sorted(set(settings) - {"k", "scale", "threshold", "selective"})
     if unknown or "features" not in tensors:
         raise ErasekitError(f"an itd hook needs the SAE tensors, 'features' and the settings k, scale, threshold, selective (got extra {unknown})")
@@ -267,9 +278,10 @@ def build_itd_hook(tensors: dict[str, torch.Tensor], settings: dict[str, Any], w
     except (KeyError, TypeError, ValueError) as exc:
         raise ErasekitError(f"the itd hook's settings are damaged ({exc}); erase again") from None
     sae = sae_from_tensors(tensors, k, width)
-    features = tensors["features"].long()
-    if features.numel() == 0 or int(features.min()) < 0 or int(features.max()) >= sae.decoder.shape[1]:
-        raise ErasekitError("the itd hook names features its SAE does not have; the delta is damaged")
+    features, detectors = tensors["features"].long(), tensors.get("detect", tensors["features"]).long()
+    for named in (features, detectors):
+        if named.numel() == 0 or int(named.min()) < 0 or int(named.max()) >= sae.decoder.shape[1]:
+            raise ErasekitError("the itd hook names features its SAE does not have; the delta is damaged")
     atoms = sae.decoder.detach()[:, features]
 
     sae.requires_grad_(False)
@@ -280,7 +292,7 @@ def build_itd_hook(tensors: dict[str, torch.Tensor], settings: dict[str, Any], w
         zf = z[..., features]
         removed = (1.0 - scale) * zf @ atoms.t()
         if selective:
-            share = (zf.sum(-1) / z.sum(-1).clamp_min(1e-8)).amax(-1)
+            share = (z[..., detectors].sum(-1) / z.sum(-1).clamp_min(1e-8)).amax(-1)
             removed = removed * (share > threshold).to(x.dtype)[:, None, None]
         return (x - removed).to(hidden.dtype)
 
@@ -297,6 +309,6 @@ def classify(pipe: Pipeline, result: Any, prompts: Sequence[str]) -> list[tuple[
     if hidden.shape[-1] != width:
         raise ErasekitError(f"this itd delta's SAE reads {width}-wide activations but the model's layer is {hidden.shape[-1]} wide; it was made for another model")
     with torch.no_grad():
-        share = concept_share(sae, hidden, result.delta["features"].long())
+        share = concept_share(sae, hidden, result.delta.get("detect", result.delta["features"]).long())
     threshold = float(result.hook["settings"]["threshold"])
     return [(p, float(s), bool(s > threshold)) for p, s in zip(prompts, share)]
