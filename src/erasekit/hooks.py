@@ -6,7 +6,10 @@ layer's width) into a transform of the layer's hidden states (batch x tokens x w
 registered by name in :data:`HOOK_TYPES`, by object or by ``"module:function"`` path so that a saved file loads in
 a fresh process without importing the method that made it (ItD's sparse-autoencoder hook registers the same way).
 
-One erasekit hook per pipeline: applying a second one is refused (take the first off with :func:`remove`).
+A *denoiser* hook type (``on="denoiser"``, encoder ``"unet"``) acts on the UNet instead: its builder takes
+(tensors, settings, the UNet) and returns an installer that puts its forward hooks on and returns their handles
+(SPM's prompt-gated adapter). One erasekit hook per pipeline: applying a second one is refused (take the first
+off with :func:`remove`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from erasekit.errors import ErasekitError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # a layer's hidden states -> the same shape
 Build = Callable[[dict[str, torch.Tensor], dict[str, Any], int], Transform]  # (tensors, settings, width) -> transform
+Installer = Callable[[], list[Any]]  # a denoiser hook: puts its torch hooks on, returns their handles
+DENOISERS = ("unet",)  # where a denoiser hook type installs
 ATTR = "_erasekit_hook"  # the text encoder's attribute that holds its installed hook (so a module shared by two pipelines shows it in both)
 
 
@@ -35,25 +40,28 @@ class HookType:
 
     name: str
     summary: str
-    build_ref: Build | str
+    build_ref: Build | str | Callable[..., Installer]
+    on: str = "text-encoder"  # or "denoiser": the builder takes (tensors, settings, unet) and returns an installer
 
     @property
-    def build(self) -> Build:
+    def build(self) -> Any:
         """The builder (its module imported on first use)."""
         from erasekit.methods.specs import _resolve
 
-        found: Build = _resolve(self.build_ref)
-        return found
+        return _resolve(self.build_ref)
 
 
 HOOK_TYPES: dict[str, HookType] = {}
 
 
-def register_hook_type(name: str, build: Build | str, summary: str = "") -> HookType:
-    """Register a hook type by name: ``build(tensors, settings, width)`` returns the transform, raising ErasekitError on bad input."""
+def register_hook_type(name: str, build: Any, summary: str = "", on: str = "text-encoder") -> HookType:
+    """Register a hook type by name: ``build(tensors, settings, width)`` returns the transform (``on="denoiser"``:
+    ``build(tensors, settings, unet)`` returns an installer), raising ErasekitError on bad input."""
     if name in HOOK_TYPES:
         raise ValueError(f"hook type {name!r} registered twice")
-    HOOK_TYPES[name] = HookType(name, summary, build)
+    if on not in ("text-encoder", "denoiser"):
+        raise ValueError(f"hook type {name!r}: on must be 'text-encoder' or 'denoiser', got {on!r}")
+    HOOK_TYPES[name] = HookType(name, summary, build, on)
     return HOOK_TYPES[name]
 
 
@@ -67,7 +75,21 @@ class InstalledHook:
 
     def describe(self) -> str:
         """One line: which hook, where."""
+        if self.spec["encoder"] in DENOISERS:
+            return f"{self.spec['type']} on the {self.spec['encoder']}"
         return f"{self.spec['type']} on {self.spec['encoder']} layer {self.spec['layer']}"
+
+
+class Handles:
+    """The torch handles of a denoiser hook, removed together."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        """Take every hook off."""
+        for handle in self.handles:
+            handle.remove()
 
 
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
@@ -105,8 +127,10 @@ def check_spec(spec: Any) -> dict[str, Any]:
         raise ErasekitError(f"the hook spec must have exactly the keys type, encoder, layer, settings; got {spec!r}")
     if spec["type"] not in HOOK_TYPES:
         raise ErasekitError(f"unknown hook type {spec['type']!r}; known: {', '.join(sorted(HOOK_TYPES))} (a newer erasekit may know it)")
-    if spec["encoder"] not in TEXT_ENCODERS:
-        raise ErasekitError(f"the hook's encoder must be one of {', '.join(TEXT_ENCODERS)}, got {spec['encoder']!r}")
+    on_denoiser = HOOK_TYPES[spec["type"]].on == "denoiser"
+    allowed = DENOISERS if on_denoiser else TEXT_ENCODERS
+    if spec["encoder"] not in allowed:
+        raise ErasekitError(f"the {spec['type']} hook acts on one of {', '.join(allowed)}, not {spec['encoder']!r}; the delta is damaged")
     if not isinstance(spec["layer"], int) or isinstance(spec["layer"], bool):
         raise ErasekitError(f"the hook's layer must be a whole number (a layer index), got {spec['layer']!r}")
     if not isinstance(spec["settings"], dict):
@@ -114,9 +138,22 @@ def check_spec(spec: Any) -> dict[str, Any]:
     return spec
 
 
-def prepare(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> tuple[nn.Module, int, Transform]:
-    """The hooked layer, its index (from 0) and the built transform, every check done and nothing changed."""
+def prepare_denoiser(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> tuple[nn.Module, Installer]:
+    """A denoiser hook's module and its installer, every check done and nothing changed."""
     spec = check_spec(spec)
+    unet = getattr(pipe, spec["encoder"], None)
+    if not isinstance(unet, nn.Module):
+        raise ErasekitError(f"the {spec['type']} hook acts on the {spec['encoder']}, which this pipeline does not have; it was made for a UNet model")
+    cpu = {k: v.detach().to("cpu") for k, v in tensors.items()}
+    return unet, HOOK_TYPES[spec["type"]].build(cpu, dict(spec["settings"]), unet)
+
+
+def prepare(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> tuple[nn.Module, int, Transform | None]:
+    """The hooked layer, its index (from 0) and the built transform, every check done and nothing changed (a denoiser hook: the UNet, 0, None)."""
+    spec = check_spec(spec)
+    if HOOK_TYPES[spec["type"]].on == "denoiser":
+        unet, _ = prepare_denoiser(pipe, tensors, spec)
+        return unet, 0, None
     layers = encoder_layers(_encoder(pipe, spec["encoder"]))
     index = spec["layer"]
     if not -len(layers) <= index < len(layers):
@@ -138,8 +175,8 @@ def fingerprint(tensors: dict[str, torch.Tensor], spec: dict[str, Any]) -> str:
 
 
 def installed(pipe: Any) -> list[InstalledHook]:
-    """The erasekit hooks on the pipeline's text encoders."""
-    found = (getattr(getattr(pipe, name, None), ATTR, None) for name in TEXT_ENCODERS)
+    """The erasekit hooks on the pipeline's text encoders and UNet."""
+    found = (getattr(getattr(pipe, name, None), ATTR, None) for name in (*TEXT_ENCODERS, *DENOISERS))
     return [h for h in found if isinstance(h, InstalledHook)]
 
 
@@ -156,9 +193,15 @@ def _forward_hook(transform: Transform) -> Callable[..., Any]:
 
 def install(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> InstalledHook:
     """Put the hook ``spec`` describes on its layer; refuse a pipeline that already carries an erasekit hook."""
+    if HOOK_TYPES[check_spec(spec)["type"]].on == "denoiser":
+        unet, installer = prepare_denoiser(pipe, tensors, spec)
+        _refuse_second(pipe)
+        record = InstalledHook(dict(spec), fingerprint(tensors, spec), Handles(installer()))
+        setattr(unet, ATTR, record)
+        return record
     layer, index, transform = prepare(pipe, tensors, spec)
-    if present := installed(pipe):
-        raise ErasekitError(f"this pipeline already carries an erasekit hook ({present[0].describe()}); take it off with erasekit.remove(pipe) first")
+    assert transform is not None
+    _refuse_second(pipe)
     # first in line: transformers 5 records ``hidden_states`` (SDXL's penultimate layer, clip skip) by its own forward hooks
     handle = layer.register_forward_hook(_forward_hook(transform), prepend=True)
     record = InstalledHook({**spec, "layer": index}, fingerprint(tensors, spec), handle)
@@ -166,10 +209,15 @@ def install(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> Installed
     return record
 
 
+def _refuse_second(pipe: Any) -> None:
+    if present := installed(pipe):
+        raise ErasekitError(f"this pipeline already carries an erasekit hook ({present[0].describe()}); take it off with erasekit.remove(pipe) first")
+
+
 def take_off(pipe: Any, only: str | None = None) -> int:
     """Remove the pipeline's erasekit hooks (``only``: just the one with that fingerprint); returns how many came off."""
     removed = 0
-    for name in TEXT_ENCODERS:
+    for name in (*TEXT_ENCODERS, *DENOISERS):
         encoder = getattr(pipe, name, None)
         record = getattr(encoder, ATTR, None)
         if isinstance(record, InstalledHook) and (only is None or record.fingerprint == only):
@@ -194,8 +242,12 @@ def generation_hash(pipe: Any) -> str:
 def hook_result(
     pipe: Any, hook_type: str, tensors: dict[str, torch.Tensor], concepts: tuple[str, ...] | list[str] | str = (),
     encoder: str = "text_encoder", layer: int = -1, settings: dict[str, Any] | None = None, method: str | None = None,
+    base_hash: str = "",
 ) -> Any:
-    """An ErasureResult of kind ``hook`` for ``pipe`` (checked against it now; the pipeline is left unchanged)."""
+    """An ErasureResult of kind ``hook`` for ``pipe`` (checked against it now; the pipeline is left unchanged).
+
+    ``base_hash``: the base weights' hash taken before a run that released the text encoder (else hashed now).
+    """
     from erasekit.families import family_of
     from erasekit.models import model_id, weights_hash
     from erasekit.result import ErasureResult
@@ -205,7 +257,7 @@ def hook_result(
     return ErasureResult(
         method=method or hook_type, concepts=(concepts,) if isinstance(concepts, str) else tuple(concepts),
         delta={k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, kind="hook",
-        config={}, base_model_id=model_id(pipe), base_hash=weights_hash(pipe), family=family_of(pipe).name,
+        config={}, base_model_id=model_id(pipe), base_hash=base_hash or weights_hash(pipe), family=family_of(pipe).name,
         hook={**spec, "layer": index},
     )
 
@@ -256,3 +308,4 @@ def project_out(tensors: dict[str, torch.Tensor], settings: dict[str, Any], widt
 
 register_hook_type("project-out", project_out, "subtract the hidden states' component along saved unit directions (scale 0..2)")
 register_hook_type("itd", "erasekit.methods.itd:build_itd_hook", "ItD: the concept's sparse-autoencoder features scaled down in prompts that carry it")
+register_hook_type("spm", "erasekit.methods.spm_adapter:build_spm_hook", "SPM: rank-1 adapters on the UNet, each prompt's strength set by its similarity to the erased concept", on="denoiser")

@@ -130,7 +130,7 @@ class TrainableModel:
     Faithful path (``separate_copy``): a deep copy of the whole network, as the reference keeps.
     """
 
-    def __init__(self, pipe: Any, train_method: str, lora_rank: int, separate_copy: bool = False) -> None:
+    def __init__(self, pipe: Any, train_method: str, lora_rank: int, separate_copy: bool = False, lora_targets: list[str] | None = None) -> None:
         self.family = family_of(pipe)
         self.prefix = "unet" if hasattr(pipe, "unet") else "transformer"  # the pipeline's attribute, and the delta's key prefix
         self.unet = self.family.denoiser(pipe)
@@ -145,7 +145,7 @@ class TrainableModel:
         if self.lora:
             with torch.random.fork_rng():  # LoRA's init draws from the global RNG: make it a function of nothing global
                 torch.manual_seed(0)
-                self.params = add_lora(self.unet, lora_rank, list(self.family.lora_targets))
+                self.params = add_lora(self.unet, lora_rank, lora_targets or list(self.family.lora_targets))
             self.originals: dict[str, torch.Tensor] = {}
         else:
             self.params = self.family.parameters(self.unet, train_method)

@@ -96,3 +96,11 @@ declare_method(
      "tiny": {"n_images": 2, "epochs": 1, "ddim_steps": 3, "lr": 1e-3}},
     kind="text-encoder", families=("sd",), checkpointable=True,
 )
+SPM_TOY = {"iterations": 150, "lr": 1e-3, "ddim_steps": 25, "anchors": "toy"}
+declare_method(
+    "spm", "SPM: a rank-1 adapter on every UNet layer (ESD erasure + latent anchoring), gated per prompt at inference (facilitated transport).",
+    "erasekit.methods.spm:SPMConfig", "erasekit.methods.spm:fit_spm",
+    {"toy": SPM_TOY, "fast": {"iterations": 1000},
+     "tiny": {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "n_anchors": 4}},
+    kind="inference-time", families=("sd",), checkpointable=True, lora=True,
+)

@@ -164,15 +164,18 @@ class Setup(Generic[C]):
         return lambda x, out: self.schedule.to_x0(x, out, level)
 
 
-def prepare(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False) -> Setup:
-    """Validate the request and build the shared state of a run (under `accelerate launch`: this process's rank and the world size)."""
+def prepare(pipe: Pipeline, request: ErasureRequest, config: TrainConfig, separate_copy: bool = False, lora_targets: list[str] | None = None) -> Setup:
+    """Validate the request and build the shared state of a run (under `accelerate launch`: this process's rank and the world size).
+
+    ``lora_targets``: the modules a ``lora`` train set adapts (default: the family's attention projections).
+    """
     started = time.perf_counter()
     dist.check_precision(config.precision)
     rank, world, _ = dist.distributed(cpu=pipe.device.type == "cpu")
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     preserve = [check_prompt(pipe, p, "preserve concept") for p in request.preserve]
     base_hash = request.base_hash or weights_hash(pipe)
-    trainable = TrainableModel(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy)
+    trainable = TrainableModel(pipe, config.train_method, config.lora_rank, separate_copy=separate_copy, lora_targets=lora_targets)
     family = trainable.family
     return Setup(
         pipe=pipe, config=config, targets=targets, preserve=preserve,

@@ -1,0 +1,123 @@
+"""SPM: the gate and the membranes on cases with a known answer, the method end to end on a tiny model, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import erasekit
+from conftest import tiny_pipeline
+from erasekit.errors import ErasekitError
+from erasekit.hooks import installed
+from erasekit.methods.spm import membranes, with_transport
+from erasekit.methods.spm_adapter import build_spm_hook, gate
+from erasekit.models import weights_hash
+from erasekit.result import load_result
+
+ON = {"transport": True, "low": 0.2, "high": 0.6, "strength": 1.0}
+
+
+def test_the_gate_rises_linearly_from_low_to_high_and_is_flat_with_transport_off() -> None:
+    keys = torch.tensor([[1.0, 0.0, 0.0]])
+    bos = [9.0, 9.0, 9.0]  # the start token is never compared
+    states = torch.tensor([[bos, [1.0, 0.0, 0.0]],           # cosine 1 -> full
+                           [bos, [0.0, 1.0, 0.0]],           # cosine 0 -> off
+                           [bos, [0.4, (1 - 0.16) ** 0.5, 0.0]]])  # cosine 0.4 -> half way from 0.2 to 0.6
+    assert torch.allclose(gate(states, keys, ON), torch.tensor([1.0, 0.0, 0.5]), atol=1e-6)
+    assert torch.equal(gate(states, keys, {**ON, "transport": False, "strength": 0.7}), torch.full((3,), 0.7))
+
+
+class TwoLayers(nn.Module):
+    """A UNet stand-in called as diffusers calls it: (sample, timestep, encoder_hidden_states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.conv(sample).mean((2, 3)))
+
+
+def test_each_prompt_gets_its_own_strength_of_the_membrane_and_a_gated_off_prompt_passes_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    net = TwoLayers()
+    down, up = torch.randn(1, 3), torch.randn(2, 1)
+    cdown, cup = torch.randn(1, 2, 3, 3), torch.randn(3, 1, 1, 1)
+    tensors = {"gate.keys": torch.tensor([[1.0, 0.0]]), "proj.down": down, "proj.up": up, "conv.down": cdown, "conv.up": cup}
+    x, t = torch.randn(2, 2, 4, 4), torch.zeros(2)
+    ehs = torch.tensor([[[5.0, 5.0], [1.0, 0.0]], [[5.0, 5.0], [0.0, 1.0]]])  # row 0: the concept (gate 1); row 1: far (gate 0)
+    base = net(x, t, encoder_hidden_states=ehs)
+    handles = build_spm_hook(tensors, ON, net)()
+    try:
+        out = net(x, t, encoder_hidden_states=ehs)
+    finally:
+        for h in handles:
+            h.remove()
+    h = net.conv(x[:1]) + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x[:1], cdown, padding=1), cup)
+    pooled = h.mean((2, 3))
+    expected = net.proj(pooled) + pooled @ down.t() @ up.t()
+    assert torch.allclose(out[0], expected[0], atol=1e-5)
+    assert torch.equal(out[1], base[1]), "a prompt the gate shuts must pass through unchanged"
+    assert torch.equal(net(x, t, encoder_hidden_states=ehs), base), "the handles take every hook off"
+
+
+def test_the_hook_refuses_an_adapter_made_for_another_model() -> None:
+    net = TwoLayers()
+    good = {"gate.keys": torch.ones(1, 2), "proj.down": torch.ones(1, 3), "proj.up": torch.ones(2, 1)}
+    with pytest.raises(ErasekitError, match="another model"):
+        build_spm_hook({**good, "proj.down": torch.ones(1, 5)}, ON, net)
+    with pytest.raises(ErasekitError, match="another model"):
+        build_spm_hook({**good, "nowhere.down": torch.ones(1, 3), "nowhere.up": torch.ones(2, 1)}, ON, net)
+    with pytest.raises(ErasekitError, match="low < high"):
+        build_spm_hook(good, {**ON, "low": 0.7}, net)
+
+
+def test_membranes_read_both_lora_key_formats() -> None:
+    a, b = torch.ones(1, 4), torch.ones(4, 1)
+    assert set(membranes({"unet.x.to_q.lora.down.weight": a, "unet.x.to_q.lora.up.weight": b})) == {"x.to_q.down", "x.to_q.up"}
+    assert set(membranes({"unet.conv_in.lora_A.weight": a, "unet.conv_in.lora_B.weight": b})) == {"conv_in.down", "conv_in.up"}
+
+
+def _images(pipe, prompts: list[str]) -> np.ndarray:
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=2, guidance_scale=3.0, generator=gens, output_type="np", height=32, width=32).images
+
+
+def test_spm_erases_through_a_gated_hook_that_leaves_far_prompts_and_the_weights_alone(tmp_path: Path) -> None:
+    pipe = tiny_pipeline()
+    base_hash = weights_hash(pipe)
+    result = erasekit.erase(pipe, "circle", method="spm", budget="tiny", lr=5e-2)
+    assert result.kind == "hook" and result.hook["type"] == "spm" and result.hook["encoder"] == "unet"
+    settings = result.hook["settings"]
+    assert settings["transport"] and 0 <= settings["low"] < settings["high"] <= 1
+    path = tmp_path / "spm.safetensors"
+    result.save(path)
+    loaded = load_result(path)
+    prompts = ["a circle", ""]
+    before = _images(pipe, prompts)
+    loaded.apply(pipe)
+    assert weights_hash(pipe) == base_hash and len(installed(pipe)) == 1
+    after = _images(pipe, prompts)
+    assert not np.array_equal(after[0], before[0]), "the concept's prompt goes through the adapter"
+    assert np.array_equal(after[1], before[1]), "the empty prompt is an anchor: the gate shuts, the image is the base's"
+    erasekit.remove(pipe)
+    assert np.array_equal(_images(pipe, prompts), before)
+    with_transport(loaded, False).apply(pipe)
+    assert not np.array_equal(_images(pipe, prompts)[1], before[1]), "transport off: every prompt gets the full adapter"
+
+
+def test_spm_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    pipe = tiny_pipeline()
+    with pytest.raises(ErasekitError, match="latent anchoring"):
+        erasekit.erase(pipe, "circle", method="spm", budget="tiny", preserve=["square"])
+    with pytest.raises(ErasekitError, match="lora"):
+        erasekit.erase(pipe, "circle", method="spm", budget="tiny", train_method="xattn")
+    with pytest.raises(ErasekitError, match="cannot be read"):
+        erasekit.erase(pipe, "circle", method="spm", budget="tiny", anchors=str(tmp_path / "missing.txt"))
+    with pytest.raises(ErasekitError, match="not an spm one"):
+        with_transport(erasekit.erase(pipe, "circle", method="esd-x", budget="tiny"), False)
