@@ -121,3 +121,23 @@ def test_spm_refuses_what_it_cannot_run(tmp_path: Path) -> None:
         erasekit.erase(pipe, "circle", method="spm", budget="tiny", anchors=str(tmp_path / "missing.txt"))
     with pytest.raises(ErasekitError, match="not an spm one"):
         with_transport(erasekit.erase(pipe, "circle", method="esd-x", budget="tiny"), False)
+
+
+def test_generate_shows_an_spm_adapter_with_transport_on_and_off(tiny_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.grid import prompt_grid
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["erase", "--model", str(tiny_dir), "-c", "circle", "--method", "spm", "--budget", "tiny", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    grid = tmp_path / "grid.png"
+    res = runner.invoke(app, ["generate", "--model", str(tiny_dir), "-p", "a circle", "--delta", str(run), "--out", str(grid),
+                              "--images", "1", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    blank = np.zeros((1, 32, 32, 3), np.uint8)
+    three = prompt_grid(["a circle"], 1, [("a", blank), ("b", blank), ("c", blank)]).size
+    assert Image.open(grid).size == three, "base | transport on | transport off"

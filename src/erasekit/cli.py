@@ -261,7 +261,7 @@ def generate(
     force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
-    """Generate a PNG grid (rows: prompts; with --delta, base | erased side by side)."""
+    """Generate a PNG grid (rows: prompts; with --delta, base | erased side by side; an SPM adapter with transport on and off)."""
     with user_errors():
         from erasekit.grid import prompt_grid, save_png
 
@@ -302,14 +302,26 @@ def generate(
         all_prompts = [p for p in prompts for _ in range(images)]
         seeds = [seed + 1000 * i + j for i in range(len(prompts)) for j in range(images)]
         with _progress_bar() as bar:
-            task = bar.add_task("generate", total=len(all_prompts) * (2 if result is not None else 1), info="base")
+            spm = result is not None and result.kind == "hook" and result.hook.get("type") == "spm"
+            panels_n = 1 + (result is not None) + spm  # an SPM adapter: transport on, then off
+            task = bar.add_task("generate", total=len(all_prompts) * panels_n, info="base")
             tick = lambda n: bar.advance(task, n)  # noqa: E731
             panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick))]
             if result is not None:
                 bar.update(task, info="erased")
                 result.apply(pipe, check_base=False)
-                panels.append((f"{result.method}: erased {', '.join(result.concepts)}",
+                label = f"{result.method}: erased {', '.join(result.concepts)}"
+                on = result.hook.get("settings", {}).get("transport") if spm else None
+                panels.append((f"{label} (transport {'on' if on else 'off'})" if spm else label,
                                gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
+                if spm:
+                    from erasekit.hooks import remove
+                    from erasekit.methods.spm import with_transport
+
+                    remove(pipe)
+                    with_transport(result, not on).apply(pipe, check_base=False)
+                    panels.append((f"{label} (transport {'off' if on else 'on'})",
+                                   gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
         try:
             out.parent.mkdir(parents=True, exist_ok=True)  # as erase does; only now, so a refused run leaves no folder
         except OSError as exc:
