@@ -62,11 +62,13 @@ declare_method(
     {"toy": {}, "fast": {}, "nudity": {"rounds": 3, "reg_scale": 0.1}, "art": {"concept_type": "art", "start_preserve_scale": 0.1}, "tiny": {"rounds": 1}},
     kind="closed-form", families=ALL_FAMILIES,
 )
-# toy (circle, seed 0, 8 circle + 3 images of each other object): the paper's recipe (8 features switched off at two
-# thirds of the depth, here layer 0 of 2) left ESR-1 at 12 % (the 2-layer toy encoder carries the object in many
-# features); 64 features firing on <= 20 % of other tokens at the last layer: ESR-1 75 / PSR-1 100 at scale 0, 100 / 100
-# at scale -0.5 (pushed past zero); the classifier keeps its 8 most specific detector features either way
-ITD_TOY = {"corpus": "toy", "layer": 1, "n_features": 64, "max_general_rate": 0.2, "scale": -0.5}
+# toy (circle, 8 circle + 3 images of each other object): the paper's recipe (8 features switched off at two thirds of the
+# depth, here layer 0 of 2) left ESR-1 at 12 % (the 2-layer toy encoder carries the object in many features). At the last
+# layer, seed 0: 64 features firing on <= 20 % of other tokens erase 75 % at scale 0, 100 % at -0.5, but seed 2's SAE needs
+# 128 features under 30 % (64 at scale -1.5: 12 %); 128 / 0.3 / -0.5 erases 100 % on seeds 0-2 at PSR-1 100 %. Detector
+# features firing on <= 0.5 % of other tokens classify the ten "an image of a X" prompts right on seeds 0-2 (2 %: seed 1
+# flags "diamond" too)
+ITD_TOY = {"corpus": "toy", "layer": 1, "n_features": 128, "max_general_rate": 0.3, "scale": -0.5}
 declare_method(
     "itd", "ItD: a sparse autoencoder on a text-encoder layer; the concept's features are switched off at inference (no weight changes).",
     "erasekit.methods.itd:ItDConfig", "erasekit.methods.itd:fit_itd",

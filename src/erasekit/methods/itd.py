@@ -51,7 +51,7 @@ class ItDConfig(MethodConfig):
     n_features: int = field(default=8, metadata={"help": "Features deactivated per concept."})
     max_general_rate: float = field(default=0.02, metadata={"help": "A deactivated feature may fire on at most this share of the tokens of prompts without the concept."})
     detect_features: int = field(default=8, metadata={"help": "Features per concept the classifier reads (the most specific ones)."})
-    detect_general_rate: float = field(default=0.02, metadata={"help": "A detector feature may fire on at most this share of the tokens of prompts without the concept."})
+    detect_general_rate: float = field(default=0.005, metadata={"help": "A detector feature may fire on at most this share of the tokens of prompts without the concept."})
     scale: float = field(default=0.0, metadata={"help": "Multiplier of the deactivated features (0: off, as ItD; negative pushes away)."})
     threshold: float = field(default=-1.0, metadata={"help": "Classifier threshold on the concept's share of SAE activation mass; -1: calibrated on the corpus."})
     selective: bool = field(default=True, metadata={"help": "Deactivate only in prompts the SAE classifies as carrying the concept (ItD's zero-shot classifier)."})
