@@ -249,7 +249,10 @@ def fit_itd(pipe: Pipeline, request: ErasureRequest, config: ItDConfig, progress
             m_extra = concept_mask(pipe, extra, ids_extra, [concept])
             z_all, m_all = torch.cat([z, z_extra]), torch.cat([mask, m_extra])
         chosen.append(select_features(z_all, m_all, config.n_features, config.max_general_rate))
-        detect.append(select_features(z_all, m_all, config.detect_features, config.detect_general_rate))
+        try:
+            detect.append(select_features(z_all, m_all, config.detect_features, config.detect_general_rate))
+        except ErasekitError:  # no feature is that specific (a small SAE): the deactivated set's most specific ones detect
+            detect.append(select_features(z_all, m_all, config.detect_features, config.max_general_rate))
         masks.append(mask.any(1))
     features, detectors = torch.cat(chosen).unique(), torch.cat(detect).unique()
     threshold = config.threshold
