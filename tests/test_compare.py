@@ -219,3 +219,23 @@ def test_compare_refuses_bad_seed_settings_in_one_line(args: list[str], message:
     res = runner.invoke(cli(), ["compare", "-c", "circle", "--methods", "esd-x", "--out", str(tmp_path / "x"), *args])
     assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_stopped_comparison_resumes_keeping_the_finished_runs(tiny_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_dir), "-c", "circle", "--methods", "esd-x,uce", "--out", str(out), "--judge", str(judge_dir),
+            "--images-per-class", "1", "--steps", "2", "--in-process", *[f"--set=esd-x.{s}" for s in TINY_TRAIN]]
+    first = runner.invoke(cli(), args)
+    assert first.exit_code == 0, first.output
+    kept = (out / "esd-x" / "delta.safetensors").stat().st_mtime_ns
+    (out / "uce" / "compare-record.json").unlink()  # uce was cut short: erased, but its record never written
+    resumed = runner.invoke(cli(), [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "esd-x" / "delta.safetensors").stat().st_mtime_ns == kept, "a finished run is kept, not redone"
+    assert (out / "uce" / "compare-record.json").is_file()
+    strip = lambda rows: [r[:5] for r in rows]  # noqa: E731  (metrics; wall time and memory differ between runs)
+    assert strip(_table_rows(resumed.stdout)) == strip(_table_rows(first.stdout))
+    other = runner.invoke(cli(), [*[a if a != "2" else "3" for a in args], "--resume"])
+    assert other.exit_code == 2 and "other settings" in other.output
+    nothing = runner.invoke(cli(), [*[str(tmp_path / "none") if a == str(out) else a for a in args], "--resume"])
+    assert nothing.exit_code == 2 and "--resume needs a comparison" in nothing.output

@@ -88,6 +88,44 @@ def _save(out: Path, summary: dict[str, Any]) -> None:
 MAX_SEEDS = 100  # training seeds per method: each is a whole training of every method
 
 
+RESUME_KEYS = ("model", "concepts", "preserve", "methods", "settings", "budget", "suites", "seeds", "intervals", "images_per_class", "steps", "judge", "attack")
+
+
+def check_resumable(out: Path, summary: dict[str, Any]) -> None:
+    """Refuse to continue a comparison in ``out`` made with other settings (one line naming what differs)."""
+    import json
+
+    try:
+        before = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ErasekitError(f"{out / 'compare.json'} cannot be read ({exc.__class__.__name__}); start a new comparison in another --out") from None
+    differ = [k for k in RESUME_KEYS if before.get(k) != json.loads(json.dumps(summary.get(k), default=str))]
+    if differ:
+        raise ErasekitError(f"{out} holds a comparison with other settings ({', '.join(differ)} differ); rerun with its settings, or choose a new --out")
+
+
+def finished_record(run: Path) -> dict[str, Any] | None:
+    """The record of a run that finished before the stop (None: it must run again)."""
+    import json
+
+    try:
+        found: dict[str, Any] = json.loads((run / RECORD).read_text(encoding="utf-8"))
+        return found
+    except (OSError, ValueError):
+        return None
+
+
+def save_record(run: Path, record: dict[str, Any]) -> None:
+    """Mark ``run`` finished: its record, written atomically last."""
+    from erasekit.atomic import atomic_write_files
+    from erasekit.models import json_dumps
+
+    atomic_write_files({run / RECORD: json_dumps(record).encode("utf-8")})
+
+
+RECORD = "compare-record.json"
+
+
 def compare_methods(
     model: str,
     concepts: str | Sequence[str],
@@ -109,6 +147,7 @@ def compare_methods(
     seeds: int = 1,
     intervals: bool | None = None,
     allow_unknown: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Erase ``concepts`` with every method (default: all registered) under the same seeds; evaluate each; write OUT.
 
@@ -122,7 +161,9 @@ def compare_methods(
     toy model; ``overrides`` maps a method to settings on top of it. A failing method is recorded and skipped.
     ``attack`` (AttackConfig fields; ``{}`` for the defaults) also attacks every erased model on each concept with the
     same prompts and seeds (RUN/attack-<concept>/) and adds its success rate to the table. Concepts are checked as
-    :func:`erasekit.erase` checks them (``allow_unknown`` as there), before anything loads.
+    :func:`erasekit.erase` checks them (``allow_unknown`` as there), before anything loads. ``resume`` continues a
+    comparison that was stopped: OUT must hold one made with the same settings; every run that finished (erased,
+    evaluated, attacked: its ``compare-record.json``) is kept, the others are run again.
     """
     import torch
 
@@ -158,8 +199,10 @@ def compare_methods(
     if seeds > 1 and (fixed := [m for m, o in overrides.items() if "seed" in o]):
         raise ErasekitError(f"--set {fixed[0]}.seed fixes the training seed, but --seeds {seeds} asks for {seeds} of them; drop one of the two")
     out = Path(out)
-    if out.exists():
-        raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
+    if out.exists() and not resume:
+        raise ErasekitError(f"{out} already exists; choose a new --out folder, remove it, or pass --resume to continue it")
+    if resume and not (out / "compare.json").is_file():
+        raise ErasekitError(f"--resume needs a comparison in {out} (its compare.json), but there is none; drop --resume to start one")
     if not out.parent.is_dir():
         raise ErasekitError(f"folder {out.parent} does not exist; create it first")
     if os.path.isdir(model):
@@ -194,10 +237,8 @@ def compare_methods(
 
         return tick
 
-    out.mkdir()
-    (out / "logs").mkdir()
     summary: dict[str, Any] = {
-        "model": model, "concepts": targets, "preserve": list(preserve), "methods": names, "budget": budget, "suites": suite_names,
+        "model": model, "concepts": targets, "preserve": list(preserve), "methods": names, "settings": settings, "budget": budget, "suites": suite_names,
         "seed": seed, "seeds": list(range(seed, seed + seeds)), "intervals": intervals, "images_per_class": images_per_class, "steps": steps, "judge": judge, "device": device, "isolate": isolate,
         "threads": torch.get_num_threads(), "command": command, "attack": dataclasses.asdict(plans[0].config) if plans else None,
         "notes": {"wall_s": "the erase() call alone (no imports, model load or saving)", "peak_rss_mib": "see each row's 'memory'",
@@ -205,6 +246,11 @@ def compare_methods(
                       "no_attack_rate": "% of attack prompts whose plain image shows the concept (base row: the base model's)"} if plans else {})},
         "base": {"metrics": {}, "generated": {}}, "rows": [], "report": None,
     }
+    if resume:
+        check_resumable(out, summary)
+    else:
+        out.mkdir()
+    (out / "logs").mkdir(exist_ok=True)
     try:  # the base model's images, generated once into the shared cache
         for suite in suite_names:
             record = evaluate(model, suite, erased=targets, progress=images(suite), **eval_kwargs)
@@ -216,7 +262,8 @@ def compare_methods(
             tell("attack base images", 0, len(plans), "")
             summary["base"]["attack"] = {plan.concept: make_base(plan, model, device) for plan in plans}
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing ran yet: leave no half-made OUT behind
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)  # nothing ran yet: leave no half-made OUT behind
         raise
     _save(out, summary)
     for name in names:
@@ -228,6 +275,12 @@ def compare_methods(
                     "settings": settings_s, "seed": train_seed, "device": device, "threads": torch.get_num_threads(), "allow_unknown": allow_unknown}
             record = {"method": name, "run": run, "seed": train_seed, "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
             label = name if seeds == 1 else f"{name} seed {train_seed}"
+            if resume and (done := finished_record(out / run)) is not None:
+                tell(f"{label} (kept from the stopped comparison)", 1, 1, "")
+                records.append(done)
+                continue
+            if resume:
+                shutil.rmtree(out / run, ignore_errors=True)  # a run the stop cut short starts again
             erase_progress = lambda step, total, info, label=label: tell(f"{label} erase", step, total, info)  # noqa: E731
             try:
                 record.update(_run_isolated(run_spec, out / "logs" / f"{run}.log", erase_progress) if isolate else _run_in_process(run_spec, erase_progress))
@@ -243,6 +296,8 @@ def compare_methods(
                 from erasekit.attack.plan import attack_row
 
                 attack_row(record, out / run, model, plans, device, command, tell)
+            if not record.get("error"):
+                save_record(out / run, record)
             records.append(record)
             if record.get("error"):
                 break
@@ -252,7 +307,7 @@ def compare_methods(
     if evaluated:
         from erasekit.eval.report import write_report
 
-        write_report(evaluated, out / "report.html", comparison=summary if intervals else None)
+        write_report(evaluated, out / "report.html", comparison=summary if intervals else None, overwrite=resume)
         summary["report"] = "report.html"
     _save(out, summary)
     return summary
@@ -278,6 +333,7 @@ def compare(
     attack: bool = typer.Option(False, "--attack", help="Also attack every erased model (adversarial prompts, as `erasekit attack`); adds ASR to the table."),
     attack_set: list[str] = typer.Option([], "--attack-set", help="An attack setting, KEY=VALUE (repeatable), e.g. iterations=40, n_prompts=10."),
     allow_unknown: bool = typer.Option(False, "--allow-unknown", help="Accept a concept that looks like a mistake, as `erasekit erase --allow-unknown` does."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped comparison in --out (same settings): finished runs are kept."),
 ) -> None:
     """Erase a concept with several methods under the same seeds, evaluate each, and write one comparison table."""
     from rich.console import Console
@@ -311,7 +367,7 @@ def compare(
 
             summary = compare_methods(model, concept, out, names, budget, overrides, suite or None, preserve, images_per_class, steps, seed, judge,
                               device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), attack_settings,
-                              seeds, intervals, allow_unknown)
+                              seeds, intervals, allow_unknown, resume)
         typer.echo(markdown(summary))
         written = ", ".join(str(out / f) for f in ("compare.md", "compare.json", *(["report.html"] if summary["report"] else [])))
         console.print(f"wrote {written}")
