@@ -141,3 +141,27 @@ def test_generate_shows_an_spm_adapter_with_transport_on_and_off(tiny_dir: Path,
     blank = np.zeros((1, 32, 32, 3), np.uint8)
     three = prompt_grid(["a circle"], 1, [("a", blank), ("b", blank), ("c", blank)]).size
     assert Image.open(grid).size == three, "base | transport on | transport off"
+
+
+def test_the_hook_reproduces_the_trained_peft_adapter_exactly() -> None:
+    from erasekit.methods.spm import adapter_targets
+    from erasekit.models import add_lora, lora_state_dict, remove_lora
+
+    pipe = tiny_pipeline()
+    unet = pipe.unet
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    base = unet(x, t, encoder_hidden_states=ehs).sample
+    params = add_lora(unet, 1, adapter_targets(unet))
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(0, 0.2)  # lora_B starts at zero: give both halves values
+    adapted = unet(x, t, encoder_hidden_states=ehs).sample
+    tensors = {"gate.keys": torch.randn(3, 16), **membranes(lora_state_dict(unet))}
+    remove_lora(unet)
+    assert torch.equal(unet(x, t, encoder_hidden_states=ehs).sample, base)
+    handles = build_spm_hook(tensors, {**ON, "transport": False}, unet)()
+    hooked = unet(x, t, encoder_hidden_states=ehs).sample
+    for h in handles:
+        h.remove()
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    assert torch.allclose(hooked, adapted, atol=1e-5), float((hooked - adapted).abs().max())
