@@ -62,6 +62,8 @@ def erase(
         raise ErasekitError(f"config must be a {spec.config_class.__name__} for method {method!r}, got {type(config).__name__}")
     elif (validate := getattr(config, "validate", None)) is not None:
         validate()  # a config object built by hand gets the same checks as keyword settings
+    if (check := getattr(config, "check_concepts", None)) is not None:
+        check(targets)
     request = ErasureRequest(targets=targets, preserve=preserve, checkpoint=checkpoint, release_unused=release_unused, base_hash=weights_hash(pipe))
     with flush_denormals():
         return spec.fit(pipe, request, config, progress)

@@ -175,6 +175,8 @@ def erase(
             if checkpoint_every < 0:
                 raise ErasekitError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
             cfg = make_config(spec, budget, **settings)
+            if (check := getattr(cfg, "check_concepts", None)) is not None:
+                check(concept)
             if out.exists():
                 raise ErasekitError(f"{out} already exists; choose a new --out folder or remove it")
             from erasekit.run_folders import clear_stale_partial

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,6 +71,9 @@ class MethodConfig:
 
         check_fields(self)
         check_seed("seed", self.seed)
+
+    def check_concepts(self, targets: Sequence[str]) -> None:
+        """Refuse settings that contradict the concepts being erased (e.g. All-but-One's ``into`` naming one); none by default."""
 
 
 @dataclass

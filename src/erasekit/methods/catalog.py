@@ -98,6 +98,12 @@ declare_method(
      "tiny": {"n_images": 2, "epochs": 1, "ddim_steps": 3, "lr": 1e-3}},
     kind="text-encoder", families=("sd",), checkpointable=True,
 )
+ALL_BUT_ONE_TOY = dict(ESD_TOY)
+declare_method(
+    "all-but-one", "All-but-One: the target's guidance term trained onto another concept's (--into; default none), the unconditional score held still.",
+    "erasekit.methods.all_but_one:AllButOneConfig", "erasekit.methods.all_but_one:fit_all_but_one",
+    {"toy": ALL_BUT_ONE_TOY, "fast": ESD_FAST, "tiny": ESD_TINY}, **TRAINED,
+)
 # toy (circle, seed 0, 8 circle + 3 images of each other object): the paper's anchoring weight 1,000 held the adapter still
 # (lr 1e-3: ESR-1 12 %, lr 5e-3: 0 %); weight 1 or 20 at lr 5e-3: ESR-1 100 %, PSR-1 100 % with transport on and off
 SPM_TOY = {"iterations": 150, "lr": 5e-3, "ddim_steps": 25, "anchors": "toy", "preserve_weight": 20.0}
