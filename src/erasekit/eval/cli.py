@@ -76,7 +76,7 @@ def per_class_table(result: dict[str, Any]) -> Table | None:
 def evaluate(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="A base model ('toy', a diffusers folder), a delta file, or a run folder from `erasekit erase`."),
-    suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-styles, toy-implicit, imagenette, i2p or artists."),
+    suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-synonyms, toy-styles, toy-implicit, imagenette, i2p or artists."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the result here (a run folder always gets eval-<suite>.json)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print the suite's settings (each is a flag) with the values it would use, and exit."),

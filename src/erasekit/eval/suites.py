@@ -168,6 +168,28 @@ def plan_toy_objects(settings: Settings, concepts: Sequence[str]) -> Plan:
     return _with(plan, match_names(concepts, object_aliases(vocab)), classes=vocab.objects)
 
 
+# ---- toy-synonyms: the same classes named by other words (ESR on phrasings a method never trained on) ----
+
+PARAPHRASES = ("an image of {}", "a picture of {}", "a drawing of {}", "a photo of {}")
+
+
+def with_article(word: str) -> str:
+    """'a disc', 'an arrowhead'."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def plan_toy_synonyms(settings: Settings, concepts: Sequence[str]) -> Plan:
+    """N images per object class from its other names (synonyms) in four paraphrases; the classes the concepts name are erased."""
+    vocab = load_vocab()
+
+    def prompt(g: int, obj: str, j: int) -> str:
+        others = vocab.object_synonyms(obj)[1:] or [obj]
+        return PARAPHRASES[(j // len(others)) % len(PARAPHRASES)].format(with_article(others[j % len(others)]))
+
+    plan = _grouped(vocab.objects, settings.images_per_class, settings.seed, prompt, settings.guidance)
+    return _with(plan, match_names(concepts, object_aliases(vocab)), classes=vocab.objects)
+
+
 def _classification(plan: Plan, probs: np.ndarray, labels: Sequence[int], names: dict[int, str]) -> dict:
     erased = {label for label, group in zip(labels, plan.groups) if group in plan.erased}
     ks = (1, 5) if probs.shape[1] >= 5 else (1,)
@@ -353,6 +375,8 @@ def _compare_real(plan: Plan, base: Scores, erased: Scores) -> dict:
 _TOY = {"steps": 25, "guidance": 7.5, "batch_size": 32, "seed": 0}
 register_suite(Suite("toy-objects", "Imagenette protocol on the toy world: ESR-1/5, PSR-1/5 by the judge's object head",
                      {**_TOY, "images_per_class": 50}, "judge", plan_toy_objects, measure_toy_objects, compare_features))
+register_suite(Suite("toy-synonyms", "toy-objects with each class named by its other words in four paraphrases ('a picture of a disc'): ESR/PSR",
+                     {**_TOY, "images_per_class": 16}, "judge", plan_toy_synonyms, measure_toy_objects, compare_features))
 register_suite(Suite("toy-styles", "artist protocol on the toy world: style score of erased vs retained styles, judge-feature FID",
                      {**_TOY, "images_per_class": 20}, "judge", plan_toy_styles, measure_toy_styles, compare_styles))
 register_suite(Suite("toy-implicit", "nudity protocol on the indirect prompts: implicit-concept rate at 0.3/0.5/0.7/0.8",

@@ -104,6 +104,13 @@ declare_method(
     "erasekit.methods.all_but_one:AllButOneConfig", "erasekit.methods.all_but_one:fit_all_but_one",
     {"toy": ALL_BUT_ONE_TOY, "fast": ESD_FAST, "tiny": ESD_TINY}, **TRAINED,
 )
+REALERA_TOY = dict(ESD_TOY)
+declare_method(
+    "realera", "RealEra: mine the concept's neighbour embeddings, erase them with it (closed form + fine-tuning), keep the words just beyond.",
+    "erasekit.methods.realera:RealEraConfig", "erasekit.methods.realera:fit_realera",
+    {"toy": REALERA_TOY, "fast": ESD_FAST, "tiny": {**ESD_TINY, "n_mined": 2, "n_beyond": 2}},
+    families=("sd",), checkpointable=True,
+)
 # toy (circle, seed 0, 8 circle + 3 images of each other object): the paper's anchoring weight 1,000 held the adapter still
 # (lr 1e-3: ESR-1 12 %, lr 5e-3: 0 %); weight 1 or 20 at lr 5e-3: ESR-1 100 %, PSR-1 100 % with transport on and off
 SPM_TOY = {"iterations": 150, "lr": 5e-3, "ddim_steps": 25, "anchors": "toy", "preserve_weight": 20.0}
