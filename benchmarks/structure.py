@@ -9,7 +9,9 @@ method, as mean [95 % interval] over training seeds:
 - pixel RMSE: root mean square difference to the base image of the same seed, on a 0-1 scale (lower: closer);
 - layout RMSE: the same on 8 x 8 block means of the grey image (where things are, not their edges);
 - colour kept / style kept: share of images whose toy judge's colour (style) is the base image's (%);
-- feature cosine: cosine similarity of the toy judge's features to the base image's.
+- feature cosine: cosine similarity of the toy judge's features to the base image's;
+- synonym ESR-1: the share of the concept's `toy-synonyms` images (its other names in four paraphrases, ``images``
+  of them) the judge does not call the concept (%): RealEra's claim, the erasure reaching words it was not given.
 
 This is All-but-One's claim (issue 18): an erasure that moves only the concept's guidance term leaves the rest of the
 sample (its layout, its colour) where the base model put it.
@@ -87,16 +89,28 @@ def main() -> None:
     seeds = list(range(args.images))
     base = generate(toy_pipeline(), prompts, seeds, STEPS, GUIDANCE)
     base_judged = judge_images(judge, base)
-    names = ["pixel RMSE", "layout RMSE", "colour kept %", "style kept %", "feature cosine"]
+    from erasekit.eval.suites import get_suite, plan_toy_synonyms, resolve_settings
+    from erasekit.world.vocab import load_vocab
+
+    synonyms = plan_toy_synonyms(resolve_settings(get_suite("toy-synonyms"), images_per_class=args.images), [args.concept])
+    rows = [i for i, g in enumerate(synonyms.groups) if g == args.concept]
+    syn_prompts, syn_seeds = [synonyms.prompts[i] for i in rows], [synonyms.seeds[i] for i in rows]
+    concept_class = load_vocab().objects.index(args.concept)
+    names = ["pixel RMSE", "layout RMSE", "colour kept %", "style kept %", "feature cosine", "synonym ESR-1 %"]
     print(f"{args.concept}: {args.images} images of {prompts[0]!r} per model (seeds 0-{args.images - 1}), DDIM {STEPS}, CFG {GUIDANCE}")
     print("| method | seeds | " + " | ".join(names) + " |")
     print("| --- | ---: |" + " ---: |" * len(names))
+    base_said = judge_images(judge, generate(toy_pipeline(), syn_prompts, syn_seeds, STEPS, GUIDANCE))["object"].argmax(1)
+    print(f"| base (no erasure) | - | 0 | 0 | 100 | 100 | 1 | {100 * float((base_said != concept_class).mean()):.1f} |")
     for method, deltas in runs.items():
         per_seed = []
         for path in deltas:
             pipe = erasekit.load(toy_pipeline(), path)
             images = generate(pipe, prompts, seeds, STEPS, GUIDANCE)
-            per_seed.append(measure(images, base, judge_images(judge, images), base_judged))
+            measured = measure(images, base, judge_images(judge, images), base_judged)
+            said = judge_images(judge, generate(pipe, syn_prompts, syn_seeds, STEPS, GUIDANCE))["object"].argmax(1)
+            measured["synonym ESR-1 %"] = 100 * float((said != concept_class).mean())
+            per_seed.append(measured)
         cells = []
         for name in names:
             values = [m[name] for m in per_seed]

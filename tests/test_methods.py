@@ -25,7 +25,7 @@ FAST = {"iterations": 3, "ddim_steps": 3, "lr": 1e-3}
 
 def settings_for(name: str, words: Path) -> dict:
     """Small settings every method accepts."""
-    if get_method(name).kind in ("inference-time", "text-encoder"):  # the tiny preset sizes the SAE or the text-encoder run
+    if get_method(name).kind in ("inference-time", "text-encoder") or name == "mace":  # the tiny preset sizes the SAE, the text-encoder run, MACE's images
         return {"budget": "tiny"}
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
     extra = {"concept_space": str(words), "k": 8, "n_centres": 3} if "k" in fields else {}

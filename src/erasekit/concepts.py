@@ -74,8 +74,8 @@ _PYTHON_NAMES = {"concept": "concept", "preserve": "preserve concept", "list": "
 def check_targets(targets: Sequence[str], preserve: Sequence[str] = (), toy: bool = False, allow_unknown: bool = False, cli: bool = False) -> None:
     """Refuse concepts that cannot be what the user meant, before anything loads or trains.
 
-    On any model: a comma in a concept (two concepts in one?) unless ``allow_unknown``, and a concept both
-    erased and preserved. On the toy world (``toy``): a concept with a word its captions never use (``giraffe``,
+    On any model: a comma in a concept (two concepts in one?) unless ``allow_unknown``, a concept given twice, and
+    a concept both erased and preserved. On the toy world (``toy``): a concept with a word its captions never use (``giraffe``,
     ``círculo``) unless ``allow_unknown``, and erasing one name of a thing while preserving another ('circle', 'disc').
     ``cli`` names the flags in messages, else the keyword arguments of :func:`erasekit.erase`.
     """
@@ -92,6 +92,13 @@ def check_targets(targets: Sequence[str], preserve: Sequence[str] = (), toy: boo
         from erasekit.world.vocab import load_vocab
 
         group = load_vocab().synonym_groups()
+    seen: dict[str, str] = {}
+    for key, texts in (("concept", targets), ("preserve", preserve)):
+        seen.clear()
+        for text in texts:
+            if (first := seen.get(_norm(text))) is not None:
+                raise ErasekitError(f"{names[key]} {text!r} is given twice (as {first!r} too); give each concept once")
+            seen[_norm(text)] = text
     erased = {group.get(_norm(t), _norm(t)): t for t in targets}
     for kept in preserve:
         if (hit := erased.get(group.get(_norm(kept), _norm(kept)))) is not None:

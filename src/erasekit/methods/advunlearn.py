@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -84,7 +84,14 @@ class AdvUnlearnConfig(MethodConfig):
             raise SettingError("precision", f"{{name}} {self.precision!r} is not supported by advunlearn; use fp32")
 
 
-def retain_set(config: AdvUnlearnConfig, targets: list[str]) -> list[str]:
+class RetainSource(Protocol):
+    """A config that names a retain set (AdvUnlearn's, MACE's)."""
+
+    retain_prompts: str
+    seed: int
+
+
+def retain_set(config: RetainSource, targets: list[str]) -> list[str]:
     """The retain prompts: COCO objects, the toy world's captions without the targets' words, or a file's lines."""
     if config.retain_prompts == "coco":
         return [f"a photo of a {obj}" for obj in COCO_OBJECTS if all(obj not in t.lower() for t in targets)]

@@ -111,6 +111,13 @@ declare_method(
     {"toy": REALERA_TOY, "fast": ESD_FAST, "tiny": {**ESD_TINY, "n_mined": 2, "n_beyond": 2}},
     families=("sd",), checkpointable=True,
 )
+declare_method(
+    "mace", "MACE: closed-form refinement, one attention-map LoRA per concept on masked images, closed-form fusion (many concepts at once).",
+    "erasekit.methods.mace:MACEConfig", "erasekit.methods.mace:fit_mace",
+    {"toy": {"retain_prompts": "toy"}, "fast": {},
+     "tiny": {"iterations": 2, "n_images": 2, "batch_size": 1, "retain_prompts": "toy", "lr": 1e-3, "images": "toy"}},
+    families=("sd",),
+)
 # toy (circle, seed 0, 8 circle + 3 images of each other object): the paper's anchoring weight 1,000 held the adapter still
 # (lr 1e-3: ESR-1 12 %, lr 5e-3: 0 %); weight 1 or 20 at lr 5e-3: ESR-1 100 %, PSR-1 100 % with transport on and off
 SPM_TOY = {"iterations": 150, "lr": 5e-3, "ddim_steps": 25, "anchors": "toy", "preserve_weight": 20.0}
