@@ -50,7 +50,7 @@ def guidance_losses(pred: torch.Tensor, frozen: torch.Tensor) -> tuple[torch.Ten
     return guidance, drift
 
 
-def _loop(s: Setup[AllButOneConfig], progress: Progress | None, emb_into: Cond) -> None:
+def _loop(s: Setup[Any], progress: Progress | None, emb_into: Cond) -> None:
     """One rollout of a target per batch entry; the model steps on the mean of guidance + lambda * drift."""
     cfg, tr = s.config, s.trainable
     tensors = list(tr.params.values())
@@ -101,7 +101,7 @@ def fit_all_but_one(pipe: Pipeline, request: ErasureRequest, config: AllButOneCo
     else:
         emb_into = Cond.cat([s.emb_null] * len(s.targets))
 
-    def loop(s: Setup[AllButOneConfig], progress: Progress | None) -> None:
+    def loop(s: Setup[Any], progress: Progress | None) -> None:
         _loop(s, progress, emb_into)
 
     return train(s, request, "all-but-one", loop, None, 1, progress)

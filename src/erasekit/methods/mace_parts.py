@@ -94,7 +94,8 @@ def folder_images(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
     if not files:
         raise SettingError("images", f"{{name}} {folder} holds no image (png, jpg, webp, bmp); add images of the concept with <name>_mask.png masks")
-    images, masks = [], []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     for path in files:
         found = [m for m in (path.with_name(f"{path.stem}_mask{ext}") for ext in IMAGE_SUFFIXES) if m.exists()]
         if not found:
