@@ -3,14 +3,15 @@
 1. *Neighbour mining*: the concept's token embedding w is perturbed, w + d with |d| <= ``radius`` |w|, and a
    perturbation is kept when its cosine to w lies in the band [``band_low``, ``band_high``]: ``n_mined`` associated
    embeddings that no word spells but that sit where the concept's paraphrases and synonyms would.
-2. *Beyond-concept regulariser*: ``n_beyond`` perturbations past the bound (up to twice it) whose cosine lies *below*
-   the band stand for the concepts just outside the neighbourhood; both stages keep them.
+2. *Beyond-concept regulariser*: the ``n_beyond`` words nearest to w whose token embedding's cosine lies *below* the
+   band are the concepts just outside the neighbourhood; both stages keep them. (Perturbations past the bound are no
+   stand-in for them: on the toy world those still draw the concept or its look-alike, measured.)
 3. *Closed-form stage* (``closed_form``): a UCE edit of every cross-attention key/value map sending the rows of the
    concept and of each mined embedding (its token through the end-of-text and padding rows) to the guide's rows,
-   the beyond embeddings' rows (and the empty prompt's) kept.
+   the beyond words' rows, the retain prompts' and the empty prompt's kept.
 4. *Noise-alignment stage*: the cross-attention weights, starting from the closed-form edit, are fine-tuned so the
    prediction under the concept and each mined embedding follows ESD's negatively guided target of the original
-   model, while the beyond embeddings keep the original model's prediction (weight ``preserve_weight``).
+   model, while the beyond words keep the original model's prediction (weight ``preserve_weight``).
 
 The paper fine-tunes a LoRA in stage 4; here the same cross-attention weights train directly, so the closed-form
 edit and the fine-tuning leave one ``weights`` delta. Built from the paper's description; no code was read.
@@ -19,6 +20,7 @@ edit and the fine-tuning leave one ``weights`` delta. Built from the paper's des
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,14 +40,16 @@ class RealEraConfig(TrainConfig):
     """RealEra: mine the concept's neighbour embeddings, erase them with it (closed form, then fine-tuning), keep the words beyond."""
 
     n_mined: int = field(default=16, metadata={"help": "Associated embeddings mined around the concept's token embedding."})
-    radius: float = field(default=0.6, metadata={"help": "Distance bound of a perturbation: |d| <= radius x |w|."})
-    band_low: float = field(default=0.85, metadata={"help": "Lower end of the cosine band a mined embedding's cosine to w lies in."})
-    band_high: float = field(default=0.99, metadata={"help": "Upper end of the cosine band (leaves out near-copies of w)."})
-    n_beyond: int = field(default=16, metadata={"help": "Perturbations beyond the bound (up to twice it, cosine below the band) kept unchanged: the beyond-concept regulariser."})
+    radius: float = field(default=2.5, metadata={"help": "Distance bound of a perturbation: |d| <= radius x |w|."})
+    band_low: float = field(default=0.4, metadata={"help": "Lower end of the cosine band a mined embedding's cosine to w lies in; words below it are beyond the concept."})
+    band_high: float = field(default=0.95, metadata={"help": "Upper end of the cosine band (leaves out near-copies of w)."})
+    n_beyond: int = field(default=16, metadata={"help": "Words just below the band (nearest first) kept unchanged: the beyond-concept regulariser."})
+    beyond: str = field(default="vocab", metadata={"help": "Where the beyond-concept words come from: vocab (the tokenizer's whole words), toy (the toy world's words), or a text file, one per line."})
     guide: str = field(default="", metadata={"help": "What the closed-form stage maps the neighbourhood to (default: the empty prompt)."})
     closed_form: bool = field(default=True, metadata={"help": "Run the closed-form stage before the fine-tuning."})
     lam: float = field(default=0.5, metadata={"help": "Closed-form regulariser toward the original weights (UCE's lambda)."})
-    preserve_scale: float = field(default=1.0, metadata={"help": "Closed-form weight of the beyond words' rows."})
+    preserve_scale: float = field(default=1.0, metadata={"help": "Closed-form weight of the kept rows (beyond embeddings, retain prompts, '')."})
+    retain_prompts: str = field(default="coco", metadata={"help": "Prompts the closed-form stage keeps: coco (COCO object prompts), toy (the toy world's captions without the concept), a text file, or none."})
 
     def validate(self) -> None:
         """One-line refusals of values that cannot run."""
@@ -95,12 +99,41 @@ def perturb(w: torch.Tensor, n: int, sizes: tuple[float, float], band: tuple[flo
     return found
 
 
-def mine(w: torch.Tensor, config: RealEraConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(associated, beyond): perturbations within the distance bound and inside the band, and ones beyond it (up to twice the
-    bound) whose cosine falls below the band."""
-    near = perturb(w, config.n_mined, (0.0, config.radius), (config.band_low, config.band_high), generator, "associated")
-    far = perturb(w, config.n_beyond, (config.radius, 2 * config.radius), (-1.0, config.band_low), generator, "beyond-concept")
-    return near, far
+def mine(w: torch.Tensor, config: RealEraConfig, generator: torch.Generator) -> torch.Tensor:
+    """The associated embeddings: perturbations within the distance bound whose cosine to ``w`` lies inside the band."""
+    return perturb(w, config.n_mined, (0.0, config.radius), (config.band_low, config.band_high), generator, "associated")
+
+
+def beyond_words(pipe: Pipeline, w: torch.Tensor, concept: str, config: RealEraConfig) -> list[str]:
+    """The ``n_beyond`` words nearest to ``w`` (mean token embedding) whose cosine lies below the band; the concept's own words left out."""
+    from pathlib import Path
+
+    if config.n_beyond == 0:
+        return []
+    own = {x.lower() for x in concept.split()} | {concept.lower()}
+    if config.beyond == "vocab":
+        pool = sorted({t.removesuffix("</w>") for t in pipe.tokenizer.get_vocab() if t.endswith("</w>")})
+        pool = [x for x in pool if x.isalpha() and len(x) >= 3]
+    elif config.beyond == "toy":
+        from erasekit.world.vocab import load_vocab
+
+        vocab = load_vocab()
+        pool = sorted({s for o in vocab.objects for s in vocab.object_synonyms(o)} | set(vocab.colours) | set(vocab.styles)
+                      | {p for words in vocab.raw["pair_words"].values() for p in words})
+    else:
+        try:
+            pool = [line.strip() for line in Path(config.beyond).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingError("beyond", f"{{name}} {config.beyond} cannot be read as UTF-8 text ({exc.__class__.__name__}); pass vocab, toy, or a text file, one word per line") from None
+    pool = [x for x in pool if x.lower() not in own and not (set(x.lower().split()) & own)]
+    if not pool:
+        return []
+    family = family_of(pipe)
+    rows = torch.stack([family.slot_rows(pipe, pipe.tokenizer(x, add_special_tokens=False, return_tensors="pt").input_ids[0]).mean(0) for x in pool]) \
+        if config.beyond != "vocab" else family.slot_rows(pipe, torch.tensor([pipe.tokenizer.get_vocab()[x + "</w>"] for x in pool]))
+    sims = torch.nn.functional.cosine_similarity(rows, w.mean(0)[None], dim=1)
+    order = torch.argsort(sims, descending=True)
+    return [pool[int(i)] for i in order if float(sims[i]) < config.band_low][: config.n_beyond]
 
 
 def mined_conds(pipe: Pipeline, concept: str, mined: torch.Tensor) -> Cond:
@@ -124,8 +157,9 @@ def through_eos(hidden: torch.Tensor, start: int, guide: torch.Tensor, guide_sta
     return hidden[start : end + shift], guide[guide_start:end]
 
 
-def closed_form_rows(pipe: Pipeline, concept: str, conds: Cond | None, beyond: Cond | None, config: RealEraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(erase keys, guide rows, keep keys) of one concept: its own and the mined rows through EOS, the guide's aligned; every row of the beyond embeddings and ''."""
+def closed_form_rows(pipe: Pipeline, concept: str, conds: Cond | None, beyond: Sequence[str], config: RealEraConfig, retain: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(erase keys, guide rows, keep keys) of one concept: its own and the mined rows through EOS, the guide's aligned; every row of
+    the beyond words (in the templates), the retain prompts and ''."""
     from erasekit.concepts import encode
     from erasekit.methods.closed_form import last_token_index
 
@@ -136,10 +170,8 @@ def closed_form_rows(pipe: Pipeline, concept: str, conds: Cond | None, beyond: C
     if conds is not None:
         hidden = torch.cat([hidden, conds.parts["hidden"].to(dtype=torch.float64, device="cpu")])
     pairs = [through_eos(h, n, guide, g0) for h in hidden]
-    keep = encode(pipe, [""]).to(dtype=torch.float64, device="cpu")
-    if beyond is not None:
-        keep = torch.cat([keep, beyond.parts["hidden"].to(dtype=torch.float64, device="cpu")])
-    keep = keep.flatten(0, 1)
+    kept = ["", *retain, *(t.format(b) for b in beyond for t in TEMPLATES)]
+    keep = encode(pipe, kept).to(dtype=torch.float64, device="cpu").flatten(0, 1)
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), keep
 
 
@@ -151,8 +183,10 @@ def fit_realera(pipe: Pipeline, request: ErasureRequest, config: RealEraConfig, 
 
     if request.preserve:
         raise ErasekitError("realera keeps what lies just beyond the concept's neighbourhood itself (n_beyond); drop --preserve")
+    from erasekit.methods.advunlearn import retain_set
     from erasekit.methods.closed_form import EditRows, uce_edit, weights_of
 
+    retain = [] if config.retain_prompts == "none" else retain_set(config, list(request.targets))
     generator = torch.Generator().manual_seed(config.seed)
     names: list[str] = []
     conds: list[Cond] = []
@@ -161,16 +195,16 @@ def fit_realera(pipe: Pipeline, request: ErasureRequest, config: RealEraConfig, 
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for concept in request.targets:
         w = concept_rows(pipe, concept)
-        near, far = mine(w, config, generator)
+        near = mine(w, config, generator)
         found = mined_conds(pipe, concept, near) if len(near) else None
-        outside = mined_conds(pipe, concept, far) if len(far) else None
+        words = [b for b in beyond_words(pipe, w, concept, config) if b not in kept]
         if config.closed_form:
-            rows.append(closed_form_rows(pipe, concept, found, outside, config))
+            rows.append(closed_form_rows(pipe, concept, found, words, config, retain if not rows else []))
         names += [concept] + [f"{concept} (mined {i})" for i in range(len(near) * len(TEMPLATES))]
         conds += [encode_cond(pipe, [concept])] + ([found] if found is not None else [])
-        if outside is not None:
-            kept += [f"{concept} (beyond {i})" for i in range(len(far) * len(TEMPLATES))]
-            kept_conds.append(outside)
+        if words:
+            kept += words
+            kept_conds.append(encode_cond(pipe, words))
     edit = {}
     if rows:  # one edit for every concept at once
         parts = [torch.cat([r[i] for r in rows]) for i in range(3)]
@@ -183,5 +217,5 @@ def fit_realera(pipe: Pipeline, request: ErasureRequest, config: RealEraConfig, 
         for name, weight in edit.items():
             s.trainable.params[name].copy_(weight.to(s.trainable.params[name]))
     result = finetune(pipe, request, config, progress, method="realera", loss_space="eps", setup=s)
-    summary = {"neighbourhood": {"mined": len(names) - len(request.targets), "beyond": len(kept), "closed_form": bool(edit)}}
+    summary = {"neighbourhood": {"mined": len(names) - len(request.targets), "beyond": kept, "closed_form": bool(edit)}}
     return dataclasses.replace(result, concepts=tuple(request.targets), preserve=(), history=(*result.history, summary))
