@@ -12,17 +12,27 @@ from erasekit.errors import ErasekitError
 from erasekit.methods.closed_form import weights_of
 
 
-def test_mined_embeddings_lie_within_the_bound_and_the_band_and_beyond_ones_outside() -> None:
-    config = realera.RealEraConfig(n_mined=40, n_beyond=40, radius=0.6, band_low=0.85, band_high=0.99)
+def test_mined_embeddings_lie_within_the_bound_and_the_band() -> None:
+    config = realera.RealEraConfig(n_mined=40, radius=0.6, band_low=0.85, band_high=0.99)
     w = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
-    near, far = realera.mine(w, config, torch.Generator().manual_seed(0))
-    assert near.shape == far.shape == (40, 2, 16)
-    dn, df = (near - w).flatten(1).norm(dim=1) / w.norm(), (far - w).flatten(1).norm(dim=1) / w.norm()
-    cn, cf = realera.cosine(near, w), realera.cosine(far, w)
+    near = realera.mine(w, config, torch.Generator().manual_seed(0))
+    assert near.shape == (40, 2, 16)
+    dn = (near - w).flatten(1).norm(dim=1) / w.norm()
+    cn = realera.cosine(near, w)
     assert bool((dn <= 0.6 + 1e-6).all()) and bool(((cn >= 0.85) & (cn <= 0.99)).all())
-    assert bool(((df >= 0.6 - 1e-6) & (df <= 1.2 + 1e-6)).all()) and bool((cf < 0.85).all())
-    again, _ = realera.mine(w, config, torch.Generator().manual_seed(0))
-    assert torch.equal(near, again)  # a function of the seed
+    assert torch.equal(near, realera.mine(w, config, torch.Generator().manual_seed(0)))  # a function of the seed
+
+
+def test_beyond_words_are_the_nearest_below_the_band_never_the_concepts_own() -> None:
+    pipe = tiny_pipeline()
+    w = realera.concept_rows(pipe, "circle")
+    config = realera.RealEraConfig(n_beyond=5, band_low=0.2, beyond="toy")
+    words = realera.beyond_words(pipe, w, "circle", config)
+    assert len(words) == 5 and "circle" not in words
+    family = realera.family_of(pipe)
+    sims = [float(torch.nn.functional.cosine_similarity(realera.concept_rows(pipe, x).mean(0), w.mean(0), dim=0)) for x in words]
+    assert all(s < 0.2 for s in sims) and sims == sorted(sims, reverse=True)
+    assert family.name == "sd"
 
 
 def test_a_band_out_of_reach_is_refused_in_one_line() -> None:
@@ -44,10 +54,10 @@ def test_rows_through_eos_are_aligned_from_each_texts_last_token() -> None:
 
 def test_the_closed_form_stage_sends_the_neighbourhood_to_the_guide_and_keeps_the_rest() -> None:
     pipe = tiny_pipeline()
-    config = realera.RealEraConfig(n_mined=4, n_beyond=4)
+    config = realera.RealEraConfig(n_mined=4)
     w = realera.concept_rows(pipe, "circle")
-    near, far = realera.mine(w, config, torch.Generator().manual_seed(0))
-    keys, guide, keep = realera.closed_form_rows(pipe, "circle", realera.mined_conds(pipe, "circle", near), realera.mined_conds(pipe, "circle", far), config)
+    near = realera.mine(w, config, torch.Generator().manual_seed(0))
+    keys, guide, keep = realera.closed_form_rows(pipe, "circle", realera.mined_conds(pipe, "circle", near), ["square", "star"], config, ["a red square"])
     from erasekit.methods.closed_form import EditRows, uce_edit
 
     before = weights_of(pipe)
@@ -64,11 +74,13 @@ def test_the_closed_form_stage_sends_the_neighbourhood_to_the_guide_and_keeps_th
 
 def test_the_fine_tuning_erases_every_mined_embedding_and_keeps_the_beyond_ones() -> None:
     pipe = tiny_pipeline()
-    result = erasekit.erase(pipe, "circle", method="realera", iterations=12, ddim_steps=3, lr=1e-3, n_mined=2, n_beyond=2)
+    result = erasekit.erase(pipe, "circle", method="realera", iterations=12, ddim_steps=3, lr=1e-3, n_mined=2, n_beyond=2, beyond="toy", retain_prompts="toy")
     targets = {r["target"] for r in result.history if "step" in r}
     assert "circle" in targets or any("(mined" in t for t in targets)
     assert len(targets) > 1  # the mined embeddings are erased too, not only the word
-    assert result.history[-1]["neighbourhood"] == {"mined": 2 * len(realera.TEMPLATES), "beyond": 2 * len(realera.TEMPLATES), "closed_form": True}
+    hood = result.history[-1]["neighbourhood"]
+    assert hood["mined"] == 2 * len(realera.TEMPLATES) and len(hood["beyond"]) == 2 and hood["closed_form"]
+    assert {r["target"] for r in result.history if "step" in r} <= {"circle", *(f"circle (mined {i})" for i in range(hood["mined"]))}
     assert all(r["preserve_loss"] >= 0 for r in result.history if "step" in r)
     assert result.concepts == ("circle",) and result.preserve == ()
     original = weights_of(tiny_pipeline())

@@ -129,8 +129,11 @@ def beyond_words(pipe: Pipeline, w: torch.Tensor, concept: str, config: RealEraC
     if not pool:
         return []
     family = family_of(pipe)
-    rows = torch.stack([family.slot_rows(pipe, pipe.tokenizer(x, add_special_tokens=False, return_tensors="pt").input_ids[0]).mean(0) for x in pool]) \
-        if config.beyond != "vocab" else family.slot_rows(pipe, torch.tensor([pipe.tokenizer.get_vocab()[x + "</w>"] for x in pool]))
+    if config.beyond == "vocab":
+        ids = pipe.tokenizer.get_vocab()
+        rows = family.slot_rows(pipe, torch.tensor([ids[x + "</w>"] for x in pool]))
+    else:
+        rows = torch.stack([family.slot_rows(pipe, pipe.tokenizer(x, add_special_tokens=False, return_tensors="pt").input_ids[0]).mean(0) for x in pool])
     sims = torch.nn.functional.cosine_similarity(rows, w.mean(0)[None], dim=1)
     order = torch.argsort(sims, descending=True)
     return [pool[int(i)] for i in order if float(sims[i]) < config.band_low][: config.n_beyond]
