@@ -107,7 +107,12 @@ declare_method(
     "erasekit.methods.all_but_one:AllButOneConfig", "erasekit.methods.all_but_one:fit_all_but_one",
     {"toy": ALL_BUT_ONE_TOY, "fast": ESD_FAST, "tiny": ESD_TINY}, **TRAINED,
 )
-REALERA_TOY = dict(ESD_TOY)
+# toy (circle, seed 0, 8 circle + 3 images of each other object; 8 synonym images): the toy CLIP's token embeddings put
+# disc 0.68, round 0.51, loop 0.44, disk 0.41 from circle and the other objects below 0.25, untrained vocabulary words near
+# 0; a band down to 0.35 (radius 3) holds the synonyms' region, the toy world's words below it are kept. The first defaults
+# (radius 0.6, band 0.85-0.99, perturbations past the bound kept) turned every prompt into circles (PSR-1 0 %): those
+# perturbations still draw circle or ring. This preset: ESR-1 100 / PSR-1 100, synonyms erased 75 %; its closed form alone 38 / 100 / 75
+REALERA_TOY = {**ESD_TOY, "beyond": "toy", "retain_prompts": "toy", "radius": 3.0, "band_low": 0.35, "band_high": 0.99}
 declare_method(
     "realera", "RealEra: mine the concept's neighbour embeddings, erase them with it (closed form + fine-tuning), keep the words just beyond.",
     "erasekit.methods.realera:RealEraConfig", "erasekit.methods.realera:fit_realera",
