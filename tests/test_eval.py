@@ -400,3 +400,17 @@ def test_evaluate_takes_its_flags_from_the_settings_dataclass_and_shows_them() -
     assert "--thresholds" not in lines  # not a flag
     wrong = CliRunner().invoke(_app(), ["evaluate", "toy", "--thresholds", "0.5"])
     assert wrong.exit_code == 2 and "unknown option --thresholds" in wrong.stderr and wrong.stderr.count("\n") == 1
+
+
+def test_toy_synonyms_names_every_class_by_its_other_words_only() -> None:
+    from erasekit.eval.suites import get_suite, resolve_settings
+    from erasekit.world.vocab import load_vocab
+
+    vocab = load_vocab()
+    suite = get_suite("toy-synonyms")
+    plan = suite.plan(resolve_settings(suite, images_per_class=4), ["disc"])
+    assert plan.erased == ["circle"]  # a synonym names the class it belongs to
+    for prompt, group in zip(plan.prompts, plan.groups):
+        others = vocab.object_synonyms(group)[1:]
+        assert any(prompt.endswith(f" {o}") for o in others) and not prompt.endswith((f" a {group}", f" an {group}")), prompt
+    assert len(set(plan.prompts)) == len(plan.prompts)  # four paraphrases x the other names, no repeats within 4 per class
