@@ -39,16 +39,16 @@ TEMPLATES = ("{}", "{}, an image", "{}, a picture", "{}, a drawing")
 class RealEraConfig(TrainConfig):
     """RealEra: mine the concept's neighbour embeddings, erase them with it (closed form, then fine-tuning), keep the words beyond."""
 
-    n_mined: int = field(default=16, metadata={"help": "Associated embeddings mined around the concept's token embedding."})
-    radius: float = field(default=2.5, metadata={"help": "Distance bound of a perturbation: |d| <= radius x |w|."})
-    band_low: float = field(default=0.4, metadata={"help": "Lower end of the cosine band a mined embedding's cosine to w lies in; words below it are beyond the concept."})
-    band_high: float = field(default=0.95, metadata={"help": "Upper end of the cosine band (leaves out near-copies of w)."})
+    n_mined: int = field(default=16, metadata={"help": "Associated embeddings mined around the concept's token embedding (our default; the paper's count is not restated here)."})
+    radius: float = field(default=2.5, metadata={"help": "Distance bound of a perturbation: |d| <= radius x |w| (our default, set for CLIP token embeddings)."})
+    band_low: float = field(default=0.4, metadata={"help": "Lower end of the cosine band a mined embedding's cosine to w lies in; words below it are beyond the concept (our default)."})
+    band_high: float = field(default=0.95, metadata={"help": "Upper end of the cosine band (leaves out near-copies of w; our default)."})
     n_beyond: int = field(default=16, metadata={"help": "Words just below the band (nearest first) kept unchanged: the beyond-concept regulariser."})
     beyond: str = field(default="vocab", metadata={"help": "Where the beyond-concept words come from: vocab (the tokenizer's whole words), toy (the toy world's words), or a text file, one per line."})
     guide: str = field(default="", metadata={"help": "What the closed-form stage maps the neighbourhood to (default: the empty prompt)."})
     closed_form: bool = field(default=True, metadata={"help": "Run the closed-form stage before the fine-tuning."})
     lam: float = field(default=0.5, metadata={"help": "Closed-form regulariser toward the original weights (UCE's lambda)."})
-    preserve_scale: float = field(default=1.0, metadata={"help": "Closed-form weight of the kept rows (beyond embeddings, retain prompts, '')."})
+    preserve_scale: float = field(default=1.0, metadata={"help": "Closed-form weight of the kept rows (beyond words, retain prompts, '')."})
     retain_prompts: str = field(default="coco", metadata={"help": "Prompts the closed-form stage keeps: coco (COCO object prompts), toy (the toy world's captions without the concept), a text file, or none."})
 
     def validate(self) -> None:
