@@ -239,3 +239,16 @@ def test_a_stopped_comparison_resumes_keeping_the_finished_runs(tiny_dir: Path, 
     assert other.exit_code == 2 and "other settings" in other.output
     nothing = runner.invoke(cli(), [*[str(tmp_path / "none") if a == str(out) else a for a in args], "--resume"])
     assert nothing.exit_code == 2 and "--resume needs a comparison" in nothing.output
+
+
+def test_the_table_keeps_two_suites_that_report_the_same_metric_apart() -> None:
+    from erasekit.compare_table import markdown
+
+    def row(method: str, a: float, b: float) -> dict:
+        return {"method": method, "metrics": {"toy-objects": {"ESR-1": a}, "toy-synonyms": {"ESR-1": b}}, "wall_s": 1.0, "peak_rss_mib": 1.0}
+
+    summary = {"base": row("base", 6.0, 7.0), "rows": [row("eap", 90.0, 40.0)], "concepts": ["circle"], "model": "toy",
+               "suites": ["toy-objects", "toy-synonyms"], "seed": 0}
+    table = markdown(summary)
+    assert "| method | toy-objects ESR-1 | toy-synonyms ESR-1 |" in table
+    assert "| eap | 90.0 | 40.0 |" in table  # before: one ESR-1 column, the last suite's value

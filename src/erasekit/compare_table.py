@@ -68,18 +68,20 @@ def markdown(summary: dict[str, Any]) -> str:
     With ``--attack``, the ASR and no-attack columns follow the metrics; the base row's no-attack cell is the base
     model's own rate of showing the concept on the attack's prompts.
     """
-    keys = list(dict.fromkeys(k for row in [summary["base"], *summary["rows"]] for values in row["metrics"].values() for k in values))
+    keys = list(dict.fromkeys((suite, k) for row in [summary["base"], *summary["rows"]] for suite, values in row["metrics"].items() for k in values))
+    names = [k for _, k in keys]
+    shared = {k for k in names if names.count(k) > 1}  # a metric two suites report (ESR-1 of toy-objects and toy-synonyms)
     attacked = attack_columns(summary)
     failed = any(_note(row) for row in summary["rows"])
-    columns = ["method", *keys, *(title for title, _, _ in attacked), "wall s", "peak MiB", *(["note"] if failed else [])]
+    titles = [f"{suite} {k}" if k in shared else k for suite, k in keys]
+    columns = ["method", *titles, *(title for title, _, _ in attacked), "wall s", "peak MiB", *(["note"] if failed else [])]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     def metrics(row: dict[str, Any]) -> list[str]:
-        merged = {k: v for values in row["metrics"].values() for k, v in values.items()}
-        spans = {k: v for values in row.get("intervals", {}).values() for k, v in values.items()}
-        return [_span(spans[k]) if k in spans else _cell(merged.get(k)) for k in keys]
+        spans = row.get("intervals", {})
+        return [_span(spans[suite][k]) if k in spans.get(suite, {}) else _cell(row["metrics"].get(suite, {}).get(k)) for suite, k in keys]
 
     def attack(row: dict[str, Any], base: bool = False) -> list[str]:
         found, spans = row.get("attack", {}), row.get("attack_intervals", {})
