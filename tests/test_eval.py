@@ -155,7 +155,7 @@ def test_an_erased_model_does_not_reuse_the_base_models_images(tiny: StableDiffu
 # ---- suites ----
 
 def test_unknown_suite_lists_the_suites() -> None:
-    with pytest.raises(ErasekitError, match="toy-objects, toy-styles, toy-implicit, imagenette, i2p, artists"):
+    with pytest.raises(ErasekitError, match="toy-objects, toy-synonyms, toy-styles, toy-implicit, imagenette, i2p, artists"):
         get_suite("objects")
 
 
