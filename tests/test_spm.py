@@ -165,3 +165,71 @@ def test_the_hook_reproduces_the_trained_peft_adapter_exactly() -> None:
         h.remove()
     assert not torch.allclose(adapted, base, atol=1e-4)
     assert torch.allclose(hooked, adapted, atol=1e-5), float((hooked - adapted).abs().max())
+
+
+def test_two_adapters_on_one_model_each_follow_their_own_gate_and_add_up() -> None:
+    from types import SimpleNamespace
+
+    from erasekit.hooks import install, take_off
+
+    torch.manual_seed(1)
+    net = TwoLayers()
+    pipe = SimpleNamespace(unet=net)
+    first = {"gate.keys": torch.tensor([[1.0, 0.0]]), "proj.down": torch.randn(1, 3), "proj.up": torch.randn(2, 1)}
+    second = {"gate.keys": torch.tensor([[0.0, 1.0]]), "proj.down": torch.randn(1, 3), "proj.up": torch.randn(2, 1)}
+    x, t = torch.randn(3, 2, 4, 4), torch.zeros(3)
+    ehs = torch.tensor([[[5.0, 5.0], [1.0, 0.0]],   # the first concept: only the first adapter opens
+                        [[5.0, 5.0], [0.0, 1.0]],   # the second concept: only the second
+                        [[5.0, 5.0], [-1.0, -1.0]]])  # neither
+    pooled = net.conv(x).mean((2, 3))
+    base = net.proj(pooled)
+    spec = {"type": "spm", "encoder": "unet", "layer": 0, "settings": ON}
+    install(pipe, first, spec)
+    install(pipe, second, spec)
+    assert len(installed(pipe)) == 2
+    with pytest.raises(ErasekitError, match="already on the pipeline"):
+        install(pipe, second, spec)
+    out = net(x, t, encoder_hidden_states=ehs)
+    one = pooled @ first["proj.down"].t() @ first["proj.up"].t()
+    two = pooled @ second["proj.down"].t() @ second["proj.up"].t()
+    assert torch.allclose(out, torch.stack([base[0] + one[0], base[1] + two[1], base[2]]), atol=1e-5)
+    assert torch.equal(out[2], base[2]), "a prompt near neither concept passes through both adapters unchanged"
+    off = {**ON, "transport": False}
+    take_off(pipe)
+    install(pipe, first, {**spec, "settings": off})
+    install(pipe, second, {**spec, "settings": off})
+    assert torch.allclose(net(x, t, encoder_hidden_states=ehs), base + one + two, atol=1e-5), "transport off: the adapters add up"
+    assert take_off(pipe) == 2 and not installed(pipe)
+    assert torch.equal(net(x, t, encoder_hidden_states=ehs), base)
+
+
+def test_an_spm_adapter_does_not_stack_on_another_kind_of_hook(tmp_path: Path) -> None:
+    pipe = tiny_pipeline()
+    spm = erasekit.erase(pipe, "circle", method="spm", budget="tiny")
+    erasekit.erase(pipe, "square", method="itd", budget="tiny").apply(pipe)
+    with pytest.raises(ErasekitError, match="already carries an erasekit hook"):
+        spm.apply(pipe)
+    assert len(installed(pipe)) == 1
+
+
+def test_generate_combines_two_spm_adapters_and_refuses_other_methods_in_the_mix(tiny_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.grid import prompt_grid
+
+    runner = CliRunner()
+    runs = {}
+    for concept, method in (("circle", "spm"), ("square", "spm"), ("star", "esd-x")):
+        runs[concept] = tmp_path / concept
+        res = runner.invoke(app, ["erase", "--model", str(tiny_dir), "-c", concept, "--method", method, "--budget", "tiny", "--out", str(runs[concept])])
+        assert res.exit_code == 0, res.output
+    grid = tmp_path / "grid.png"
+    common = ["generate", "--model", str(tiny_dir), "-p", "a circle", "-p", "a square", "--images", "1", "--steps", "2"]
+    res = runner.invoke(app, [*common, "--delta", str(runs["circle"]), "--delta", str(runs["star"]), "--out", str(grid)])
+    assert res.exit_code == 2 and "only when all are SPM adapters" in res.output and not grid.exists()
+    res = runner.invoke(app, [*common, "--delta", str(runs["circle"]), "--delta", str(runs["square"]), "--out", str(grid)])
+    assert res.exit_code == 0, res.output
+    blank = np.zeros((2, 32, 32, 3), np.uint8)
+    assert Image.open(grid).size == prompt_grid(["a circle", "a square"], 1, [("a", blank)] * 3).size

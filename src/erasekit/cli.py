@@ -253,7 +253,7 @@ def generate(
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Text file, one prompt per line."),
     model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
     family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux); read from the folder when not given."),
-    delta: Optional[Path] = typer.Option(None, "--delta", help="Erasure delta (file or run folder): base and erased side by side."),
+    delta: list[Path] = typer.Option([], "--delta", help="Erasure delta (file or run folder): base and erased side by side; repeat to combine SPM adapters."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG grid to write."),
     images: int = typer.Option(4, "--images", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + 1000 i + j."),
@@ -263,7 +263,7 @@ def generate(
     force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
-    """Generate a PNG grid (rows: prompts; with --delta, base | erased side by side; an SPM adapter with transport on and off)."""
+    """Generate a PNG grid (rows: prompts; with --delta, base | erased side by side; SPM adapters with transport on and off)."""
     with user_errors():
         from erasekit.grid import prompt_grid, save_png
 
@@ -295,25 +295,28 @@ def generate(
         if (tokenizer := load_tokenizer(model)) is not None:  # the 77-token check, before the model loads
             for p in prompts:
                 check_length(tokenizer, p, "prompt")
-        result = load_result(_resolve_delta(delta)) if delta is not None else None
+        results = [load_result(_resolve_delta(d)) for d in delta]
+        spm = bool(results) and all(r.kind == "hook" and r.hook.get("type") == "spm" for r in results)
+        if len(results) > 1 and not spm:
+            raise ErasekitError("several --delta combine only when all are SPM adapters; pass one delta of any other method")
         pipe = load_pipeline(model, device=device, family=family)
         for p in prompts:
             check_prompt(pipe, p, "prompt")
-        if result is not None:  # refuse a delta of another base before spending time on the base images
+        for result in results:  # refuse a delta of another base before spending time on the base images
             result.check_fits(pipe, check_base=not force)
         all_prompts = [p for p in prompts for _ in range(images)]
         seeds = [seed + 1000 * i + j for i in range(len(prompts)) for j in range(images)]
         with _progress_bar() as bar:
-            spm = result is not None and result.kind == "hook" and result.hook.get("type") == "spm"
-            panels_n = 1 + (result is not None) + spm  # an SPM adapter: transport on, then off
+            panels_n = 1 + bool(results) + spm  # SPM adapters: transport as saved, then flipped
             task = bar.add_task("generate", total=len(all_prompts) * panels_n, info="base")
             tick = lambda n: bar.advance(task, n)  # noqa: E731
             panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick))]
-            if result is not None:
+            if results:
                 bar.update(task, info="erased")
-                result.apply(pipe, check_base=False)
-                label = f"{result.method}: erased {', '.join(result.concepts)}"
-                on = result.hook.get("settings", {}).get("transport") if spm else None
+                for result in results:
+                    result.apply(pipe, check_base=False)
+                label = f"{'+'.join(dict.fromkeys(r.method for r in results))}: erased {', '.join(c for r in results for c in r.concepts)}"
+                on = results[0].hook.get("settings", {}).get("transport") if spm else None
                 panels.append((f"{label} (transport {'on' if on else 'off'})" if spm else label,
                                gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
                 if spm:
@@ -321,7 +324,8 @@ def generate(
                     from erasekit.methods.spm import with_transport
 
                     remove(pipe)
-                    with_transport(result, not on).apply(pipe, check_base=False)
+                    for result in results:
+                        with_transport(result, not on).apply(pipe, check_base=False)
                     panels.append((f"{label} (transport {'off' if on else 'on'})",
                                    gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
         try:

@@ -9,7 +9,8 @@ a fresh process without importing the method that made it (ItD's sparse-autoenco
 A *denoiser* hook type (``on="denoiser"``, encoder ``"unet"``) acts on the UNet instead: its builder takes
 (tensors, settings, the UNet) and returns an installer that puts its forward hooks on and returns their handles
 (SPM's prompt-gated adapter). One erasekit hook per pipeline: applying a second one is refused (take the first
-off with :func:`remove`).
+off with :func:`remove`), except for hook types registered with ``stacks=True``: several of those (SPM adapters for
+different concepts) act on one UNet together, each gated by its own prompt similarity, their outputs summed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class HookType:
     summary: str
     build_ref: Build | str | Callable[..., Installer]
     on: str = "text-encoder"  # or "denoiser": the builder takes (tensors, settings, unet) and returns an installer
+    stacks: bool = False  # several hooks of this type may sit on one denoiser together
 
     @property
     def build(self) -> Any:
@@ -54,14 +56,17 @@ class HookType:
 HOOK_TYPES: dict[str, HookType] = {}
 
 
-def register_hook_type(name: str, build: Any, summary: str = "", on: str = "text-encoder") -> HookType:
+def register_hook_type(name: str, build: Any, summary: str = "", on: str = "text-encoder", stacks: bool = False) -> HookType:
     """Register a hook type by name: ``build(tensors, settings, width)`` returns the transform (``on="denoiser"``:
-    ``build(tensors, settings, unet)`` returns an installer), raising ErasekitError on bad input."""
+    ``build(tensors, settings, unet)`` returns an installer), raising ErasekitError on bad input; ``stacks``: a
+    denoiser hook type several of which may be applied to one pipeline."""
     if name in HOOK_TYPES:
         raise ValueError(f"hook type {name!r} registered twice")
     if on not in ("text-encoder", "denoiser"):
         raise ValueError(f"hook type {name!r}: on must be 'text-encoder' or 'denoiser', got {on!r}")
-    HOOK_TYPES[name] = HookType(name, summary, build, on)
+    if stacks and on != "denoiser":
+        raise ValueError(f"hook type {name!r}: only a denoiser hook type can stack")
+    HOOK_TYPES[name] = HookType(name, summary, build, on, stacks)
     return HOOK_TYPES[name]
 
 
@@ -174,10 +179,15 @@ def fingerprint(tensors: dict[str, torch.Tensor], spec: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def installed(pipe: Any) -> list[InstalledHook]:
-    """The erasekit hooks on the pipeline's text encoders and UNet."""
-    found = (getattr(getattr(pipe, name, None), ATTR, None) for name in (*TEXT_ENCODERS, *DENOISERS))
+def _records(module: Any) -> list[InstalledHook]:
+    found = getattr(module, ATTR, None)
+    found = found if isinstance(found, list) else [found]  # a denoiser holds a list (stacking hooks), an encoder one record
     return [h for h in found if isinstance(h, InstalledHook)]
+
+
+def installed(pipe: Any) -> list[InstalledHook]:
+    """The erasekit hooks on the pipeline's text encoders and UNet, in the order they were applied."""
+    return [h for name in (*TEXT_ENCODERS, *DENOISERS) for h in _records(getattr(pipe, name, None))]
 
 
 def _forward_hook(transform: Transform) -> Callable[..., Any]:
@@ -195,9 +205,10 @@ def install(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> Installed
     """Put the hook ``spec`` describes on its layer; refuse a pipeline that already carries an erasekit hook."""
     if HOOK_TYPES[check_spec(spec)["type"]].on == "denoiser":
         unet, installer = prepare_denoiser(pipe, tensors, spec)
-        _refuse_second(pipe)
-        record = InstalledHook(dict(spec), fingerprint(tensors, spec), Handles(installer()))
-        setattr(unet, ATTR, record)
+        stamp = fingerprint(tensors, spec)
+        _refuse_second(pipe, spec["type"], stamp)
+        record = InstalledHook(dict(spec), stamp, Handles(installer()))
+        setattr(unet, ATTR, [*_records(unet), record])
         return record
     layer, index, transform = prepare(pipe, tensors, spec)
     assert transform is not None
@@ -209,21 +220,30 @@ def install(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> Installed
     return record
 
 
-def _refuse_second(pipe: Any) -> None:
-    if present := installed(pipe):
-        raise ErasekitError(f"this pipeline already carries an erasekit hook ({present[0].describe()}); take it off with erasekit.remove(pipe) first")
+def _refuse_second(pipe: Any, kind: str | None = None, stamp: str | None = None) -> None:
+    present = installed(pipe)
+    if any(h.fingerprint == stamp for h in present):
+        raise ErasekitError("this hook is already on the pipeline; applying it twice would double its effect (erasekit.remove(pipe) takes hooks off)")
+    if present and not (kind is not None and HOOK_TYPES[kind].stacks and all(h.spec["type"] == kind for h in present)):
+        raise ErasekitError(f"this pipeline already carries an erasekit hook ({present[0].describe()}); take it off with erasekit.remove(pipe) first"
+                            + (f" (only {kind} hooks combine with each other)" if kind is not None and HOOK_TYPES[kind].stacks else ""))
 
 
 def take_off(pipe: Any, only: str | None = None) -> int:
     """Remove the pipeline's erasekit hooks (``only``: just the one with that fingerprint); returns how many came off."""
     removed = 0
     for name in (*TEXT_ENCODERS, *DENOISERS):
-        encoder = getattr(pipe, name, None)
-        record = getattr(encoder, ATTR, None)
-        if isinstance(record, InstalledHook) and (only is None or record.fingerprint == only):
-            record.handle.remove()
-            delattr(encoder, ATTR)
-            removed += 1
+        module = getattr(pipe, name, None)
+        records = _records(module)
+        keep = [h for h in records if only is not None and h.fingerprint != only]
+        for record in records:
+            if record not in keep:
+                record.handle.remove()
+                removed += 1
+        if records and not keep:
+            delattr(module, ATTR)
+        elif len(keep) < len(records):
+            setattr(module, ATTR, keep)
     return removed
 
 
@@ -308,4 +328,4 @@ def project_out(tensors: dict[str, torch.Tensor], settings: dict[str, Any], widt
 
 register_hook_type("project-out", project_out, "subtract the hidden states' component along saved unit directions (scale 0..2)")
 register_hook_type("itd", "erasekit.methods.itd:build_itd_hook", "ItD: the concept's sparse-autoencoder features scaled down in prompts that carry it")
-register_hook_type("spm", "erasekit.methods.spm_adapter:build_spm_hook", "SPM: rank-1 adapters on the UNet, each prompt's strength set by its similarity to the erased concept", on="denoiser")
+register_hook_type("spm", "erasekit.methods.spm_adapter:build_spm_hook", "SPM: rank-1 adapters on the UNet, each prompt's strength set by its similarity to the erased concept", on="denoiser", stacks=True)
