@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,3 +113,29 @@ def test_each_lora_drives_its_concepts_attention_down_and_the_fusion_writes_only
         assert len(losses) == 40 and np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), concept
     assert result.history[-1]["fusion"]["concepts"] == 2
     assert result.delta and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in result.delta)
+
+
+def test_the_loss_reads_the_words_tokens_in_the_mask_by_default_and_the_toy_presets_wider_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import erasekit.methods.mace_parts as parts
+    from erasekit.methods.mace import TRAIN_TEMPLATES, word_span
+
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    real = parts.attention_loss
+
+    def spy(store: Any, tokens: list[int], mask: torch.Tensor) -> torch.Tensor:
+        seen.append((list(tokens), mask.clone()))
+        return real(store, tokens, mask)
+
+    monkeypatch.setattr(parts, "attention_loss", spy)
+    pipe = tiny_pipeline()
+    spans = [list(range(*word_span(pipe.tokenizer, t, "circle"))) for t in TRAIN_TEMPLATES]
+    length = pipe.tokenizer.model_max_length
+    erasekit.erase(pipe, "circle", method="mace", budget="tiny", iterations=3)
+    assert all(tokens in spans and 0 < float(mask.mean()) < 1 for tokens, mask in seen), "the paper: the word's tokens, the object's pixels"
+    seen.clear()
+    erasekit.erase(pipe, "circle", method="mace", budget="tiny", iterations=3, tokens="word+after", region="image")
+    assert all(tokens in [list(range(s[0], length)) for s in spans] and bool((mask == 1).all()) for tokens, mask in seen)
+    with pytest.raises(ErasekitError, match="word or word\\+after"):
+        erasekit.erase(pipe, "circle", method="mace", budget="tiny", tokens="all")
+    with pytest.raises(ErasekitError, match="mask or image"):
+        erasekit.erase(pipe, "circle", method="mace", budget="tiny", region="box")
