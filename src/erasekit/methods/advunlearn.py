@@ -188,13 +188,8 @@ def advunlearn_loop(s: Setup[AdvUnlearnConfig], progress: Progress | None, prefi
             ((erase + cfg.retain_weight * kept) / cfg.batch_size).backward()
             erase_sum, retain_sum = erase_sum + erase.detach() / cfg.batch_size, retain_sum + kept.detach() / cfg.batch_size
         s.optimizer.step()
-        s.done = step + 1
-        s.between_steps = True
-        record = {"step": s.done, "target": s.targets[j], "erase_loss": round(erase_sum.item(), 6), "retain_loss": round(retain_sum.item(), 6), "attacked": attacked}
-        s.history.append(record)
-        if progress:
-            progress(s.done, cfg.iterations, record)
-        s.after_step(erase_sum, retain_sum, prefixes, boundary=True)
+        record = {"step": step + 1, "target": s.targets[j], "erase_loss": round(erase_sum.item(), 6), "retain_loss": round(retain_sum.item(), 6), "attacked": attacked}
+        s.end_step(step + 1, record, erase_sum, retain_sum, prefixes, progress)
 
 
 def fit_advunlearn(pipe: Pipeline, request: ErasureRequest, config: AdvUnlearnConfig, progress: Progress | None) -> ErasureResult:

@@ -116,15 +116,12 @@ def _clear(search: GumbelSearch) -> None:
         logits.grad = None
 
 
-def _record(s: Setup, step: int, cache: dict[str, Any], erase: torch.Tensor, preserve: torch.Tensor, anchor: AdaptiveAnchor, progress: Progress | None) -> None:
+def _record(s: Setup, step: int, cache: dict[str, Any], erase: torch.Tensor, preserve: torch.Tensor, anchor: AdaptiveAnchor) -> dict[str, Any]:
     j = cache["j"]
-    record = {
+    return {
         "step": step, "target": s.targets[j], "erase_loss": round(erase.item(), 6), "preserve_loss": round(preserve.item(), 6),
         "anchor": anchor.name(j, cache["noise"]), "most_sensitive": anchor.search.leader(j),
     }
-    s.history.append(record)
-    if progress:
-        progress(step, s.config.iterations, record)
 
 
 def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Progress | None) -> None:
@@ -148,9 +145,8 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
             (config.preserve_weight * preserve).backward()
             s.optimizer.zero_grad(set_to_none=True)
             search.ascend(cache["j"])
-            s.done, s.between_steps = it // 2 + 1, True
-            _record(s, s.done, *model_step, anchor, progress)
-            s.after_step(erase, preserve, search, boundary=True)
+            done = it // 2 + 1
+            s.end_step(done, _record(s, done, *model_step, anchor), erase, preserve, search, progress)
         return
     for step in range(s.done, config.iterations):
         s.between_steps = False
@@ -162,9 +158,8 @@ def age_loop(s: Setup, anchor: AdaptiveAnchor, config: AGEConfig, progress: Prog
             search.ascend(cache["j"])
         else:
             _clear(search)
-        s.done, s.between_steps = step + 1, True
-        _record(s, step + 1, cache, erase, preserve, anchor, progress)
-        s.after_step(erase, preserve, search, boundary=s.done % config.rollout_reuse == 0)
+        s.end_step(step + 1, _record(s, step + 1, cache, erase, preserve, anchor), erase, preserve, search, progress,
+                   boundary=(step + 1) % config.rollout_reuse == 0)
 
 
 def fit_age(pipe: Pipeline, request: ErasureRequest, config: AGEConfig, progress: Progress | None) -> ErasureResult:

@@ -77,13 +77,8 @@ def _loop(s: Setup[Any], progress: Progress | None, emb_into: Cond) -> None:
             sums = dist.all_reduce_grads(tensors, sums)
         guidance, drift = (sums / cfg.batch_size).float().unbind()
         s.optimizer.step()
-        s.done = step + 1
-        s.between_steps = True
-        record: dict[str, Any] = {"step": s.done, "target": s.targets[j], "erase_loss": round(guidance.item(), 6), "preserve_loss": round(drift.item(), 6)}
-        s.history.append(record)
-        if progress:
-            progress(s.done, cfg.iterations, record)
-        s.after_step(guidance, drift, None, boundary=True)
+        record: dict[str, Any] = {"step": step + 1, "target": s.targets[j], "erase_loss": round(guidance.item(), 6), "preserve_loss": round(drift.item(), 6)}
+        s.end_step(step + 1, record, guidance, drift, None, progress)
 
 
 def fit_all_but_one(pipe: Pipeline, request: ErasureRequest, config: AllButOneConfig, progress: Progress | None) -> ErasureResult:

@@ -190,11 +190,7 @@ def ca_loop(s: Setup[CAConfig], data: Anchors, progress: Progress | None) -> Non
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             scaler.step(s.optimizer)
             scaler.update()
-        s.done, s.between_steps = step + 1, True
-        s.history.append(record)
-        if progress:
-            progress(step + 1, cfg.iterations, record)
-        s.after_step(erase.detach(), preserve.detach(), None, boundary=True)
+        s.end_step(step + 1, record, erase.detach(), preserve.detach(), None, progress)
 
 
 def prompts_of(pipe: Pipeline, request: ErasureRequest, config: CAConfig) -> tuple[list[str], str, list[str], list[str]]:

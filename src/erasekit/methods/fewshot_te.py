@@ -138,12 +138,8 @@ def fewshot_loop(s: Setup[FewShotTEConfig], progress: Progress | None, latents: 
         s.optimizer.zero_grad(set_to_none=True)
         (-loss).backward()  # ascent: the concept's captions should no longer explain its images
         s.optimizer.step()
-        s.done, s.between_steps = step + 1, True
-        record = {"step": s.done, "epoch": epoch + 1, "denoise_loss": round(loss.item(), 6)}
-        s.history.append(record)
-        if progress:
-            progress(s.done, cfg.iterations, record)
-        s.after_step(loss.detach(), loss.new_zeros(()), None, boundary=True)
+        record = {"step": step + 1, "epoch": epoch + 1, "denoise_loss": round(loss.item(), 6)}
+        s.end_step(step + 1, record, loss.detach(), loss.new_zeros(()), None, progress)
 
 
 def fit_fewshot_te(pipe: Pipeline, request: ErasureRequest, config: FewShotTEConfig, progress: Progress | None) -> ErasureResult:

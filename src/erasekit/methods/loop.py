@@ -43,14 +43,12 @@ def erasure_losses(
     return erase, preserve
 
 
-def _record(s: Setup, step: int, j: int, erase: torch.Tensor, preserve: torch.Tensor, draw: Draw | None, search: Search | None, progress: Progress | None) -> None:
+def _record(s: Setup, step: int, j: int, erase: torch.Tensor, preserve: torch.Tensor, draw: Draw | None, search: Search | None) -> dict[str, Any]:
     record: dict[str, Any] = {"step": step, "target": s.targets[j], "erase_loss": round(erase.item(), 6), "preserve_loss": round(preserve.item(), 6)}
     if draw is not None and search is not None:
         record["adversarial"] = draw.name
         record["most_sensitive"] = search.leader(j)
-    s.history.append(record)
-    if progress:
-        progress(step, s.config.iterations, record)
+    return record
 
 
 @dataclass
@@ -158,10 +156,8 @@ def fast_loop(s: Setup, loss_space: str, search: Search | None, rollout_reuse: i
                     search.ascend(j)
             for tensor in search_tensors(search):
                 tensor.grad = None
-        s.done = step + 1
-        s.between_steps = True
-        _record(s, step + 1, rows[0].j, erase, preserve, rows[0].draw, search, progress)
-        s.after_step(erase, preserve, search, boundary=s.done % group == 0)
+        record = _record(s, step + 1, rows[0].j, erase, preserve, rows[0].draw, search)
+        s.end_step(step + 1, record, erase, preserve, search, progress, boundary=(step + 1) % group == 0)
 
 
 def _step(s: Setup, scaler: Any, search: Search | None) -> bool:
@@ -214,10 +210,8 @@ def faithful_loop(s: Setup, loss_space: str, search: Search | None, progress: Pr
             s.optimizer.zero_grad(set_to_none=True)
             search.ascend(j)  # type: ignore[union-attr]
         if (it + 1) % per_step == 0:
-            s.done = (it + 1) // per_step
-            s.between_steps = True
-            _record(s, s.done, *reported, search, progress)
-            s.after_step(erase, preserve, search, boundary=True)
+            done = (it + 1) // per_step
+            s.end_step(done, _record(s, done, *reported, search), erase, preserve, search, progress)
 
 
 def finetune(

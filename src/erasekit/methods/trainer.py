@@ -120,6 +120,16 @@ class Setup(Generic[C]):
     rank: int = 0  # this process under `accelerate launch` (0 alone)
     world: int = 1  # processes sharing each step's batch of rollout points
 
+    def end_step(self, done: int, record: dict[str, Any], erase: torch.Tensor, preserve: torch.Tensor, search: Any,
+                 progress: Any, boundary: bool = True) -> None:
+        """A finished step: count it, keep and show its record, then :meth:`after_step` (NaN guard, checkpoint)."""
+        self.done = done
+        self.between_steps = True
+        self.history.append(record)
+        if progress:
+            progress(done, self.config.iterations, record)
+        self.after_step(erase, preserve, search, boundary)
+
     def after_step(self, erase: torch.Tensor, preserve: torch.Tensor, search: Any, boundary: bool) -> None:
         """Guard against NaN/inf and checkpoint at round boundaries every ``checkpoint.every`` steps."""
         if not (torch.isfinite(erase) and torch.isfinite(preserve)):
