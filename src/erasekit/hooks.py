@@ -224,9 +224,10 @@ def _refuse_second(pipe: Any, kind: str | None = None, stamp: str | None = None)
     present = installed(pipe)
     if any(h.fingerprint == stamp for h in present):
         raise ErasekitError("this hook is already on the pipeline; applying it twice would double its effect (erasekit.remove(pipe) takes hooks off)")
-    if present and not (kind is not None and HOOK_TYPES[kind].stacks and all(h.spec["type"] == kind for h in present)):
+    stacks = kind is not None and HOOK_TYPES[kind].stacks
+    if present and not (stacks and all(h.spec["type"] == kind for h in present)):
         raise ErasekitError(f"this pipeline already carries an erasekit hook ({present[0].describe()}); take it off with erasekit.remove(pipe) first"
-                            + (f" (only {kind} hooks combine with each other)" if kind is not None and HOOK_TYPES[kind].stacks else ""))
+                            + (f" (only {kind} hooks combine with each other)" if stacks else ""))
 
 
 def take_off(pipe: Any, only: str | None = None) -> int:
@@ -235,15 +236,14 @@ def take_off(pipe: Any, only: str | None = None) -> int:
     for name in (*TEXT_ENCODERS, *DENOISERS):
         module = getattr(pipe, name, None)
         records = _records(module)
-        keep = [h for h in records if only is not None and h.fingerprint != only]
-        for record in records:
-            if record not in keep:
-                record.handle.remove()
-                removed += 1
-        if records and not keep:
+        gone = [h for h in records if only is None or h.fingerprint == only]
+        for record in gone:
+            record.handle.remove()
+        removed += len(gone)
+        if gone and len(gone) == len(records):
             delattr(module, ATTR)
-        elif len(keep) < len(records):
-            setattr(module, ATTR, keep)
+        elif gone:
+            setattr(module, ATTR, [h for h in records if h not in gone])
     return removed
 
 
