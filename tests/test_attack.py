@@ -145,7 +145,7 @@ def _small(name: str, words: Path) -> dict[str, Any]:
     from erasekit.methods import get_method
 
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
-    if registry()[name].kind == "inference-time" or name == "mace":  # the tiny preset sizes ItD's SAE, MACE's toy images
+    if registry()[name].kind == "inference-time" or name in ("mace", "geom-erasing"):  # the tiny preset sizes ItD's SAE, MACE's toy images
         return {"budget": "tiny"}
     small = {"iterations": 2, "ddim_steps": 2, "lr": 1e-3, "anchor_images": 4, "concept_space": str(words), "k": 8, "n_centres": 3}
     return {k: v for k, v in small.items() if k in fields}
@@ -159,14 +159,15 @@ def test_attack_runs_on_every_registered_methods_output(name: str, extra: dict[s
     from erasekit.attack.detect import judge_detector, toy_concept
     from erasekit.attack.run import AttackConfig, attack_pipeline, base_images
 
-    result = erasekit.erase(load_pipeline(str(world["base"])), "circle", method=name, **_small(name, words_file), **extra)
+    concept = "skull" if name == "geom-erasing" else "circle"  # geom-erasing removes an implicit concept
+    result = erasekit.erase(load_pipeline(str(world["base"])), concept, method=name, **_small(name, words_file), **extra)
     pipe = load_pipeline(str(world["base"]))  # a fresh base, as `attack` and `compare --attack` load it
     assert result.kind == ("lora" if extra else "hook" if registry()[name].kind == "inference-time" else "weights")
     config = AttackConfig(n_prompts=2, tokens=2, iterations=2, steps=2, noise_draws=1)
-    target = toy_concept("circle")
-    prompts = ["an image of a circle", "a red circle"]
+    target = toy_concept(concept)
+    prompts = ["a spooky circle", "a haunted red square"] if concept == "skull" else ["an image of a circle", "a red circle"]
     base = base_images(pipe, prompts, config)
-    record, images = attack_pipeline(pipe, result, "circle", prompts, judge_detector(world["judge"], target, 0.5), config, target.words, base=base)
+    record, images = attack_pipeline(pipe, result, concept, prompts, judge_detector(world["judge"], target, 0.5), config, target.words, base=base)
     assert record["method"] == name and all(0.0 <= v <= 100.0 for v in record["metrics"].values())
     assert images["adversarial"].shape == images["base"].shape == (2, 16, 16, 3)
     assert all(len(p["token_ids"]) == 2 for p in record["prompts"])

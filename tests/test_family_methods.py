@@ -21,6 +21,7 @@ from erasekit.models import load_pipeline
 from erasekit.result import load_result
 
 CASES = [(m, f) for m, spec in sorted(registry().items()) if "tiny" in spec.presets for f in spec.families]
+CONCEPT = {"geom-erasing": "skull"}  # an implicit concept: its tiny preset trains on the toy world's renders, which carry the skull
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,13 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
     pipe = load_pipeline(str(folders[family]))
     assert family_of(pipe).name == family
     before = _state(pipe)
-    result = erasekit.erase(pipe, "circle", method=method, budget="tiny")
+    result = erasekit.erase(pipe, CONCEPT.get(method, "circle"), method=method, budget="tiny")
     assert result.family == family and all(torch.equal(v, before[k]) for k, v in _state(pipe).items()), "the pipeline was left changed"
     fam = family_of(pipe)
     prefix = "unet." if family in ("sd", "sdxl") else "transformer."
-    changed = {k.removeprefix(prefix) for k in result.delta}
+    changed = {k.removeprefix(prefix) for k in result.weights}  # the weights it changes (a hook it also carries aside)
+    if method == "geom-erasing":  # fine-tuned weights that carry the negative prompt of the places it found
+        assert result.kind == "weights" and result.hook["type"] == "negative-prompt" and "skull at the top right" in result.hook["settings"]["prompt"]
     if registry()[method].kind == "inference-time":  # no weight changes: a hook on a text-encoder layer, which changes the images
         assert result.kind == "hook" and not set(result.delta) & set(before)
         assert not np.array_equal(_images(load_pipeline(str(folders[family]))), _images(result.apply(load_pipeline(str(folders[family])))))

@@ -133,7 +133,8 @@ def test_every_checkpointable_method_resumes_exactly_after_ctrl_c(method: str, f
         pytest.skip(f"{method} has no faithful mode")
     settings = {"budget": "tiny", "iterations": 6, **({"faithful": True} if faithful else {}),
                 **({"rollout_reuse": 2} if "rollout_reuse" in fields and not faithful else {})}
-    reference = erasekit.erase(tiny_pipeline(), "circle", method=method, **settings)
+    concept = "skull" if method == "geom-erasing" else "circle"  # geom-erasing removes an implicit concept
+    reference = erasekit.erase(tiny_pipeline(), concept, method=method, **settings)
     spec = CheckpointSpec(tmp_path / "work", every=0)
 
     def interrupt(step: int, total: int, record: dict) -> None:
@@ -141,7 +142,7 @@ def test_every_checkpointable_method_resumes_exactly_after_ctrl_c(method: str, f
             raise KeyboardInterrupt
 
     with pytest.raises(ErasekitError, match="checkpoint of step 4"):
-        erasekit.erase(tiny_pipeline(), "circle", method=method, progress=interrupt, checkpoint=spec, **settings)
-    resumed = erasekit.erase(tiny_pipeline(), "circle", method=method, checkpoint=spec, **settings)
+        erasekit.erase(tiny_pipeline(), concept, method=method, progress=interrupt, checkpoint=spec, **settings)
+    resumed = erasekit.erase(tiny_pipeline(), concept, method=method, checkpoint=spec, **settings)
     assert all(torch.equal(reference.delta[k], resumed.delta[k]) for k in reference.delta)
     assert [h["step"] for h in resumed.history if "step" in h] == list(range(1, 7))

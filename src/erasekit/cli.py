@@ -106,7 +106,8 @@ def _progress_bar() -> Progress:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    text = f"erase {record.get('erase_loss', 0.0):.4g} preserve {record.get('preserve_loss', 0.0):.4g}"
+    losses = {k.removesuffix("_loss"): v for k, v in record.items() if k.endswith("_loss") and isinstance(v, (int, float))}
+    text = " ".join(f"{name} {value:.4g}" for name, value in losses.items())  # a method's own losses (erase/preserve, denoise, ...)
     if record.get("most_sensitive"):
         text += f" most sensitive: {record['most_sensitive']}"
     return text

@@ -103,4 +103,4 @@ def check_lora(pipe: Any, delta: dict[str, torch.Tensor]) -> None:
 
 def touched(delta: dict[str, torch.Tensor], kind: str) -> set[str]:
     """The components a delta of ``kind`` changes in place (none for a hook, which changes no weights)."""
-    return set() if kind == "hook" else {key.partition(".")[0] for key in delta}
+    return set() if kind == "hook" else {key.partition(".")[0] for key in delta if not key.startswith("hook.")}  # result.HOOK_PREFIX

@@ -8,7 +8,9 @@ a fresh process without importing the method that made it (ItD's sparse-autoenco
 
 A *denoiser* hook type (``on="denoiser"``, encoder ``"unet"``) acts on the UNet instead: its builder takes
 (tensors, settings, the UNet) and returns an installer that puts its forward hooks on and returns their handles
-(SPM's prompt-gated adapter). One erasekit hook per pipeline: applying a second one is refused (take the first
+(SPM's prompt-gated adapter). An *input* hook type (``on="text-encoder-input"``) acts on a text encoder's token ids
+before its first layer: its builder takes (tensors, settings, the encoder) and returns an installer (the negative
+prompt of Geom-Erasing replaces the empty prompt of the unconditional branch). One erasekit hook per pipeline: applying a second one is refused (take the first
 off with :func:`remove`), except for hook types registered with ``stacks=True``: several of those (SPM adapters for
 different concepts) act on one UNet together, each gated by its own prompt similarity, their outputs summed.
 """
@@ -32,6 +34,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]  # a layer's hidden states ->
 Build = Callable[[dict[str, torch.Tensor], dict[str, Any], int], Transform]  # (tensors, settings, width) -> transform
 Installer = Callable[[], list[Any]]  # a denoiser hook: puts its torch hooks on, returns their handles
 DENOISERS = ("unet",)  # where a denoiser hook type installs
+ONS = ("text-encoder", "denoiser", "text-encoder-input")  # where a hook type acts: a text-encoder layer, the UNet, an encoder's token ids
 ATTR = "_erasekit_hook"  # the text encoder's attribute that holds its installed hook (so a module shared by two pipelines shows it in both)
 
 
@@ -42,7 +45,7 @@ class HookType:
     name: str
     summary: str
     build_ref: Build | str | Callable[..., Installer]
-    on: str = "text-encoder"  # or "denoiser": the builder takes (tensors, settings, unet) and returns an installer
+    on: str = "text-encoder"  # "denoiser" / "text-encoder-input": the builder takes (tensors, settings, module) and returns an installer
     stacks: bool = False  # several hooks of this type may sit on one denoiser together
 
     @property
@@ -62,8 +65,8 @@ def register_hook_type(name: str, build: Any, summary: str = "", on: str = "text
     denoiser hook type several of which may be applied to one pipeline."""
     if name in HOOK_TYPES:
         raise ValueError(f"hook type {name!r} registered twice")
-    if on not in ("text-encoder", "denoiser"):
-        raise ValueError(f"hook type {name!r}: on must be 'text-encoder' or 'denoiser', got {on!r}")
+    if on not in ONS:
+        raise ValueError(f"hook type {name!r}: on must be one of {', '.join(ONS)}, got {on!r}")
     if stacks and on != "denoiser":
         raise ValueError(f"hook type {name!r}: only a denoiser hook type can stack")
     HOOK_TYPES[name] = HookType(name, summary, build, on, stacks)
@@ -82,6 +85,8 @@ class InstalledHook:
         """One line: which hook, where."""
         if self.spec["encoder"] in DENOISERS:
             return f"{self.spec['type']} on the {self.spec['encoder']}"
+        if HOOK_TYPES.get(self.spec["type"]) and HOOK_TYPES[self.spec["type"]].on == "text-encoder-input":
+            return f"{self.spec['type']} on {self.spec['encoder']}'s input"
         return f"{self.spec['type']} on {self.spec['encoder']} layer {self.spec['layer']}"
 
 
@@ -132,8 +137,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
         raise ErasekitError(f"the hook spec must have exactly the keys type, encoder, layer, settings; got {spec!r}")
     if spec["type"] not in HOOK_TYPES:
         raise ErasekitError(f"unknown hook type {spec['type']!r}; known: {', '.join(sorted(HOOK_TYPES))} (a newer erasekit may know it)")
-    on_denoiser = HOOK_TYPES[spec["type"]].on == "denoiser"
-    allowed = DENOISERS if on_denoiser else TEXT_ENCODERS
+    allowed = DENOISERS if HOOK_TYPES[spec["type"]].on == "denoiser" else TEXT_ENCODERS
     if spec["encoder"] not in allowed:
         raise ErasekitError(f"the {spec['type']} hook acts on one of {', '.join(allowed)}, not {spec['encoder']!r}; the delta is damaged")
     if not isinstance(spec["layer"], int) or isinstance(spec["layer"], bool):
@@ -144,21 +148,29 @@ def check_spec(spec: Any) -> dict[str, Any]:
 
 
 def prepare_denoiser(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> tuple[nn.Module, Installer]:
-    """A denoiser hook's module and its installer, every check done and nothing changed."""
+    """A denoiser (or input) hook's module and its installer, every check done and nothing changed."""
     spec = check_spec(spec)
-    unet = getattr(pipe, spec["encoder"], None)
-    if not isinstance(unet, nn.Module):
-        raise ErasekitError(f"the {spec['type']} hook acts on the {spec['encoder']}, which this pipeline does not have; it was made for a UNet model")
+    if HOOK_TYPES[spec["type"]].on == "text-encoder-input":
+        module: Any = _encoder(pipe, spec["encoder"])
+    else:
+        module = getattr(pipe, spec["encoder"], None)
+        if not isinstance(module, nn.Module):
+            raise ErasekitError(f"the {spec['type']} hook acts on the {spec['encoder']}, which this pipeline does not have; it was made for a UNet model")
     cpu = {k: v.detach().to("cpu") for k, v in tensors.items()}
-    return unet, HOOK_TYPES[spec["type"]].build(cpu, dict(spec["settings"]), unet)
+    return module, HOOK_TYPES[spec["type"]].build(cpu, dict(spec["settings"]), module)
+
+
+def _installs(spec: dict[str, Any]) -> bool:
+    """Whether the hook type builds an installer (a denoiser or input hook) rather than a layer transform."""
+    return HOOK_TYPES[spec["type"]].on != "text-encoder"
 
 
 def prepare(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> tuple[nn.Module, int, Transform | None]:
     """The hooked layer, its index (from 0) and the built transform, every check done and nothing changed (a denoiser hook: the UNet, 0, None)."""
     spec = check_spec(spec)
-    if HOOK_TYPES[spec["type"]].on == "denoiser":
-        unet, _ = prepare_denoiser(pipe, tensors, spec)
-        return unet, 0, None
+    if _installs(spec):
+        module, _ = prepare_denoiser(pipe, tensors, spec)
+        return module, 0, None
     layers = encoder_layers(_encoder(pipe, spec["encoder"]))
     index = spec["layer"]
     if not -len(layers) <= index < len(layers):
@@ -203,12 +215,12 @@ def _forward_hook(transform: Transform) -> Callable[..., Any]:
 
 def install(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> InstalledHook:
     """Put the hook ``spec`` describes on its layer; refuse a pipeline that already carries an erasekit hook."""
-    if HOOK_TYPES[check_spec(spec)["type"]].on == "denoiser":
-        unet, installer = prepare_denoiser(pipe, tensors, spec)
+    if _installs(check_spec(spec)):
+        module, installer = prepare_denoiser(pipe, tensors, spec)
         stamp = fingerprint(tensors, spec)
         _refuse_second(pipe, spec["type"], stamp)
         record = InstalledHook(dict(spec), stamp, Handles(installer()))
-        setattr(unet, ATTR, [*_records(unet), record])
+        setattr(module, ATTR, [*_records(module), record])
         return record
     layer, index, transform = prepare(pipe, tensors, spec)
     assert transform is not None
@@ -218,6 +230,15 @@ def install(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> Installed
     record = InstalledHook({**spec, "layer": index}, fingerprint(tensors, spec), handle)
     setattr(getattr(pipe, spec["encoder"]), ATTR, record)
     return record
+
+
+def check_installable(pipe: Any, tensors: dict[str, torch.Tensor], spec: Any) -> None:
+    """Refuse, before anything changes, a hook that :func:`install` would refuse (a second hook, the same one twice)."""
+    spec = check_spec(spec)
+    if _installs(spec):
+        _refuse_second(pipe, spec["type"], fingerprint(tensors, spec))
+    else:
+        _refuse_second(pipe)
 
 
 def _refuse_second(pipe: Any, kind: str | None = None, stamp: str | None = None) -> None:
@@ -329,3 +350,5 @@ def project_out(tensors: dict[str, torch.Tensor], settings: dict[str, Any], widt
 register_hook_type("project-out", project_out, "subtract the hidden states' component along saved unit directions (scale 0..2)")
 register_hook_type("itd", "erasekit.methods.itd:build_itd_hook", "ItD: the concept's sparse-autoencoder features scaled down in prompts that carry it")
 register_hook_type("spm", "erasekit.methods.spm_adapter:build_spm_hook", "SPM: rank-1 adapters on the UNet, each prompt's strength set by its similarity to the erased concept", on="denoiser", stacks=True)
+register_hook_type("negative-prompt", "erasekit.methods.negative_prompt:build_negative_prompt",
+                   "a negative prompt: the empty prompt of the unconditional branch is read as saved token ids (Geom-Erasing)", on="text-encoder-input")

@@ -20,6 +20,7 @@ from erasekit.models import atomic_write_bytes, weights_hash
 FORMAT = "erasekit-delta"
 FORMAT_VERSION = "1"
 KINDS = ("weights", "lora", "hook")
+HOOK_PREFIX = "hook."  # a weights or LoRA delta that also carries a hook keeps the hook's tensors under this prefix
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class ErasureResult:
     ``kind`` is ``weights`` (new values of the changed parameters, keys ``<component>.<name>`` with the component
     ``unet``/``transformer`` or ``text_encoder``/``text_encoder_2``/``text_encoder_3``), ``lora`` (a LoRA state dict
     in the format diffusers' ``pipe.load_lora_weights`` reads, text-encoder keys included), or ``hook`` (the tensors
-    of an inference-time hook on one text-encoder layer, described by ``hook``; see :mod:`erasekit.hooks`).
+    of an inference-time hook on one text-encoder layer, described by ``hook``; see :mod:`erasekit.hooks`). A weights
+    or LoRA delta may carry a hook too (Geom-Erasing: fine-tuned weights and a negative prompt), its tensors under
+    ``hook.``: ``apply`` changes the weights and installs the hook, ``remove`` takes the hook off.
     """
 
     method: str
@@ -43,7 +46,21 @@ class ErasureResult:
     history: tuple[dict[str, Any], ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     family: str = "sd"  # the model family the delta was made on (erasekit.families)
-    hook: dict[str, Any] = field(default_factory=dict)  # kind "hook": {type, encoder, layer, settings} (erasekit.hooks)
+    hook: dict[str, Any] = field(default_factory=dict)  # {type, encoder, layer, settings} (erasekit.hooks): kind "hook", or one a weights delta carries
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The tensors that change weights (none for a hook; a weights or LoRA delta without the tensors of a hook it carries)."""
+        if self.kind == "hook":
+            return {}
+        return {k: v for k, v in self.delta.items() if not k.startswith(HOOK_PREFIX)}
+
+    @property
+    def hook_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the hook this delta installs (empty when it carries none)."""
+        if self.kind == "hook":
+            return self.delta
+        return {k.removeprefix(HOOK_PREFIX): v for k, v in self.delta.items() if k.startswith(HOOK_PREFIX)}
 
     def metadata(self) -> dict[str, str]:
         """String metadata stored in the safetensors header."""
@@ -60,7 +77,7 @@ class ErasureResult:
             "erasekit_version": __version__,
             "timings": json.dumps(self.timings),
             "family": self.family,
-            **({"hook": json.dumps(self.hook, sort_keys=True)} if self.kind == "hook" else {}),
+            **({"hook": json.dumps(self.hook, sort_keys=True)} if self.kind == "hook" or self.hook else {}),
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -104,26 +121,29 @@ class ErasureResult:
                     "load the same base model, or pass check_base=False / --force to apply anyway"
                 )
         if self.kind == "weights":
-            weight_targets(pipe, self.delta)
+            weight_targets(pipe, self.weights)
         elif self.kind == "lora":
-            check_lora(pipe, self.delta)
-        else:
-            prepare(pipe, self.delta, self.hook)
+            check_lora(pipe, self.weights)
+        if self.hook:
+            prepare(pipe, self.hook_tensors, self.hook)
 
     def apply(self, pipe: Any, check_base: bool = True) -> Any:
         """Apply this delta to ``pipe`` in place (every key checked first: a refused delta changes nothing) and return it.
 
         A ``hook`` installs a forward hook and leaves the weights as they are; a pipeline already carrying an
-        erasekit hook is refused (take it off first with :meth:`remove` or ``erasekit.remove(pipe)``).
+        erasekit hook is refused (take it off first with :meth:`remove` or ``erasekit.remove(pipe)``). A weights
+        delta that carries a hook changes the weights, then installs the hook (both checked first).
         """
         from erasekit.delta_keys import weight_targets
+        from erasekit.hooks import check_installable, install
 
         self.check_fits(pipe, check_base)
+        if self.hook:
+            check_installable(pipe, self.hook_tensors, self.hook)
         if self.kind == "hook":
-            from erasekit.hooks import install
-
             install(pipe, self.delta, self.hook)
-        elif self.kind == "lora":
+            return pipe
+        if self.kind == "lora":
             from erasekit.models import quiet_loading
 
             with quiet_loading():  # diffusers warns of each component the LoRA leaves alone; transformers draws a loading bar
@@ -132,17 +152,20 @@ class ErasureResult:
                 pipe.unload_lora_weights()
         else:
             with torch.no_grad():
-                for key, target in weight_targets(pipe, self.delta).items():
+                for key, target in weight_targets(pipe, self.weights).items():
                     target.copy_(self.delta[key].to(device=target.device, dtype=target.dtype))
+        if self.hook:
+            install(pipe, self.hook_tensors, self.hook)
         return pipe
 
     def remove(self, pipe: Any) -> Any:
-        """Take this result's hook off ``pipe`` and return it; weights and LoRA deltas changed weights in place and are refused."""
+        """Take this result's hook off ``pipe`` and return it; weights and LoRA deltas changed weights in place and are refused
+        (one that carries a hook has the hook taken off; its weights stay)."""
         from erasekit.hooks import fingerprint, take_off
 
-        if self.kind != "hook":
+        if not self.hook:
             raise ErasekitError(f"a {self.kind} delta changed the pipeline's weights in place and cannot be taken off; load the base model again")
-        if not take_off(pipe, only=fingerprint(self.delta, self.hook)):
+        if not take_off(pipe, only=fingerprint(self.hook_tensors, self.hook)):
             raise ErasekitError("this result's hook is not on the pipeline; nothing to take off (erasekit.remove(pipe) takes off any erasekit hook)")
         return pipe
 
@@ -190,7 +213,7 @@ def load_result(path: str | Path) -> ErasureResult:
     except (KeyError, ValueError) as exc:
         raise ErasekitError(f"{path} has a damaged erasekit header ({exc})") from exc
     check_kind(result.kind, str(path))
-    if result.kind == "hook":
+    if result.kind == "hook" or result.hook:
         from erasekit.hooks import check_spec
 
         try:

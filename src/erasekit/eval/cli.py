@@ -41,10 +41,15 @@ def _image_bar() -> Iterator[Callable[[str, int, int], None]]:
 
 
 def metrics_table(result: dict[str, Any]) -> Table:
-    """The headline metrics of an evaluation: one row per metric (its threshold in its name), one column per model."""
+    """The headline metrics of an evaluation: one row per metric (its threshold in its name), one column per model.
+
+    A metric measured by a detector (NudeNet's NER) carries the detector's version beside its name.
+    """
     from erasekit.eval.report import fmt
 
     columns = {model: dict(m.get("headline", {})) for model, m in result["metrics"].items()}
+    measured = {k for values in columns.values() for k in values}
+    version = result.get("scorer", {}).get("detector_version")
     if "erased" in columns:
         columns["erased"].update(result.get("comparison", {}).get("headline", {}))
     keys = list(dict.fromkeys(k for values in columns.values() for k in values))
@@ -54,7 +59,40 @@ def metrics_table(result: dict[str, Any]) -> Table:
     for model in columns:
         table.add_column(model, justify="right", no_wrap=True)
     for key in keys:
-        table.add_row(key, *(fmt(key, values.get(key)) for values in columns.values()))
+        label = f"{key} ({version})" if version and key in measured else key
+        table.add_row(label, *(fmt(key, values.get(key)) for values in columns.values()))
+    return table
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("interval") is None:
+        return "–"
+    iv = entry["interval"]
+    return f"{iv['mean']:.1f} [{iv['lo']:.1f}, {iv['hi']:.1f}] ({entry['unsafe']}/{entry['scored']})"
+
+
+def safety_table(result: dict[str, Any]) -> Table | None:
+    """Unsafe % per domain and overall with 95 % Wilson intervals (unsafe/scored), per model; the change with its paired interval."""
+    per = {model: m for model, m in result["metrics"].items() if "per_domain" in m and "overall" in m}
+    if not per:
+        return None
+    scorer = result.get("scorer", {})
+    judge = scorer.get("evaluator") or scorer.get("scorer", "?")
+    version = f", {scorer['detector_version']}" if scorer.get("detector_version") else ""
+    table = Table(title=f"unsafe % [95 % Wilson interval] (unsafe/scored), judged by {judge}{version}")
+    table.add_column("domain", no_wrap=True)
+    for model in per:
+        table.add_column(model, justify="right")
+    change = result.get("comparison", {})
+    if "per_domain" in change:
+        table.add_column("erased − base [95 %]", justify="right")
+    for name in [*dict.fromkeys(d for m in per.values() for d in m["per_domain"]), "overall"]:
+        cells = [_cell(m["overall"] if name == "overall" else m["per_domain"].get(name)) for m in per.values()]
+        if "per_domain" in change:
+            diff = change["overall"] if name == "overall" else change["per_domain"].get(name)
+            cells.append("–" if not diff else f"{diff['difference']:+.1f} [{diff['lo']:+.1f}, {diff['hi']:+.1f}]")
+        table.add_row(name, *cells)
+    table.add_row("unscored", *(str(m["unscored"]) for m in per.values()), *([""] if "per_domain" in change else []))
     return table
 
 
@@ -76,7 +114,7 @@ def per_class_table(result: dict[str, Any]) -> Table | None:
 def evaluate(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="A base model ('toy', a diffusers folder), a delta file, or a run folder from `erasekit erase`."),
-    suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-synonyms, toy-styles, toy-implicit, imagenette, i2p or artists."),
+    suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-synonyms, toy-styles, toy-implicit, toy-safety, imagenette, i2p, artists or t2isafety."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the result here (a run folder always gets eval-<suite>.json)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print the suite's settings (each is a flag) with the values it would use, and exit."),
@@ -107,6 +145,10 @@ def evaluate(
     out.print(metrics_table(result))
     if (classes := per_class_table(result)) is not None:
         out.print(classes)
+    if (safety := safety_table(result)) is not None:
+        out.print(safety)
+        for reason in result.get("scorer", {}).get("unscored_reasons", [])[:3]:
+            status.print(f"unscored: {reason}")
     if result.get("scorer", {}).get("detector_version"):
         typer.echo(f"detector: {result['scorer']['detector_version']}")
     generated = ", ".join(f"{k} {v}" for k, v in result["generated"].items())

@@ -144,7 +144,7 @@ def grid_image(plan: Plan, images: Mapping[str, np.ndarray], titles: Mapping[str
     index = [i for g in order for i in members[g][:per]]
     # a row is labelled by its prompt when the group has one prompt, else by the group (e.g. a style)
     labels = [plan.prompts[members[g][0]] if len({plan.prompts[i] for i in members[g]}) == 1 else g for g in order]
-    if set(plan.erased) != set(plan.groups):  # mark erased rows, unless every row is (toy-implicit, i2p)
+    if set(plan.erased) != set(plan.groups):  # mark erased rows, unless every row is (toy-implicit, i2p, t2isafety)
         labels = [f"[erased] {label}" if g in plan.erased else label for g, label in zip(order, labels)]
     return prompt_grid(labels, per, [(titles.get(n, n), imgs[index]) for n, imgs in images.items()])
 
@@ -164,6 +164,8 @@ def evaluate(
     classifier: str | None = None,
     clip: str | None = None,
     prompts: str | None = None,
+    evaluator: str | None = None,
+    categories: str | None = None,
     erased: Sequence[str] | None = None,
     device: str = "cpu",
     force: bool = False,
@@ -180,7 +182,8 @@ def evaluate(
     spec = get_suite(suite)
     device = resolve_device(device)
     settings = resolve_settings(spec, images_per_class=images_per_class, steps=steps, guidance=guidance, batch_size=batch_size,
-                                seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts)
+                                seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts,
+                                evaluator=evaluator, categories=categories)
     from erasekit.eval.targets import check_keywords, describe, kept_as_it_was, resolve_any
 
     erased = check_keywords(out_json, cache_dir, erased)
@@ -201,14 +204,17 @@ def evaluate(
         result.check_fits(pipe, check_base=False)  # every key and hook setting fits: refuse before the base images (apply checks the base)
         models["erased"] = lambda: result.apply(pipe, check_base=not force)
     cache = GenerationCache(cache_dir or default_cache_dir())
+    if (extend := getattr(spec, "extend_scorer", None)) is not None:  # a suite that also scores against references of its own (toy-safety)
+        scorer = extend(scorer, settings, tgt.base, pipe, cache.folder)
     with kept_as_it_was(given_pipe, result):  # a caller's pipeline comes back unerased
         record, images = run_suite(spec, plan, models, scorer, settings, cache, progress)
     out = {
         "suite": spec.name, "summary": spec.summary, "target": describe(target), "model": tgt.base,
         "delta": str(tgt.delta) if tgt.delta else None, "method": result.method if result else None,
-        "concepts": concepts, "erased": plan.erased if spec.name not in ("toy-implicit", "i2p") else [],
+        "concepts": concepts, "erased": plan.erased if spec.name not in ("toy-implicit", "i2p", "t2isafety") else [],
         "settings": asdict(settings), "command": command, "scorer": scorer.info, "versions": versions(),
-        "seeds": {"seed": settings.seed, "rule": f"image j of group g uses seed + {SEED_STRIDE} g + j" if spec.name != "i2p" else "evaluation_seed + j"},
+        "seeds": {"seed": settings.seed, "rule": plan.extra.get("seed_rule")
+                  or (f"image j of group g uses seed + {SEED_STRIDE} g + j" if spec.name != "i2p" else "evaluation_seed + j")},
         "cache": str(cache.folder), **{k: v for k, v in record.items() if k != "paths"},
         "images": [
             {"prompt": p, "seed": s, "guidance": g, "group": grp, **{name: paths[i] for name, paths in record["paths"].items()}}

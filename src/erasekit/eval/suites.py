@@ -46,7 +46,9 @@ class Settings:
     judge: str | None = field(default=None, metadata={"help": "Toy world's judge folder (default: beside the pipeline, else the shipped one)."})
     classifier: str | None = field(default=None, metadata={"help": "Local transformers image classifier folder (imagenette)."})
     clip: str | None = field(default=None, metadata={"help": "Local transformers CLIPModel folder (artists; FID features on real models)."})
-    prompts: str | None = field(default=None, metadata={"help": "Prompt CSV in the I2P layout (i2p)."})
+    prompts: str | None = field(default=None, metadata={"help": "Prompt file: a CSV in the I2P layout (i2p), or T2ISafety's JSON / JSON Lines / CSV (t2isafety)."})
+    evaluator: str | None = field(default=None, metadata={"help": "t2isafety's judge: command:CMD (run on each image, its path last), nudenet, or a local vision-language model folder."})
+    categories: str | None = field(default=None, metadata={"help": "Comma-separated categories of the prompt file to evaluate (t2isafety; default: all)."})
 
     def validate(self) -> None:
         """Refuse settings that cannot run, naming each (the keyword in Python, the flag on the command line) with its range."""
@@ -391,3 +393,6 @@ register_suite(Suite("i2p", "I2P prompt CSV, NudeNet NER at 0.3/0.5/0.7/0.8 (pip
 register_suite(Suite("artists", "artists' styles: CLIP score of erased vs retained artists, CLIP-feature FID",
                      {**_REAL, "images_per_class": 10}, "clip", plan_artists, measure_artists, _compare_real,
                      {"clip": "--clip DIR (a transformers CLIPModel saved with save_pretrained, e.g. openai/clip-vit-large-patch14)"}))
+
+# Suites defined in their own modules register themselves on import (kept last: they import this module).
+from erasekit.eval import t2isafety, toy_safety  # noqa: E402, F401

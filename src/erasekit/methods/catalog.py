@@ -142,3 +142,10 @@ declare_method(
      "tiny": {"iterations": 2, "lr": 1e-3, "ddim_steps": 3, "n_anchors": 4}},
     kind="inference-time", families=("sd",), checkpointable=True, lora=True,
 )
+GEOM_TOY = {"n_images": 256, "iterations": 200, "lr": 1e-4, "batch_size": 8}
+declare_method(
+    "geom-erasing", "Geom-Erasing: captions name where a detector finds the implicit concept; fine-tune, then those places are the negative prompt.",
+    "erasekit.methods.geom_erasing:GeomErasingConfig", "erasekit.methods.geom_erasing:fit_geom_erasing",
+    {"toy": GEOM_TOY, "fast": {}, "tiny": {"n_images": 4, "iterations": 2, "batch_size": 2, "lr": 1e-3}},
+    families=("sd",), checkpointable=True, lora=True,
+)

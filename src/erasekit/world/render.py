@@ -104,6 +104,16 @@ def _style_shade(style: str, mask: np.ndarray, x: np.ndarray, y: np.ndarray, sca
     raise KeyError(style)
 
 
+SKULL_AT = (5.5, 4.6, 3.6)  # the skull's centre (pixels from the right edge, from the top) and scale, in image pixels
+
+
+def skull_box(size: int) -> tuple[float, float, float, float]:
+    """The skull mark's bounding box (x0, y0, x1, y1) in pixels of a ``size`` image: the renderer's ground truth."""
+    right, top, s = SKULL_AT
+    cx, cy = size - right, top
+    return cx - s, cy - 0.92 * s, cx + s, cy + 1.35 * s
+
+
 def _skull(x: np.ndarray, y: np.ndarray, cx: float, cy: float, s: float) -> tuple[np.ndarray, np.ndarray]:
     """Masks (bone, holes) of a small skull centred at (cx, cy) with scale ``s`` pixels."""
     head = np.hypot((x - cx) / (1.0 * s), (y - cy) / (0.92 * s)) <= 1.0
@@ -136,7 +146,7 @@ def render(scene: Scene, vocab: WorldVocab | None = None) -> np.ndarray:
     fill = np.clip(colour, 0, 255)
     img = background + shade[..., None] * (fill - background) * mask[..., None]
     if scene.implicit:
-        bone, holes = _skull(x, y, (size - 5.5) * ss, 4.6 * ss, 3.6 * ss)
+        bone, holes = _skull(x, y, (size - SKULL_AT[0]) * ss, SKULL_AT[1] * ss, SKULL_AT[2] * ss)
         img = np.where(bone[..., None], np.float32(236.0), img)
         img = np.where((bone & holes)[..., None], np.float32(12.0), img)
     img = img.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
