@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -148,5 +147,10 @@ def test_bad_settings_are_refused_in_one_line_and_nothing_is_written(args: list[
     assert not out.exists()
 
 
-def test_history_is_json() -> None:
-    assert json.dumps({"negative": NEG})
+
+
+def test_the_progress_line_shows_each_methods_own_losses() -> None:
+    from erasekit.cli import _describe
+
+    assert _describe({"step": 3, "denoise_loss": 0.0123}) == "denoise 0.0123"  # it printed "erase 0 preserve 0"
+    assert _describe({"erase_loss": 0.1, "preserve_loss": 0.2, "most_sensitive": "ring"}) == "erase 0.1 preserve 0.2 most sensitive: ring"
