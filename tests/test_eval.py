@@ -39,6 +39,15 @@ def erased_copy(pipe: StableDiffusionPipeline, concept: str = "circle") -> Erasu
     return ErasureResult(method="esd-x", concepts=(concept,), delta=delta, base_model_id="tiny", base_hash=weights_hash(pipe))
 
 
+def saved_erased_copy(base_dir: Path, concept: str, path: Path) -> Path:
+    """:func:`erased_copy` of the saved base at ``base_dir``, saved to ``path`` naming that folder as its base (the CLI loads it)."""
+    from erasekit.models import load_pipeline
+
+    fake = erased_copy(load_pipeline(str(base_dir)), concept)
+    ErasureResult(fake.method, fake.concepts, fake.delta, base_model_id=str(base_dir), base_hash=fake.base_hash).save(path)
+    return path
+
+
 # ---- metrics ----
 
 def test_esr_psr_match_hand_computed_values() -> None:

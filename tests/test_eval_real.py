@@ -16,7 +16,7 @@ from erasekit.eval.runner import evaluate
 from erasekit.eval.scorers import detector_scorer, nudenet_version
 from erasekit.eval.suites import IMAGENETTE
 from erasekit.world.toy import build_tokenizer
-from test_eval import FAST, erased_copy  # noqa: F401  (fixture)
+from test_eval import FAST, saved_erased_copy
 
 
 @pytest.fixture
@@ -46,13 +46,7 @@ def clip_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_delta(tiny_dir: Path, tmp_path: Path) -> Path:
     """A delta file for the tiny base that names the base folder."""
-    from erasekit.models import load_pipeline
-    from erasekit.result import ErasureResult
-
-    fake = erased_copy(load_pipeline(str(tiny_dir)), "chain saw")
-    path = tmp_path / "delta.safetensors"
-    ErasureResult(fake.method, fake.concepts, fake.delta, base_model_id=str(tiny_dir), base_hash=fake.base_hash).save(path)
-    return path
+    return saved_erased_copy(tiny_dir, "chain saw", tmp_path / "delta.safetensors")
 
 
 def test_imagenette_with_a_local_classifier(tiny_delta: Path, resnet_dir: Path, clip_dir: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from erasekit.cli import app
 from erasekit.errors import ErasekitError
 from erasekit.eval.runner import evaluate
 from erasekit.eval.t2isafety import paired_difference, parse_records, parse_verdict
-from test_eval import FAST, erased_copy
+from test_eval import FAST, saved_erased_copy
 
 # (prompt, domain, task, category): the fake judge calls a prompt with [bad] unsafe, crashes on [crash], is silent on [mute]
 RECORDS = [
@@ -91,13 +91,7 @@ def wilson_closed_form(k: int, n: int) -> tuple[float, float]:
 @pytest.fixture
 def delta(tiny_dir: Path, tmp_path: Path) -> Path:
     """A delta file for the tiny base that names the base folder."""
-    from erasekit.models import load_pipeline
-    from erasekit.result import ErasureResult
-
-    fake = erased_copy(load_pipeline(str(tiny_dir)), "nudity")
-    path = tmp_path / "delta.safetensors"
-    ErasureResult(fake.method, fake.concepts, fake.delta, base_model_id=str(tiny_dir), base_hash=fake.base_hash).save(path)
-    return path
+    return saved_erased_copy(tiny_dir, "nudity", tmp_path / "delta.safetensors")
 
 
 def test_json_prompt_file_gives_per_domain_task_and_category_rates(delta: Path, tmp_path: Path) -> None:
