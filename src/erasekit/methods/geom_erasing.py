@@ -231,9 +231,10 @@ def fit_geom_erasing(pipe: Pipeline, request: ErasureRequest, config: GeomErasin
         latents, (width, height) = array_latents(pipe, images), (images.shape[2], images.shape[1])
     else:
         latents, captions, boxes, (width, height) = folder_data(pipe, config)
-    seen = [tuple(dict.fromkeys(p for b in bs for p in places(b, width, height, config.grid, config.min_cover))) for bs in boxes if bs]
+    where = [tuple(dict.fromkeys(p for b in bs for p in places(b, width, height, config.grid, config.min_cover))) for bs in boxes]  # () without it
+    seen = [w for w in where if w]
     negative = negative_prompt(concept, seen, config.grid, config.negative)
-    texts = [c if not bs else f"{c} {location_phrase(concept, where)}" for c, bs, where in zip(captions, boxes, _where_each(boxes, seen))]
+    texts = [f"{c} {location_phrase(concept, w)}" if w else c for c, w in zip(captions, where)]
     for text in sorted(set(texts)):
         check_prompt(pipe, text, "caption")
     hook_tensors = prompt_tensors(pipe.tokenizer, negative)  # refuses a negative prompt longer than the encoder reads
@@ -252,8 +253,3 @@ def fit_geom_erasing(pipe: Pipeline, request: ErasureRequest, config: GeomErasin
     hook = {"type": "negative-prompt", "encoder": "text_encoder", "layer": 0, "settings": {"prompt": negative}}
     return dataclasses.replace(result, delta={**result.delta, **{HOOK_PREFIX + k: v for k, v in hook_tensors.items()}}, hook=hook)
 
-
-def _where_each(boxes: list[list[Box]], seen: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """Per image, its place set (empty for an image without the concept), in the order of ``seen``."""
-    it = iter(seen)
-    return [next(it) if bs else () for bs in boxes]
