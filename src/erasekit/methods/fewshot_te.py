@@ -97,10 +97,16 @@ def folder_latents(pipe: Pipeline, files: list[Path]) -> torch.Tensor:
                 rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise SettingError("images", f"{{name}}: {f} cannot be read as an image ({exc.__class__.__name__}); remove it or replace it") from None
-        pixels.append(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
+        pixels.append(np.asarray(rgb, dtype=np.uint8))
+    return image_latents(pipe, np.stack(pixels))
+
+
+@torch.no_grad()
+def image_latents(pipe: Pipeline, images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N x H x W x 3) through the VAE, 64 at a time: posterior means, scaled as the denoiser sees latents."""
     vae = pipe.vae
-    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
-    z = vae.encode(x).latent_dist.mean
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+    z = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mean for i in range(0, len(x), 64)])
     shift = vae.config.get("shift_factor") or 0.0
     return ((z - shift) * vae.config.scaling_factor).float()
 

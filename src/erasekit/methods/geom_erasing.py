@@ -34,6 +34,7 @@ from erasekit.errors import ErasekitError, SettingError
 from erasekit.families import Cond, family_of
 from erasekit.families.base import Pipeline
 from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, TrainableModel
+from erasekit.methods.fewshot_te import image_latents
 from erasekit.methods.negative_prompt import prompt_tensors
 from erasekit.methods.trainer import Setup, train
 from erasekit.models import weights_hash
@@ -195,16 +196,6 @@ def folder_data(pipe: Pipeline, config: GeomErasingConfig) -> tuple[torch.Tensor
     return folder_latents(pipe, files), captions, boxes, size
 
 
-@torch.no_grad()
-def array_latents(pipe: Pipeline, images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N x H x W x 3) through the VAE: posterior means, scaled as the denoiser sees latents."""
-    vae = pipe.vae
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
-    z = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mean for i in range(0, len(x), 64)])
-    shift = vae.config.get("shift_factor") or 0.0
-    return ((z - shift) * vae.config.scaling_factor).float()
-
-
 def geom_loop(s: Setup[GeomErasingConfig], progress: Progress | None, latents: torch.Tensor, conds: Cond) -> None:
     """Fine-tune on (image, location-augmented caption) pairs with the ordinary denoising loss."""
     for step in range(s.done, s.config.iterations):
@@ -228,7 +219,7 @@ def fit_geom_erasing(pipe: Pipeline, request: ErasureRequest, config: GeomErasin
     concept = check_prompt(pipe, request.targets[0], "concept")
     if config.data == "toy":
         images, captions, boxes = toy_data(concept, config)
-        latents, (width, height) = array_latents(pipe, images), (images.shape[2], images.shape[1])
+        latents, (width, height) = image_latents(pipe, images), (images.shape[2], images.shape[1])
     else:
         latents, captions, boxes, (width, height) = folder_data(pipe, config)
     where = [tuple(dict.fromkeys(p for b in bs for p in places(b, width, height, config.grid, config.min_cover))) for bs in boxes]  # () without it
