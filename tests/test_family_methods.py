@@ -60,6 +60,10 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
         named = set(te_parameters(pipe.text_encoder, result.config["te_layers"]))
         assert {k.removeprefix("text_encoder.") for k in result.delta} == named
         assert not np.array_equal(_images(load_pipeline(str(folders[family]))), _images(result.apply(load_pipeline(str(folders[family])))))
+    elif method == "trce":  # stage 1's text-reading matrices, stage 2's self-attention and queries
+        from erasekit.methods.trce import stage2_parameters
+
+        assert changed == set(fam.closed_form_weights(fam.denoiser(pipe))) | set(stage2_parameters(pipe))
     elif registry()[method].kind == "closed-form" or method == "mace":  # the family's text-reading matrices (attn2.to_k/to_v), nothing else
         assert changed and changed == set(fam.closed_form_weights(fam.denoiser(pipe)))  # (MACE's fusion writes exactly these)
     elif result.config.get("kv_only"):  # CA's default: the text's keys and values within its train set

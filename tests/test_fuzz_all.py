@@ -239,7 +239,8 @@ def test_save_writes_a_safetensors_file_or_refuses_in_one_line_many(world: dict[
 # ---- accepted values run: a real (tiny) training with whatever validation lets through -------------------------
 
 SIZES = {"iterations": 2, "ddim_steps": 3, "anchor_images": 2, "k": 8, "n_centres": 3, "rounds": 1, "batch_size": 2, "rollout_reuse": 2,
-         "rollout_share": 2, "kmeans_n_init": 2, "gumbel_topk": 2}
+         "rollout_share": 2, "kmeans_n_init": 2, "gumbel_topk": 2, "warm_up": 1, "disc_width": 8, "seeds_per_prompt": 1,
+         "reg_trajectories": 2, "reg_batch": 2, "early_steps": 2, "templates": 2}
 
 
 def training_case(folder: Path, tmp: Path, method: str, name: str, value: str) -> str | None:

@@ -30,7 +30,7 @@ def concept_for(name: str) -> str:
 
 def settings_for(name: str, words: Path) -> dict:
     """Small settings every method accepts."""
-    if get_method(name).kind in ("inference-time", "text-encoder") or name in ("mace", "geom-erasing"):  # the tiny preset sizes the SAE, the text-encoder run, MACE's images
+    if get_method(name).kind in ("inference-time", "text-encoder") or name in ("mace", "geom-erasing", "doco", "trce"):  # the tiny preset sizes the SAE, the text-encoder run, MACE's images, DoCo's warm-up, TRCE's trajectories
         return {"budget": "tiny"}
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
     extra = {"concept_space": str(words), "k": 8, "n_centres": 3} if "k" in fields else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,17 @@ from erasekit.result import ErasureResult
 LOSSES = ("model-based", "noise-based")
 # the toy world's caption prefixes; the reference's object/style prompt files follow the same pattern
 TEMPLATES = ("{article} {concept}", "a photo of {article} {concept}", "an image of {article} {concept}", "a picture of {article} {concept}", "a drawing of {article} {concept}")
+
+
+class AnchorSettings(Protocol):
+    """What CA's anchor data reads of a config (CA's own, DoCo's)."""
+
+    anchor: str
+    templates: str
+    anchor_images: int
+    ddim_steps: int
+    guidance: float
+    precision: str
 
 
 @dataclass
@@ -116,7 +128,7 @@ def fill(template: str, concept: str) -> str:
 
 
 @torch.no_grad()
-def anchor_latents(pipe: Pipeline, prompts: list[str], config: CAConfig, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
+def anchor_latents(pipe: Pipeline, prompts: list[str], config: AnchorSettings, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
     """The pipeline's own generations for the anchor prompts, as final latents of its deterministic sampler (no VAE round trip)."""
     family = family_of(pipe)
     model, schedule = family.denoiser(pipe), family.schedule(pipe, config.ddim_steps)
@@ -193,7 +205,7 @@ def ca_loop(s: Setup[CAConfig], data: Anchors, progress: Progress | None) -> Non
         s.end_step(step + 1, record, erase.detach(), preserve.detach(), None, progress)
 
 
-def prompts_of(pipe: Pipeline, request: ErasureRequest, config: CAConfig) -> tuple[list[str], str, list[str], list[str]]:
+def prompts_of(pipe: Pipeline, request: ErasureRequest, config: AnchorSettings) -> tuple[list[str], str, list[str], list[str]]:
     """(checked targets, anchor, per anchor image its anchor prompt and its target prompt), refusing bad choices first."""
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
     anchor = config.anchor.strip()

@@ -149,3 +149,22 @@ declare_method(
     {"toy": GEOM_TOY, "fast": {}, "tiny": {"n_images": 4, "iterations": 2, "batch_size": 2, "lr": 1e-3}},
     families=("sd",), checkpointable=True, lora=True,
 )
+# toy (circle, seed 0, 4 images/class), CA's toy data (64 anchor images, 20 sampler steps), 100 warm-up + 200 game steps:
+# lr 4e-5 ESR-1 75 / PSR-1 97; 6e-5 100 / 83; 8e-5 100 / 83 (the discriminator then wins: loss 0.93 against 1.39 at chance)
+DOCO_TOY = {"iterations": 300, "warm_up": 100, "lr": 6e-5, "batch_size": 4, "anchor_images": 64, "ddim_steps": 20}
+declare_method(
+    "doco", "DoCo: a discriminator tells the target's x0 from the anchor's; cross-attention trained to fool it, with gradient surgery against a prior loss.",
+    "erasekit.methods.doco:DoCoConfig", "erasekit.methods.doco:fit_doco",
+    {"toy": DOCO_TOY, "fast": {"iterations": 600, "warm_up": 300, "anchor_images": 200},
+     "tiny": {"iterations": 3, "warm_up": 1, "anchor_images": 2, "ddim_steps": 3, "batch_size": 2, "lr": 1e-3}},
+    families=("sd", "sdxl", "sd3"), checkpointable=True,
+)
+TRCE_TINY = {"iterations": 2, "margin": 1.0, "seeds_per_prompt": 1, "ddim_steps": 3, "early_steps": 2, "reg_trajectories": 2, "reg_batch": 2, "templates": 2, "lr": 1e-3}
+declare_method(
+    "trce", "TRCE: closed-form edit mapping malicious prompts' end-of-text row to safe ones, then contrastive fine-tuning of the early steps.",
+    "erasekit.methods.trce:TRCEConfig", "erasekit.methods.trce:fit_trce",
+    {"toy": {"pairs": "toy", "retain": "toy", "templates": 6, "ddim_steps": 25, "early_steps": 13, "seeds_per_prompt": 2,
+             "reg_trajectories": 64, "iterations": 200, "lr": 1e-5},
+     "fast": {"reg_trajectories": 400}, "tiny": TRCE_TINY},
+    families=("sd",), checkpointable=True,
+)
