@@ -16,7 +16,6 @@ reference's g_a - c g_p / |g_p| (c the cosine), which equals it only where |g_a|
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erasekit.concepts import encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.families import Family, Level, family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, TrainableModel
-from erasekit.methods.ca import Anchors, anchor_latents, ca_parameters, prompts_of
+from erasekit.methods.base import ErasureRequest, MethodConfig, Progress
+from erasekit.methods.ca import Anchors, ca_data, ca_setup
 from erasekit.methods.checkpoint import load_optimizer_tensors, optimizer_tensors
 from erasekit.methods.trainer import Setup, train
-from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 
 SURGERY = ("project", "reference", "off")
@@ -247,28 +244,12 @@ def _family_for(pipe: Pipeline) -> Family:
 
 def fit_doco(pipe: Pipeline, request: ErasureRequest, config: DoCoConfig, progress: Progress | None) -> ErasureResult:
     """Generate anchor images, then play DoCo's game on the cross-attention; the pipeline is left unchanged."""
-    started = time.perf_counter()
-    family = _family_for(pipe)
-    targets, anchor, anchor_prompts, target_prompts = prompts_of(pipe, request, config)
-    params = ca_parameters(family, family.denoiser(pipe), config.train_method, config.kv_only)
-    base_hash = request.base_hash or weights_hash(pipe)
-    trainable = TrainableModel(pipe, "xattn" if config.kv_only else config.train_method, lora_rank=0)
+    _family_for(pipe)
+    s, anchor_prompts, target_prompts = ca_setup(pipe, request, config)
     try:
-        for name, p in trainable.params.items():
-            p.requires_grad_(name in params)
-        trainable.params = params
-        trainable.originals = {f"inner.{n}": trainable.originals[f"inner.{n}"] for n in params}
-        s: Setup[DoCoConfig] = Setup(
-            pipe=pipe, config=config, targets=targets, preserve=[], emb_null=family.uncond(pipe), emb_targets=encode_cond(pipe, targets),
-            emb_preserve=None, family=family, schedule=family.schedule(pipe, config.ddim_steps), trainable=trainable,
-            optimizer=torch.optim.AdamW(list(params.values()), lr=config.lr * config.batch_size, weight_decay=config.weight_decay),
-            generator=torch.Generator().manual_seed(config.seed), base_hash=base_hash, started=started,
-        )
-        s.history.append({"anchor": anchor, "anchor_prompts": sorted(set(anchor_prompts)), "unused_preserve": list(request.preserve)})
-        disc = Discriminator(tuple(family.latent_shape(pipe)[1:]), config, base_hash, s.generator)
-        latents = anchor_latents(pipe, anchor_prompts, config, s.generator)
-        data = Anchors(latents, encode_cond(pipe, anchor_prompts), encode_cond(pipe, target_prompts))
+        disc = Discriminator(tuple(s.family.latent_shape(pipe)[1:]), config, s.base_hash, s.generator)
     except BaseException:
-        trainable.restore()
+        s.trainable.restore()
         raise
+    data = ca_data(s, anchor_prompts, target_prompts)
     return train(s, request, "doco", lambda s, progress: doco_loop(s, data, disc, progress), disc, 1, progress)
