@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -156,6 +156,14 @@ class TrainableModel:
         for p in self.params.values():
             p.requires_grad_(True)
         self.call = _Call(self.family, self.unet)
+
+    def narrow(self, names: Iterable[str]) -> None:
+        """Train only ``names`` of the chosen set (the rest frozen again); only their originals are kept."""
+        keep = set(names)
+        for name, p in self.params.items():
+            p.requires_grad_(name in keep)
+        self.params = {n: p for n, p in self.params.items() if n in keep}
+        self.originals = {f"inner.{n}": self.originals[f"inner.{n}"] for n in self.params}
 
     @property
     def device(self) -> torch.device:

@@ -249,10 +249,7 @@ def ca_setup(pipe: Pipeline, request: ErasureRequest, config: S) -> tuple[Setup[
     # kv_only's set lies within xattn: only those originals are kept, not a copy of a whole `full` model
     trainable = TrainableModel(pipe, "xattn" if config.kv_only else config.train_method, lora_rank=0)
     try:
-        for name, p in trainable.params.items():
-            p.requires_grad_(name in params)
-        trainable.params = params
-        trainable.originals = {f"inner.{n}": trainable.originals[f"inner.{n}"] for n in params}
+        trainable.narrow(params)
         s: Setup[S] = Setup(
             pipe=pipe, config=config, targets=targets, preserve=[], emb_null=family.uncond(pipe), emb_targets=encode_cond(pipe, targets),
             emb_preserve=None, family=family, schedule=family.schedule(pipe, config.ddim_steps), trainable=trainable,

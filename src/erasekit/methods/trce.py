@@ -219,11 +219,7 @@ class Stage2Model(TrainableModel):
 
     def setup_stages(self, names: list[str], stage1: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> None:
         """Narrow the trainable set to ``names``; remember stage 1's matrices and what they replaced."""
-        keep = set(names)
-        for name, p in self.params.items():
-            p.requires_grad_(name in keep)
-        self.params = {n: p for n, p in self.params.items() if n in keep}
-        self.originals = {f"inner.{n}": self.originals[f"inner.{n}"] for n in self.params}
+        self.narrow(names)
         self.stage1, self.previous = stage1, previous
         self.base = {**self.originals, **{f"inner.{n}": w for n, w in previous.items()}}
 
