@@ -197,20 +197,20 @@ def sample_trajectories(pipe: Pipeline, config: TRCEConfig, prompts: list[str], 
     device = next(model.parameters()).device
     uncond = family.uncond(pipe)
 
-    def roll(texts: list[str], kept: list[int]) -> list[torch.Tensor]:
+    def roll(texts: list[str], kept: list[int], pick: list[int] | None = None) -> list[torch.Tensor]:
+        """Per chunk of 16 texts their states at ``kept`` steps, or (``pick``) only each text's own step, chunk by chunk."""
         out = []
         for start in range(0, len(texts), 16):
             chunk = texts[start : start + 16]
             noise = torch.randn((len(chunk), *shape), generator=generator).to(device)
-            states = schedule.rollout(lambda x, t, c: family.predict(model, x, t, c), noise, encode_cond(pipe, chunk), uncond, kept, config.guidance)
-            out.append(torch.stack(states, dim=1))
+            states = torch.stack(schedule.rollout(lambda x, t, c: family.predict(model, x, t, c), noise, encode_cond(pipe, chunk), uncond, kept, config.guidance), dim=1)
+            out.append(states if pick is None else states[torch.arange(len(chunk)), torch.tensor(pick[start : start + len(chunk)])])
         return out
 
     order = [i for i in range(len(prompts)) for _ in range(config.seeds_per_prompt)]
     states = torch.cat(roll([prompts[i] for i in order], list(range(config.early_steps))))
     reg_steps = [int(torch.randint(config.ddim_steps, (1,), generator=generator)) for _ in range(config.reg_trajectories)]
-    every = torch.cat(roll([""] * config.reg_trajectories, list(range(config.ddim_steps))))
-    reg = torch.stack([every[i, s] for i, s in enumerate(reg_steps)])
+    reg = torch.cat(roll([""] * config.reg_trajectories, list(range(config.ddim_steps)), reg_steps))
     return Trajectories(states, order, reg, reg_steps)
 
 
