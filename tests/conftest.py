@@ -139,3 +139,35 @@ def kill_at_first_checkpoint(command: list[str], out: Path, env: dict[str, str])
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not out.exists(), "the run must have been killed mid-way"
+
+
+def tiny_adapter(unet: Any, folder: Path, seed: int = 0) -> Path:
+    """A random IP-Adapter for ``unet`` (any cross-attention width) with a tiny image encoder, in the public layout, saved to ``folder``."""
+    import copy
+
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from erasekit.image_prompt import projection
+    from erasekit.world.adapter import adapter_state, fresh_state, preprocessor, save_adapter
+
+    unet = copy.deepcopy(unet)
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=12))
+    unet._load_ip_adapter_weights([fresh_state(unet, 12, seed)])
+    with torch.no_grad():  # a projection with weight in every token, so an image visibly changes the output
+        projection(unet).image_embeds.weight.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
+    save_adapter(folder, adapter_state(unet), encoder, preprocessor())
+    return folder
+
+
+_ADAPTERS: dict[str, Path] = {}
+
+
+def tiny_adapter_dir() -> str:
+    """One random IP-Adapter for :func:`tiny_pipeline`'s UNet, built once per test process."""
+    if "tiny" not in _ADAPTERS:
+        import tempfile
+
+        _ADAPTERS["tiny"] = tiny_adapter(tiny_pipeline().unet, Path(tempfile.mkdtemp(prefix="erasekit-adapter-")) / "ip")
+    return str(_ADAPTERS["tiny"])

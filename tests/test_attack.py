@@ -145,6 +145,10 @@ def _small(name: str, words: Path) -> dict[str, Any]:
     from erasekit.methods import get_method
 
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}
+    if name == "co-erasing":  # the tiny preset, and an image adapter for the tiny model
+        from conftest import tiny_adapter_dir
+
+        return {"budget": "tiny", "adapter": tiny_adapter_dir()}
     if registry()[name].kind == "inference-time" or name in ("mace", "geom-erasing", "doco", "trce"):  # the tiny preset sizes ItD's SAE, MACE's toy images, DoCo's warm-up, TRCE's trajectories
         return {"budget": "tiny"}
     small = {"iterations": 2, "ddim_steps": 2, "lr": 1e-3, "anchor_images": 4, "concept_space": str(words), "k": 8, "n_centres": 3}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import erasekit
+from conftest import tiny_adapter
 from erasekit.errors import ErasekitError
 from erasekit.families import family_of
 from erasekit.families.tiny import build_tiny
@@ -43,7 +44,8 @@ def test_method_runs_on_family_and_changes_only_its_parameters(method: str, fami
     pipe = load_pipeline(str(folders[family]))
     assert family_of(pipe).name == family
     before = _state(pipe)
-    result = erasekit.erase(pipe, CONCEPT.get(method, "circle"), method=method, budget="tiny")
+    extra = {"adapter": str(tiny_adapter(pipe.unet, tmp_path / "adapter"))} if method == "co-erasing" else {}  # stage 2 prompts with images
+    result = erasekit.erase(pipe, CONCEPT.get(method, "circle"), method=method, budget="tiny", **extra)
     assert result.family == family and all(torch.equal(v, before[k]) for k, v in _state(pipe).items()), "the pipeline was left changed"
     fam = family_of(pipe)
     prefix = "unet." if family in ("sd", "sdxl") else "transformer."

@@ -30,6 +30,10 @@ def concept_for(name: str) -> str:
 
 def settings_for(name: str, words: Path) -> dict:
     """Small settings every method accepts."""
+    if name == "co-erasing":  # the tiny preset, and an image adapter for the tiny model (stage 2 prompts with images)
+        from conftest import tiny_adapter_dir
+
+        return {"budget": "tiny", "adapter": tiny_adapter_dir()}
     if get_method(name).kind in ("inference-time", "text-encoder") or name in ("mace", "geom-erasing", "doco", "trce"):  # the tiny preset sizes the SAE, the text-encoder run, MACE's images, DoCo's warm-up, TRCE's trajectories
         return {"budget": "tiny"}
     fields = {f.name for f in dataclasses.fields(get_method(name).config_class)}

@@ -134,6 +134,10 @@ def test_every_checkpointable_method_resumes_exactly_after_ctrl_c(method: str, f
     settings = {"budget": "tiny", "iterations": 6, **({"faithful": True} if faithful else {}),
                 **({"rollout_reuse": 2} if "rollout_reuse" in fields and not faithful else {})}
     concept = "skull" if method == "geom-erasing" else "circle"  # geom-erasing removes an implicit concept
+    if method == "co-erasing":  # stage 2 prompts with images through an adapter for the tiny model
+        from conftest import tiny_adapter_dir
+
+        settings["adapter"] = tiny_adapter_dir()
     reference = erasekit.erase(tiny_pipeline(), concept, method=method, **settings)
     spec = CheckpointSpec(tmp_path / "work", every=0)
 

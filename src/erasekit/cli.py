@@ -263,6 +263,8 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="Torch device."),
     force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    image_prompt: Optional[Path] = typer.Option(None, "--image-prompt", help="An image every prompt is also given, through the model's IP-Adapter (SD 1.x/2.x)."),
+    image_adapter: Optional[str] = typer.Option(None, "--image-adapter", help="IP-Adapter folder (weights + image_encoder/) for --image-prompt; the toy model ships its own."),
 ) -> None:
     """Generate a PNG grid (rows: prompts; with --delta, base | erased side by side; SPM adapters with transport on and off)."""
     with user_errors():
@@ -300,9 +302,16 @@ def generate(
         spm = bool(results) and all(r.kind == "hook" and r.hook.get("type") == "spm" for r in results)
         if len(results) > 1 and not spm:
             raise ErasekitError("several --delta combine only when all are SPM adapters; pass one delta of any other method")
+        from erasekit.image_prompt import checked_prompt
+
+        picture = checked_prompt(image_prompt, model, image_adapter)
         pipe = load_pipeline(model, device=device, family=family)
         for p in prompts:
             check_prompt(pipe, p, "prompt")
+        if picture is not None:
+            from erasekit.image_prompt import attach_adapter
+
+            attach_adapter(pipe, picture[1])
         for result in results:  # refuse a delta of another base before spending time on the base images
             result.check_fits(pipe, check_base=not force)
         all_prompts = [p for p in prompts for _ in range(images)]
@@ -311,7 +320,8 @@ def generate(
             panels_n = 1 + bool(results) + spm  # SPM adapters: transport as saved, then flipped
             task = bar.add_task("generate", total=len(all_prompts) * panels_n, info="base")
             tick = lambda n: bar.advance(task, n)  # noqa: E731
-            panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick))]
+            image = picture[0] if picture is not None else None
+            panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick, image_prompt=image))]
             if results:
                 bar.update(task, info="erased")
                 for result in results:
@@ -319,7 +329,7 @@ def generate(
                 label = f"{'+'.join(dict.fromkeys(r.method for r in results))}: erased {', '.join(c for r in results for c in r.concepts)}"
                 on = results[0].hook.get("settings", {}).get("transport") if spm else None
                 panels.append((f"{label} (transport {'on' if on else 'off'})" if spm else label,
-                               gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
+                               gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick, image_prompt=image)))
                 if spm:
                     from erasekit.hooks import remove
                     from erasekit.methods.spm import with_transport
@@ -328,7 +338,7 @@ def generate(
                     for result in results:
                         with_transport(result, not on).apply(pipe, check_base=False)
                     panels.append((f"{label} (transport {'off' if on else 'on'})",
-                                   gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick)))
+                                   gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick, image_prompt=image)))
         try:
             out.parent.mkdir(parents=True, exist_ok=True)  # as erase does; only now, so a refused run leaves no folder
         except OSError as exc:

@@ -169,11 +169,13 @@ def weights_hash(pipe: Any) -> str:
 
     SD 1.x/2.x hash (unet, text_encoder) as they always did, so older deltas keep their base check.
     """
+    from erasekit.families.base import is_adapter
+
     digest = hashlib.sha256()
     named = [(name, getattr(pipe, name, None)) for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")]
     for prefix, module in ((n, m) for n, m in named if isinstance(m, nn.Module)):
         for name, tensor in sorted(module.state_dict().items()):
-            if ".lora_" in name:
+            if ".lora_" in name or is_adapter(name):
                 continue
             digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())

@@ -6,6 +6,7 @@ The rollouts, levels and x0 maps of training live with each family's schedule (`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,13 +23,23 @@ def generate(
     guidance: float = 7.5,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    image_prompt: Any = None,
 ) -> np.ndarray:
-    """Images (uint8 N x H x W x 3) for prompts with one seed each; the same seed gives the same image."""
+    """Images (uint8 N x H x W x 3) for prompts with one seed each; the same seed gives the same image.
+
+    ``image_prompt``: one PIL image every prompt is also given through the pipeline's IP-Adapter (SD 1.x/2.x).
+    """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     from erasekit.families import family_of
 
     family = family_of(pipe)
+    extra: dict[str, Any] = {}
+    if image_prompt is not None:
+        from erasekit.image_prompt import require_adapter
+
+        require_adapter(pipe, "--image-prompt")
+        extra["ip_adapter_image"] = image_prompt
     if family.name != "sd":  # the other families sample through their own pipeline, one seed per image
         images = family.generate(pipe, prompts, seeds, steps, guidance)
         if progress:
@@ -48,7 +59,7 @@ def generate(
             for g in gens
         ]).to(device=device, dtype=pipe.unet.dtype)
         images = pipe(
-            prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np"
+            prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np", **extra
         ).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
         if progress:

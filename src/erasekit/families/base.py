@@ -27,6 +27,11 @@ TRAIN_SETS = ("xattn", "noxattn", "full", "selfattn", "lora")
 Pipeline = Any  # a diffusers pipeline of a supported family (their components are set at run time: mypy sees Any)
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a denoiser tensor belongs to a loaded IP-Adapter (its projection, or the to_k_ip/to_v_ip of an attention processor)."""
+    return name.startswith("encoder_hid_proj.") or ".processor." in name
+
+
 @dataclass(frozen=True)
 class Cond:
     """A batch of text conditionings: named tensors sharing the first (batch) dimension."""
@@ -230,6 +235,8 @@ class Family(ABC):
             raise ErasekitError(f"unknown train method {train_set!r}; choose one of: {', '.join(TRAIN_SETS)}")
         chosen = {}
         for name, param in model.named_parameters():
+            if is_adapter(name):
+                continue  # an image-prompt adapter loaded beside the model is not the model
             if train_set == "xattn":
                 keep = self.is_xattn(name)
             elif train_set == "selfattn":

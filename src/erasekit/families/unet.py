@@ -102,8 +102,16 @@ class SD(UNetFamily):
         return [(pipe.tokenizer, pipe.text_encoder)]
 
     def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """ε (or v) from the UNet."""
-        return model(x, t, encoder_hidden_states=cond.parts["hidden"]).sample
+        """ε (or v) from the UNet; with an image adapter loaded, the ``image`` part's tokens too (none given: no image)."""
+        if getattr(model, "encoder_hid_proj", None) is None:
+            return model(x, t, encoder_hidden_states=cond.parts["hidden"]).sample
+        from erasekit import image_prompt
+
+        hidden = cond.parts["hidden"]
+        tokens = cond.parts.get(image_prompt.PART)
+        if tokens is None:
+            tokens = image_prompt.empty_tokens(model, len(hidden), hidden)
+        return image_prompt.predict_with_image(model, x, t, hidden, tokens)
 
 
 class SDXL(UNetFamily):

@@ -181,6 +181,30 @@ def train(
     typer.echo(json.dumps({"config": asdict(config), **result}))
 
 
+@app.command()
+def adapter(
+    out: Path = typer.Option(..., "--out", help="Folder for the run (resumed if it holds one); the adapter is written to OUT/ip_adapter."),
+    steps: int = typer.Option(2000, "--steps", min=1, max=1_000_000, help="Training steps of batch 32."),
+    images: int = typer.Option(8000, "--images", min=64, max=1_000_000, help="Rendered training images."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**31 - 1, help="Seed of the data, the initialisation and the steps."),
+) -> None:
+    """Train the toy model's image-prompt adapter (an IP-Adapter; the toy UNet and CLIP stay frozen; resumable after a kill)."""
+    from erasekit.world.adapter import AdapterConfig, AdapterTrainer
+
+    with user_errors():
+        from erasekit.models import quiet_loading
+        from erasekit.run_display import progress_bar
+
+        trainer = AdapterTrainer(out, AdapterConfig(seed=seed, n_images=images, steps=steps))  # may refuse the folder first
+        bar = progress_bar(Console(stderr=True), "loss")
+        task = bar.add_task("adapter", total=steps, loss="")
+        trainer.progress = lambda step, total, info: bar.update(task, completed=step, loss=f"loss {info['loss']:.4f}")
+        with bar, quiet_loading():
+            record = trainer.run()
+    typer.echo(f"wrote {out / 'ip_adapter'}")
+    typer.echo(json.dumps(record))
+
+
 def _print_table(result: dict, console: Console) -> None:
     """Show the check's measurements next to the quality bars of DESIGN.md §2."""
     table = Table(title="toy world check")
