@@ -153,3 +153,15 @@ def test_the_adapter_run_resumes_to_the_same_weights_and_refuses_other_settings(
     pipe = tiny_pipeline()
     with pytest.raises(ErasekitError, match="cannot load the image adapter"):
         ip.attach_adapter(pipe, tmp_path / "a" / "ip_adapter")  # the toy's adapter is 128 wide, this model 16
+
+
+def test_world_render_bare_writes_one_unlabelled_image_and_refuses_several(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from erasekit.world.cli import app
+
+    done = CliRunner().invoke(app, ["render", "--objects", "circle", "--colours", "red", "--styles", "plain", "--bare", "--scale", "2", "--out", str(tmp_path / "c.png")])
+    assert done.exit_code == 0, done.output
+    assert np.asarray(Image.open(tmp_path / "c.png")).shape == (64, 64, 3)
+    done = CliRunner().invoke(app, ["render", "--objects", "circle,ring", "--colours", "red", "--styles", "plain", "--bare", "--out", str(tmp_path / "two.png")])
+    assert done.exit_code == 2 and "--bare writes one image" in done.output and not (tmp_path / "two.png").exists()

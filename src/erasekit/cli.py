@@ -275,7 +275,7 @@ def generate(
             if not prompts_file.is_file():
                 raise ErasekitError(f"no prompts file at {prompts_file}")
             prompts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts or any(not p for p in prompts):
+        if not prompts or (any(not p for p in prompts) and image_prompt is None):  # with an image, '' prompts by the image alone
             raise ErasekitError("no prompt given (or an empty one); pass --prompt TEXT or --prompts-file FILE")
         if not 1 <= images <= 64:
             raise ErasekitError(f"--images must be between 1 and 64, got {images}")
@@ -296,7 +296,7 @@ def generate(
         from erasekit.sampling import generate as gen_images
 
         if (tokenizer := load_tokenizer(model)) is not None:  # the 77-token check, before the model loads
-            for p in prompts:
+            for p in filter(None, prompts):
                 check_length(tokenizer, p, "prompt")
         results = [load_result(_resolve_delta(d)) for d in delta]
         spm = bool(results) and all(r.kind == "hook" and r.hook.get("type") == "spm" for r in results)
@@ -306,7 +306,7 @@ def generate(
 
         picture = checked_prompt(image_prompt, model, image_adapter)
         pipe = load_pipeline(model, device=device, family=family)
-        for p in prompts:
+        for p in filter(None, prompts):
             check_prompt(pipe, p, "prompt")
         if picture is not None:
             from erasekit.image_prompt import attach_adapter

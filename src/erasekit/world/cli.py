@@ -79,6 +79,7 @@ def render(
     seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
     scale: int = typer.Option(4, min=1, max=16, help="Integer upscaling of the grid (nearest neighbour)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    bare: bool = typer.Option(False, "--bare", help="Write the one image the choices name, unlabelled (an image prompt for `generate --image-prompt`)."),
 ) -> None:
     """Render a preview grid of the data: one row per object, one column per colour x style, rows and columns labelled."""
     from erasekit.world.render import Scene, render_grid  # scipy: only for this command, so `erasekit --help` stays fast
@@ -103,6 +104,14 @@ def render(
         check_seed("seed", seed)  # image i uses seed + i: numpy's generators take no negative seed
         combos = [(o, c, s) for o in object_names for s in style_names for c in colour_names]
         scenes = [Scene(obj, colour, style, implicit, seed + i) for i, (obj, colour, style) in enumerate(combos)]
+        if bare:
+            if len(scenes) != 1:
+                raise ErasekitError(f"--bare writes one image and the choices name {len(scenes)}; pick one each of --objects, --colours and --styles")
+            from erasekit.world.render import render as draw
+
+            _write_png_atomically(np.kron(draw(scenes[0], vocab), np.ones((scale, scale, 1), dtype=np.uint8)), out)
+            typer.echo(f"wrote {out} (1 image)")
+            return
         grid = render_grid(scenes, columns=len(colour_names) * len(style_names), vocab=vocab, pad=PAD)
         grid = np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8))
         pitch = (vocab.raw["image_size"] + PAD) * scale
