@@ -100,6 +100,7 @@ BASE: dict[tuple[str, ...], list[str]] = {
     ("demo",): ["demo", "--out", "{out}/demo"],
     ("world", "render"): ["world", "render", "--out", "{out}/r.png", "--objects", "circle", "--colours", "red", "--styles", "flat"],
     ("world", "train"): ["world", "train", "--out", "{out}/world"],
+    ("world", "adapter"): ["world", "adapter", "--out", "{out}/adapter"],
     ("world", "check"): ["world", "check", "--json", "--no-pairs", "--images-per-class", "1", "--steps", "1"],
     ("itd", "classify"): ["itd", "classify", "{run}", "-p", "circle"],
     ("bench", "eap"): ["bench", "eap", "--no-sd14", "--images-per-class", "1", "--iterations", "1"],
@@ -122,7 +123,7 @@ def stubs() -> dict[str, Callable[..., Any]]:
 
     return {"erasekit.models.load_pipeline": load} | {name: reached for name in (
         "erasekit.models.toy_pipeline", "erasekit.compare._run_isolated", "erasekit.compare._run_in_process",
-        "erasekit.world.train.WorldTrainer.run", "erasekit.world.check.load_toy_judge", "erasekit.bench.eap_speed",
+        "erasekit.world.train.WorldTrainer.run", "erasekit.world.adapter.AdapterTrainer.run", "erasekit.world.check.load_toy_judge", "erasekit.bench.eap_speed",
         "erasekit.eval.runner.run_suite", "erasekit.api.flush_denormals",
     )}
 

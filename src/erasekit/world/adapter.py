@@ -119,10 +119,13 @@ class AdapterTrainer:
         self.ckpt = self.out / "adapter.ckpt"
         settings = self.out / "adapter_settings.json"
         mine = {k: v for k, v in asdict(config).items() if k != "steps"}  # more steps resumes a run to train longer
-        if settings.exists() and json.loads(settings.read_text()) != mine:
-            raise ErasekitError(f"{self.out} holds an adapter run with other settings ({settings}); resume it with the same ones, or pick a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps(mine))
+        try:
+            if settings.is_file() and json.loads(settings.read_text()) != mine:
+                raise ErasekitError(f"{self.out} holds an adapter run with other settings ({settings}); resume it with the same ones, or pick a new --out")
+            self.out.mkdir(parents=True, exist_ok=True)
+            settings.write_text(json.dumps(mine))
+        except (OSError, ValueError) as exc:
+            raise ErasekitError(f"cannot use {self.out} for the adapter run ({exc.__class__.__name__}: {str(exc)[:120]}); pass a writable, empty or earlier --out") from None
 
     def _data(self, pipe: Any, encoder: Any) -> dict[str, Any]:
         from erasekit.world.train import _encode, render_dataset
