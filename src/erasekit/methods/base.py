@@ -216,6 +216,19 @@ def release_after_setup(pipe: Pipeline, request: ErasureRequest) -> None:
         release_unused(pipe)
 
 
+STAGES = ("both", "1", "2")
+
+
+def check_stages(stage: str, stage1: str, builds_on: str, saved: str) -> None:
+    """A two-stage method's ``stage`` and ``stage1`` settings: stage 2 alone needs a saved stage 1, the others take none."""
+    if stage not in STAGES:
+        raise ErasekitError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    if stage == "2" and not stage1.strip():
+        raise ErasekitError(f"stage 2 builds on {builds_on}; pass stage1=PATH ({saved}) or run stage both")
+    if stage != "2" and stage1.strip():
+        raise ErasekitError(f"stage1 is read only by stage 2 alone; drop it or pass stage 2 (stage is {stage!r})")
+
+
 def esd_target(e_null: torch.Tensor, e_concept: torch.Tensor, eta: float) -> torch.Tensor:
     """ESD's negatively guided target: eps0(x,0) - eta (eps0(x,c) - eps0(x,0))."""
     return e_null - eta * (e_concept - e_null)

@@ -28,13 +28,13 @@ from erasekit.errors import ErasekitError
 from erasekit.families import Cond, family_of
 from erasekit.families.base import Pipeline
 from erasekit.methods import checkpoint as ckpt
-from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, esd_target, make_result
+from erasekit.methods.base import ErasureRequest, Progress, TrainConfig, check_stages, esd_target, make_result
+from erasekit.methods.closed_form import applied
 from erasekit.methods.loop import finetune
 from erasekit.methods.trainer import Setup, prepare, train
 from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 
-STAGES = ("both", "1", "2")
 STAGE1_METHODS = ("co-erasing", "esd-x", "esd-u")
 
 
@@ -62,12 +62,7 @@ class CoErasingConfig(TrainConfig):
         super().validate()
         from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, MAX_SCALE, check_between
 
-        if self.stage not in STAGES:
-            raise ErasekitError(f"unknown stage {self.stage!r}; choose one of: {', '.join(STAGES)}")
-        if self.stage == "2" and not self.stage1.strip():
-            raise ErasekitError("stage 2 builds on the text erasure of stage 1; pass stage1=PATH (a co-erasing stage-1, esd-x or esd-u delta) or run stage both")
-        if self.stage != "2" and self.stage1.strip():
-            raise ErasekitError(f"stage1 is read only by stage 2 alone; drop it or pass stage 2 (stage is {self.stage!r})")
+        check_stages(self.stage, self.stage1, "the text erasure of stage 1", "a co-erasing stage-1, esd-x or esd-u delta")
         if self.train_method == "lora":
             raise ErasekitError("co-erasing trains the UNet's own weights in both stages; choose train_method noxattn, xattn, selfattn or full")
         check_between("stage1_iterations", self.stage1_iterations, 1, MAX_ITERATIONS)
@@ -109,16 +104,12 @@ def concept_images(pipe: Pipeline, config: CoErasingConfig, targets: list[str]) 
 
 
 def _weights(pipe: Pipeline, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Write a weights delta into the denoiser; returns what it replaced (to put back)."""
+    """Write a weights delta (``unet.*`` keys) into the denoiser; returns what it replaced, keyed the same way."""
     family = family_of(pipe)
-    model, prefix = family.denoiser(pipe), family.prefix + "."
-    previous = {}
+    prefix = family.prefix + "."
     with torch.no_grad():
-        for key, value in delta.items():
-            param = model.get_parameter(key.removeprefix(prefix))
-            previous[key] = param.detach().clone()
-            param.copy_(value.to(param.dtype))
-    return previous
+        previous = applied(family.denoiser(pipe), {k.removeprefix(prefix): v for k, v in delta.items()})
+    return {prefix + k: v for k, v in previous.items()}
 
 
 def _stage1_from(path: str, base_hash: str) -> ErasureResult:

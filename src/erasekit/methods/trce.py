@@ -26,13 +26,12 @@ from erasekit.concepts import check_prompt, encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond, family_of
 from erasekit.families.base import Pipeline
-from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, TrainableModel
+from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, TrainableModel, check_stages
 from erasekit.methods.closed_form import EditRows, applied, as_delta, encoder_rows, relative_change, residuals, uce_edit, weights_of
 from erasekit.methods.trainer import Setup, train
 from erasekit.models import weights_hash
 from erasekit.result import ErasureResult
 
-STAGES = ("both", "1", "2")
 # the reference's kind of templates (it draws 15 of 30 fixed ones); written here for this library
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}", "a painting of {}", "a snapshot of {}",
              "a close-up of {}", "an illustration of {}", "a rendering of {}", "a sketch of {}", "a scene showing {}",
@@ -72,12 +71,7 @@ class TRCEConfig(MethodConfig):
         super().validate()
         from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, MAX_LR, MAX_SCALE, MAX_WEIGHT, MIN_REGULARISER, check_between
 
-        if self.stage not in STAGES:
-            raise ErasekitError(f"unknown stage {self.stage!r}; choose one of: {', '.join(STAGES)}")
-        if self.stage == "2" and not self.stage1.strip():
-            raise ErasekitError("stage 2 builds on TRCE's stage-1 edit; pass stage1=PATH (a trce --stage 1 delta) or run stage both")
-        if self.stage != "2" and self.stage1.strip():
-            raise ErasekitError(f"stage1 is read only by stage 2 alone; drop it or pass stage 2 (stage is {self.stage!r})")
+        check_stages(self.stage, self.stage1, "TRCE's stage-1 edit", "a trce --stage 1 delta")
         for name in ("iterations", "seeds_per_prompt", "reg_trajectories", "reg_batch", "templates"):
             check_between(name, getattr(self, name), 1, MAX_ITERATIONS)
         check_between("templates", self.templates, 1, len(TEMPLATES), why=f"{len(TEMPLATES)} are built in")

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from erasekit.errors import ErasekitError
 from erasekit.image_prompt import ENCODER, WEIGHTS, projection
 from erasekit.world.captions import caption
-from erasekit.world.render import Scene
 from erasekit.world.vocab import load_vocab
 
 Progress = Callable[[int, int, dict], None]
@@ -128,7 +127,7 @@ class AdapterTrainer:
             raise ErasekitError(f"cannot use {self.out} for the adapter run ({exc.__class__.__name__}: {str(exc)[:120]}); pass a writable, empty or earlier --out") from None
 
     def _data(self, pipe: Any, encoder: Any) -> dict[str, Any]:
-        from erasekit.world.train import _encode, render_dataset
+        from erasekit.world.train import _encode, render_dataset, scenes_of
 
         c = self.config
         data = render_dataset(c.n_images, c.seed, offset=OFFSET)
@@ -137,10 +136,7 @@ class AdapterTrainer:
         with torch.inference_mode():
             embeds = torch.cat([encoder(proc(list(data["images"][s : s + 500]), return_tensors="pt").pixel_values).image_embeds
                                 for s in range(0, c.n_images, 500)])
-        vocab = load_vocab()
-        scenes = [Scene(vocab.objects[o], vocab.colours[k], vocab.styles[s], bool(i), 0)
-                  for o, k, s, i in zip(data["object"], data["colour"], data["style"], data["implicit"])]
-        return {"latents": latents * pipe.vae.config.scaling_factor, "embeds": embeds, "scenes": scenes, "kind": data["kind"]}
+        return {"latents": latents * pipe.vae.config.scaling_factor, "embeds": embeds, "scenes": scenes_of(data), "kind": data["kind"]}
 
     def run(self) -> dict[str, Any]:
         """Train (or resume) and write ``ip_adapter.safetensors`` and ``image_encoder/``; returns the run's record."""

@@ -67,6 +67,15 @@ def render_dataset(n: int, seed: int, offset: int = 0) -> dict[str, np.ndarray]:
     return {"images": images, **cols}
 
 
+def scenes_of(data: dict[str, np.ndarray]) -> list[Scene]:
+    """The scenes (labels only) of a rendered set, as captions are drawn for them."""
+    vocab = load_vocab()
+    return [
+        Scene(vocab.objects[o], vocab.colours[col], vocab.styles[s], bool(imp), 0)
+        for o, col, s, imp in zip(data["object"], data["colour"], data["style"], data["implicit"])
+    ]
+
+
 @torch.inference_mode()
 def _encode(vae: Any, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """Posterior means (unscaled) and uint8 reconstructions of uint8 NHWC images, in batches of 500."""
@@ -245,7 +254,7 @@ class WorldTrainer:
         recons = torch.from_numpy(np.load(self.work / "recons.npy"))
         clean = torch.from_numpy(data["images"])
         keys = torch.from_numpy(toy_clip.label_key(data["object"], data["colour"], data["style"], data["implicit"]))
-        scenes = self._scenes(data)
+        scenes = scenes_of(data)
         tokenizer = toy.build_tokenizer()
         model = toy_clip.build_clip(c.seed)
         if c.clip_logit_scale:  # fixed temperature (see toy_clip.fix_temperature)
@@ -278,13 +287,6 @@ class WorldTrainer:
             "clip_object_similarity": toy_clip.object_similarity(model, tokenizer),
         }
         self._mark("clip", info)
-
-    def _scenes(self, data: dict[str, np.ndarray]) -> list[Scene]:
-        vocab = load_vocab()
-        return [
-            Scene(vocab.objects[o], vocab.colours[col], vocab.styles[s], bool(imp), 0)
-            for o, col, s, imp in zip(data["object"], data["colour"], data["style"], data["implicit"])
-        ]
 
     def stage_judge(self) -> None:
         """Train the judge on renders and on their VAE reconstructions (what generations look like)."""
@@ -352,7 +354,7 @@ class WorldTrainer:
         scheduler: Any = toy.build_scheduler()  # a diffusers DDIMScheduler (alphas_cumprod is set at run time)
         alphas = scheduler.alphas_cumprod
         snr = alphas / (1 - alphas)
-        scenes = self._scenes(data)
+        scenes = scenes_of(data)
         token_cache: dict[str, list[int]] = {}
         unet.train()
         while step < c.unet_steps:
