@@ -1,6 +1,7 @@
 """Co-Erasing's claim on the toy world: a text-only erasure can still be reached through an image prompt.
 
     python benchmarks/image_prompt_claim.py --concept circle --methods esd-x,eap,co-erasing --seeds 3 --json out.json
+    python benchmarks/image_prompt_claim.py --from COMPARE_DIR ...   # the erased models of `erasekit compare --seeds 3`
 
 Each method erases the concept with its toy preset on training seeds 0..S-1; the erased model (and the base) then
 generates through the toy IP-Adapter, prompted with renders of the concept (every colour, two styles) and
@@ -65,6 +66,8 @@ def main() -> int:
     parser.add_argument("--images-per", type=int, default=2, help="Generations per render (seeds).")
     parser.add_argument("--styles", type=int, default=2, help="Styles of the renders (x every colour).")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--from", dest="source", type=Path, default=None,
+                        help="A `erasekit compare` folder of the same concept: its METHOD-seedS runs are loaded, not trained again.")
     args = parser.parse_args()
     import torch
 
@@ -72,6 +75,7 @@ def main() -> int:
     from erasekit.eval.intervals import paired_difference, rate_interval, verdict
     from erasekit.image_prompt import attach_adapter, toy_adapter_dir
     from erasekit.models import load_pipeline, toy_dir
+    from erasekit.result import load
     from erasekit.world.captions import object_prompt
     from erasekit.world.judge import Judge
 
@@ -83,7 +87,12 @@ def main() -> int:
         for seed in range(args.seeds):
             started = time.perf_counter()
             pipe = load_pipeline("toy")
-            if method != "base":
+            run = args.source / f"{method}-seed{seed}" if args.source else None
+            if run is not None and method != "base":
+                if not run.is_dir():
+                    sys.exit(f"--from {args.source} has no run {run.name}; compare with --seeds {args.seeds} and these methods first")
+                load(pipe, run)
+            elif method != "base":
                 erase(pipe, args.concept, method=method, budget="toy", seed=seed).apply(pipe)
             attach_adapter(pipe, toy_adapter_dir())
             row = rates(pipe, judge, args.concept, text, args.images_per, args.styles)
