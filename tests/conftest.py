@@ -18,6 +18,23 @@ from erasekit.world.train import WorldTrainer
 torch.set_num_threads(1)  # every test (and every worker process it starts) on one CPU thread: CI machines are small
 
 
+def _methods_of(families: tuple[str, ...]) -> list[str]:
+    from erasekit.methods import registry
+
+    return sorted(name for name, spec in registry().items() if set(spec.families) <= set(families))
+
+
+def _family_tables() -> tuple[list[str], list[str]]:
+    from erasekit.methods.specs import AUTOREGRESSIVE_FAMILIES, DIFFUSION_FAMILIES
+
+    return _methods_of(DIFFUSION_FAMILIES), _methods_of(AUTOREGRESSIVE_FAMILIES)
+
+
+# the method tables, one per engine: a registered method is in exactly one (test_janus_methods checks it), so a test
+# that runs "every method" on an SD pipeline takes DIFFUSION_METHODS, and the Janus tests take JANUS_METHODS
+DIFFUSION_METHODS, JANUS_METHODS = _family_tables()
+
+
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A random SD pipeline small enough to build and train in well under a second per step."""
     torch.manual_seed(seed)
@@ -56,6 +73,14 @@ def tiny_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "tiny-sd"
     tiny_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def janus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Janus (transformers' JanusForConditionalGeneration) saved to a folder, built once per session."""
+    from erasekit.autoregressive.tiny import build_tiny_janus
+
+    return build_tiny_janus(tmp_path_factory.mktemp("janus") / "tiny")
 
 
 @pytest.fixture

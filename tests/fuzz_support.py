@@ -69,9 +69,11 @@ def settings_classes() -> dict[tuple[str, ...], list[tuple[str | None, type]]]:
     from erasekit.eval.suites import Settings
     from erasekit.methods import registry
     from erasekit.world.config import WorldTrainConfig
+    from erasekit.world.janus_model import JanusTrainConfig
 
     return {("erase",): [(name, spec.config_class) for name, spec in sorted(registry().items())], ("evaluate",): [(None, Settings)],
-            ("attack",): [(None, AttackConfig)], ("world", "train"): [(None, WorldTrainConfig)]}
+            ("attack",): [(None, AttackConfig)], ("world", "train"): [(None, WorldTrainConfig)],
+            ("world", "janus"): [(None, JanusTrainConfig)]}
 
 
 def setting_options() -> list[Option]:
@@ -102,6 +104,8 @@ BASE: dict[tuple[str, ...], list[str]] = {
     ("world", "train"): ["world", "train", "--out", "{out}/world"],
     ("world", "adapter"): ["world", "adapter", "--out", "{out}/adapter"],
     ("world", "check"): ["world", "check", "--json", "--no-pairs", "--images-per-class", "1", "--steps", "1"],
+    ("world", "janus"): ["world", "janus", "--out", "{out}/janus-run"],
+    ("world", "check-janus"): ["world", "check-janus", "--json", "--images-per-prompt", "1"],
     ("itd", "classify"): ["itd", "classify", "{run}", "-p", "circle"],
     ("bench", "eap"): ["bench", "eap", "--no-sd14", "--images-per-class", "1", "--iterations", "1"],
 }
@@ -124,6 +128,7 @@ def stubs() -> dict[str, Callable[..., Any]]:
     return {"erasekit.models.load_pipeline": load} | {name: reached for name in (
         "erasekit.models.toy_pipeline", "erasekit.compare._run_isolated", "erasekit.compare._run_in_process",
         "erasekit.world.train.WorldTrainer.run", "erasekit.world.adapter.AdapterTrainer.run", "erasekit.world.check.load_toy_judge", "erasekit.bench.eap_speed",
+        "erasekit.world.janus_train.JanusTrainer.run", "erasekit.world.janus_check.load_janus",
         "erasekit.eval.runner.run_suite", "erasekit.api.flush_denormals",
     )}
 

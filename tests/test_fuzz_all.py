@@ -31,6 +31,7 @@ import erasekit
 from conftest import tiny_pipeline
 from erasekit.cli import app
 from erasekit.errors import ErasekitError
+from erasekit.methods import get_method
 from fuzz_support import (
     BASE,
     OPTIONS,
@@ -73,7 +74,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from erasekit.models import weights_hash
 
     fits = ErasureResult("esd-x", ("circle",), {f"unet.{name}": param.detach().clone()}, base_model_id="tiny", base_hash=weights_hash(pipe))
-    return {"root": root, "run": run, "pipe": pipe, "fits": fits}
+    from erasekit.autoregressive import load_janus
+    from erasekit.autoregressive.tiny import build_tiny_janus
+
+    janus = load_janus(build_tiny_janus(root / "janus"))  # the autoregressive methods' model (ear)
+    return {"root": root, "run": run, "pipe": pipe, "fits": fits, "janus": janus}
 
 
 @pytest.fixture
@@ -96,6 +101,8 @@ def cli_case(world: dict[str, Any], option: Option, value: str) -> str | None:
     base = [fill(a, out, world["run"]) for a in BASE[option.command]]
     if option.method is not None:
         base += ["--method", option.method]
+        if get_method(option.method).autoregressive:  # a repeated option takes the last value: the Janus model, not toy
+            base += ["--model", str(world["janus"].name_or_path)]
     value = fill(value, out, world["run"])
     if option.flag:
         args = [*base, option.flag, value] if not value.startswith("-") else [*base, f"{option.flag}={value}"]
@@ -152,7 +159,8 @@ def method_fields() -> list[tuple[str, str]]:
 
 def erase_case(world: dict[str, Any], method: str, name: str, value: Any) -> str | None:
     """``erasekit.erase`` with one fuzzed keyword: one ErasekitError line, or it reaches training (stubbed)."""
-    failure = py_failure(lambda: erasekit.erase(world["pipe"], "circle", method=method, budget="tiny", **{name: value}), value)
+    model = world["janus"] if get_method(method).autoregressive else world["pipe"]
+    failure = py_failure(lambda: erasekit.erase(model, "circle", method=method, budget="tiny", **{name: value}), value)
     return None if failure is None else f"erase(method={method!r}, {name}={value!r}): {failure}"
 
 
@@ -243,11 +251,13 @@ SIZES = {"iterations": 2, "ddim_steps": 3, "anchor_images": 2, "k": 8, "n_centre
          "reg_trajectories": 2, "reg_batch": 2, "early_steps": 2, "templates": 2}
 
 
-def training_case(folder: Path, tmp: Path, method: str, name: str, value: str) -> str | None:
-    """`erasekit erase` on a tiny model with one fuzzed setting, for real: success with finite records, or one error line."""
-    from erasekit.methods import get_method, make_config
+def training_case(folders: dict[str, Path], tmp: Path, method: str, name: str, value: str) -> str | None:
+    """`erasekit erase` on a tiny model (SD, or Janus for an autoregressive method) with one fuzzed setting, for real: success
+    with finite records, or one error line."""
+    from erasekit.methods import make_config
     from erasekit.runs import _coerce
 
+    folder = folders["janus" if get_method(method).autoregressive else "sd"]
     hints = typing.get_type_hints(get_method(method).config_class)
     try:
         parsed = _coerce(name, hints[name], value)
@@ -267,11 +277,11 @@ def training_case(folder: Path, tmp: Path, method: str, name: str, value: str) -
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SD pipeline saved as a diffusers folder."""
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory, janus_dir: Path) -> dict[str, Path]:
+    """A tiny SD pipeline saved as a diffusers folder, and a tiny random Janus folder."""
     folder = tmp_path_factory.mktemp("fuzz-train") / "sd"
     tiny_pipeline().save_pretrained(folder)
-    return folder
+    return {"sd": folder, "janus": janus_dir}
 
 
 def _numeric_settings() -> st.SearchStrategy[tuple[str, str, str]]:
@@ -285,14 +295,14 @@ def _numeric_settings() -> st.SearchStrategy[tuple[str, str, str]]:
 
 @settings(FAST, max_examples=6)
 @given(case=_numeric_settings())
-def test_accepted_settings_train_and_record_cleanly(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory, case: tuple[str, str, str]) -> None:
+def test_accepted_settings_train_and_record_cleanly(tiny_folder: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, case: tuple[str, str, str]) -> None:
     assert training_case(tiny_folder, tmp_path_factory.mktemp("t"), *case) is None
 
 
 @pytest.mark.slow
 @settings(FAST, max_examples=300)
 @given(case=_numeric_settings())
-def test_accepted_settings_train_and_record_cleanly_many(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory, case: tuple[str, str, str]) -> None:
+def test_accepted_settings_train_and_record_cleanly_many(tiny_folder: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, case: tuple[str, str, str]) -> None:
     assert training_case(tiny_folder, tmp_path_factory.mktemp("t"), *case) is None
 
 

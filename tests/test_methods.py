@@ -1,4 +1,4 @@
-"""One table over every registered method, plus the behaviours ESD and EAP promise."""
+"""One table over every registered diffusion method (Janus methods: test_janus_methods.py), plus the behaviours ESD and EAP promise."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import erasekit
-from conftest import tiny_pipeline
+from conftest import DIFFUSION_METHODS, tiny_pipeline
 from erasekit.concepts import encode, encode_cond
 from erasekit.errors import ErasekitError
 from erasekit.families import Cond
-from erasekit.methods import get_method, registry
+from erasekit.methods import get_method
 from erasekit.methods.base import TrainableUNet, esd_target
 from erasekit.methods.eap import GumbelSearch
 from erasekit.models import select_parameters
@@ -45,7 +45,7 @@ def _unet_state(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", DIFFUSION_METHODS)
 def test_method_changes_only_its_parameters_and_leaves_pipeline_unchanged(name: str, tiny, words_file: Path) -> None:
     before = _unet_state(tiny)
     result = erasekit.erase(tiny, concept_for(name), method=name, **settings_for(name, words_file))
@@ -76,7 +76,7 @@ def test_method_changes_only_its_parameters_and_leaves_pipeline_unchanged(name: 
     assert changed <= allowed, f"changed parameters outside the declared set: {sorted(changed - allowed)[:3]}"
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", DIFFUSION_METHODS)
 def test_method_is_deterministic(name: str, words_file: Path) -> None:
     first = erasekit.erase(tiny_pipeline(), concept_for(name), method=name, **settings_for(name, words_file))
     second = erasekit.erase(tiny_pipeline(), concept_for(name), method=name, **settings_for(name, words_file))
@@ -261,7 +261,7 @@ def test_eap_paths_are_deterministic_and_change_only_cross_attention(faithful: b
     assert len([h for h in first.history if "step" in h]) == 4
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", DIFFUSION_METHODS)
 def test_release_unused_gives_the_same_delta_and_frees_the_text_encoder(name: str, words_file: Path) -> None:
     kept = erasekit.erase(tiny_pipeline(), concept_for(name), method=name, **settings_for(name, words_file))
     pipe = tiny_pipeline()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import erasekit
-from conftest import kill_at_first_checkpoint, tiny_pipeline
+from conftest import DIFFUSION_METHODS, kill_at_first_checkpoint, tiny_pipeline
 from erasekit.errors import ErasekitError
 from erasekit.methods.checkpoint import CheckpointSpec
 from erasekit.result import load_result
@@ -117,8 +117,8 @@ def test_sigint_to_a_real_erase_saves_a_checkpoint_and_says_how_to_resume(tiny_d
     assert all(torch.equal(reference[k], b[k]) for k in b)
 
 
-CHECKPOINTABLE = sorted(name for name, spec in __import__("erasekit.methods", fromlist=["registry"]).registry().items()
-                        if spec.checkpointable and "tiny" in spec.presets)
+CHECKPOINTABLE = [name for name in DIFFUSION_METHODS  # a Janus method is not checkpointable yet (test_janus_methods says so)
+                  if __import__("erasekit.methods", fromlist=["registry"]).registry()[name].checkpointable]
 
 
 @pytest.mark.parametrize("method", CHECKPOINTABLE)

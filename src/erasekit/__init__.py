@@ -19,6 +19,7 @@ _LAZY = {
     "register_hook_type": "erasekit.hooks",
     "load_pipeline": "erasekit.models",
     "toy_pipeline": "erasekit.models",
+    "load_janus": "erasekit.autoregressive",
     "erase": "erasekit.api",
     "available_methods": "erasekit.api",
     "evaluate": "erasekit.eval.runner",

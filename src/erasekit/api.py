@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +28,9 @@ def erase(
 ) -> ErasureResult:
     """Erase ``concepts`` from ``pipe`` (any supported family); the pipeline is left unchanged, apply with ``result.apply(pipe)``.
 
+    ``pipe`` is a diffusers pipeline (the diffusion methods) or a loaded :class:`erasekit.autoregressive.Janus` (the
+    autoregressive ones, e.g. ``ear``); a method given a model of the other kind is refused in one line.
+
     ``checkpoint`` (a :class:`erasekit.methods.checkpoint.CheckpointSpec`) saves the run there and resumes from it.
     ``release_unused=True`` says the caller is done with ``pipe``: the fine-tuning methods then free its text
     encoder and VAE once their embeddings are computed, so one model's weights stay in memory while training.
@@ -38,22 +42,19 @@ def erase(
     targets = _texts(concepts, "concepts")
     preserve = _texts(preserve, "preserve") if preserve is not None else ()
     _check_arguments(progress, checkpoint, release_unused=release_unused, allow_unknown=allow_unknown)
-    from erasekit.families import family_of
-
-    family = family_of(pipe)
-    if family.name not in spec.families:
-        raise ErasekitError(f"{method} does not run on {family.label} models yet; it supports: {', '.join(spec.families)} (see `erasekit methods`)")
+    check_family(spec.name, spec.families, *family_of_model(pipe))
     if not targets:
         raise ErasekitError("no concept to erase; give at least one")
     from erasekit.concepts import check_prompt, check_targets
-    from erasekit.models import model_id, weights_hash
+    from erasekit.models import TOY_MODELS, model_id, weights_hash
 
     # made once here for every method: the checked prompts and the base weights' hash
     targets = tuple(check_prompt(pipe, t, "concept") for t in targets)
     preserve = tuple(check_prompt(pipe, p, "preserve concept") for p in preserve)
-    check_targets(targets, preserve, toy=model_id(pipe) == "toy", allow_unknown=allow_unknown)
+    toy = model_id(pipe) in TOY_MODELS
+    check_targets(targets, preserve, toy=toy, allow_unknown=allow_unknown)
     if config is None:
-        if budget is None and model_id(pipe) == "toy" and "toy" in spec.presets:
+        if budget is None and toy and "toy" in spec.presets:
             budget = "toy"  # as the CLI does on --model toy: the paper's sizes (K = 1000 candidates ...) do not fit the toy world
         config = make_config(spec, budget, **overrides)
     elif overrides or budget:
@@ -64,9 +65,62 @@ def erase(
         validate()  # a config object built by hand gets the same checks as keyword settings
     if (check := getattr(config, "check_concepts", None)) is not None:
         check(targets)
+    if (check_model := getattr(config, "check_model", None)) is not None:
+        check_model(pipe)  # settings that depend on the loaded model (EAR: a window no wider than the image)
     request = ErasureRequest(targets=targets, preserve=preserve, checkpoint=checkpoint, release_unused=release_unused, base_hash=weights_hash(pipe))
     with flush_denormals():
         return spec.fit(pipe, request, config, progress)
+
+
+def family_of_model(pipe: Any) -> tuple[str, str]:
+    """The family name and label of a loaded model: a diffusers pipeline's family, or janus for a loaded Janus."""
+    from erasekit.autoregressive.janus import Janus
+
+    if isinstance(pipe, Janus):
+        return "janus", "Janus (autoregressive)"
+    from erasekit.families import family_of
+
+    family = family_of(pipe)
+    return family.name, family.label
+
+
+def check_family(method: str, families: Sequence[str], found: str, label: str) -> None:
+    """Refuse, in one line, a method on a model of a family it does not declare (diffusion and autoregressive told apart)."""
+    from erasekit.methods.specs import AUTOREGRESSIVE_FAMILIES, registry
+
+    if found in families:
+        return
+    supported = ", ".join(families)
+    if set(families) <= set(AUTOREGRESSIVE_FAMILIES):
+        raise ErasekitError(f"{method} erases autoregressive models ({supported}); this is a {label} diffusion pipeline ({found}): "
+                            "use a diffusion method such as esd-x, or pass a Janus model")
+    if found in AUTOREGRESSIVE_FAMILIES:
+        ours = sorted(n for n, s in registry().items() if found in s.families)
+        raise ErasekitError(f"{method} erases diffusion pipelines ({supported}); this is a {label} model: use {' or '.join(ours) or 'another method'}")
+    raise ErasekitError(f"{method} does not run on {label} models yet; it supports: {supported} (see `erasekit methods`)")
+
+
+def check_model_family(spec: Any, model: str) -> None:
+    """:func:`check_family` for a ``--model`` value, where its family is known without loading it (toy, toy-janus, a folder)."""
+    from erasekit.models import model_family
+
+    found = model_family(model)
+    if found is None and model and os.path.isfile(os.path.join(model, "model_index.json")):
+        from erasekit.families import detect
+
+        try:
+            found = detect(model).name
+        except ErasekitError:
+            return  # load_pipeline says what is wrong with the folder, in its own words
+    if found is not None:
+        label = "Janus (autoregressive)" if found == "janus" else _label(found)
+        check_family(spec.name, spec.families, found, label)
+
+
+def _label(name: str) -> str:
+    from erasekit.families import get_family
+
+    return get_family(name).label
 
 
 def _texts(value: Any, keyword: str) -> tuple[str, ...]:

@@ -91,9 +91,9 @@ def main_callback(
 def methods() -> None:
     """List the registered erasure methods: their kind, the model families each runs on, and a summary."""
     from erasekit.methods import registry
-    from erasekit.methods.specs import ALL_FAMILIES  # the families' names without importing them (and torch)
+    from erasekit.methods.specs import FAMILIES  # the families' names without importing them (and torch)
 
-    names, found = list(ALL_FAMILIES), registry()
+    names, found = list(FAMILIES), registry()
     w_name, w_kind = max(len("method"), *map(len, found)), max(len("kind"), *(len(s.kind) for s in found.values()))
     typer.echo(f"{'method':{w_name}s} {'kind':{w_kind}s} {' '.join(f'{n:5s}' for n in names)} summary")
     for name, spec in sorted(found.items()):
@@ -117,8 +117,8 @@ def _describe(record: dict[str, Any]) -> str:
 def erase(
     ctx: typer.Context,
     concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to erase (repeat for several)."),
-    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux); read from the folder's model_index.json when not given."),
+    model: str = typer.Option("toy", "--model", "-m", help="'toy', 'toy-janus', a diffusers or Janus folder, or a hub id."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux, janus); read from the folder when not given."),
     method: str = typer.Option("eap", "--method", help="Registered method (see `erasekit methods`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to create (delta.safetensors, history.json, run.json)."),
     preserve: list[str] = typer.Option([], "--preserve", help="Concept to keep, in addition to the adversarial one (repeatable)."),
@@ -158,7 +158,11 @@ def erase(
             concept, preserve = [c.strip() for c in concept], [p.strip() for p in preserve]
             settings = read_toml_config(config, method, spec.config_class) if config else {}
             settings.update(parse_method_flags(spec.config_class, list(ctx.args)))
-            if budget is None and model == "toy":
+            from erasekit.api import check_model_family
+            from erasekit.models import TOY_MODELS
+
+            check_model_family(spec, model)  # ear on an SD model, esd-x on a Janus one: refused before anything loads
+            if budget is None and model in TOY_MODELS:
                 budget = "toy"
             if show_settings:
                 for line in settings_lines(spec, make_config(spec, budget, **settings), budget, model):
@@ -170,7 +174,7 @@ def erase(
                 raise ErasekitError("empty --preserve; give a word or phrase such as 'ring', or drop the flag")
             from erasekit.concepts import check_length, check_targets
 
-            check_targets(concept, preserve, toy=model == "toy", allow_unknown=allow_unknown, cli=True)
+            check_targets(concept, preserve, toy=model in TOY_MODELS, allow_unknown=allow_unknown, cli=True)
             if out is None:
                 raise ErasekitError("missing --out; name the run folder to create")
             if checkpoint_every < 0:
@@ -193,7 +197,12 @@ def erase(
         from erasekit.methods.checkpoint import CheckpointSpec
         from erasekit.models import load_pipeline
 
-        pipe = load_pipeline(model, device=resolve_device(device), family=family)
+        pipe = load_pipeline(model, device=resolve_device(device), family=family, autoregressive=True)
+        from erasekit.api import check_family, family_of_model
+
+        check_family(spec.name, spec.families, *family_of_model(pipe))  # a hub id or a resumed run: known only once loaded
+        if (check_model := getattr(cfg, "check_model", None)) is not None:
+            check_model(pipe)  # settings that depend on the loaded model, before anything is written
         rank, _, barrier = distributed(cpu=pipe.device.type == "cpu")
         console.quiet = rank != 0  # under accelerate launch the main process reports and writes
         barrier()  # every process has checked --out before the main process creates it
@@ -250,16 +259,17 @@ def _resolve_delta(delta: Path) -> Path:
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Text file, one prompt per line."),
-    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux); read from the folder when not given."),
+    model: str = typer.Option("toy", "--model", "-m", help="'toy', 'toy-janus', a diffusers or Janus folder, or a hub id."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (sd, sdxl, sd3, flux, janus); read from the folder when not given."),
     delta: list[Path] = typer.Option([], "--delta", help="Erasure delta (file or run folder): base and erased side by side; repeat to combine SPM adapters."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG grid to write."),
     images: int = typer.Option(4, "--images", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + 1000 i + j."),
-    steps: int = typer.Option(25, "--steps", help="DDIM steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale."),
+    steps: int = typer.Option(25, "--steps", help="DDIM steps (diffusion pipelines)."),
+    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale (on a Janus model default 5, Janus-Pro's)."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
     force: bool = typer.Option(False, "--force", help="Apply a delta even if its base hash differs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
@@ -291,9 +301,14 @@ def generate(
             raise ErasekitError(f"--out must end in .png, got {out.name}")
         _check_writable_folder(out.parent)
         from erasekit.concepts import check_length, check_prompt
-        from erasekit.models import load_pipeline, load_tokenizer
+        from erasekit.models import load_pipeline, load_tokenizer, model_family
+        from erasekit.panels import JANUS_GUIDANCE, check_janus_options, diffusion_panels, janus_panels
         from erasekit.result import load_result
-        from erasekit.sampling import generate as gen_images
+
+        janus = model_family(model) == "janus"  # an autoregressive model: its own sampler, and no diffusion-only options
+        if janus:
+            check_janus_options(model, image_prompt, image_adapter, _typed(ctx, "steps"))
+            guidance = guidance if _typed(ctx, "guidance") else JANUS_GUIDANCE
 
         if (tokenizer := load_tokenizer(model)) is not None:  # the 77-token check, before the model loads
             for p in filter(None, prompts):
@@ -305,7 +320,7 @@ def generate(
         from erasekit.image_prompt import checked_prompt
 
         picture = checked_prompt(image_prompt, model, image_adapter)
-        pipe = load_pipeline(model, device=device, family=family)
+        pipe = load_pipeline(model, device=device, family=family, autoregressive=janus)
         for p in filter(None, prompts):
             check_prompt(pipe, p, "prompt")
         if picture is not None:
@@ -320,25 +335,12 @@ def generate(
             panels_n = 1 + bool(results) + spm  # SPM adapters: transport as saved, then flipped
             task = bar.add_task("generate", total=len(all_prompts) * panels_n, info="base")
             tick = lambda n: bar.advance(task, n)  # noqa: E731
-            image = picture[0] if picture is not None else None
-            panels = [("base", gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick, image_prompt=image))]
-            if results:
-                bar.update(task, info="erased")
-                for result in results:
-                    result.apply(pipe, check_base=False)
-                label = f"{'+'.join(dict.fromkeys(r.method for r in results))}: erased {', '.join(c for r in results for c in r.concepts)}"
-                on = results[0].hook.get("settings", {}).get("transport") if spm else None
-                panels.append((f"{label} (transport {'on' if on else 'off'})" if spm else label,
-                               gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick, image_prompt=image)))
-                if spm:
-                    from erasekit.hooks import remove
-                    from erasekit.methods.spm import with_transport
-
-                    remove(pipe)
-                    for result in results:
-                        with_transport(result, not on).apply(pipe, check_base=False)
-                    panels.append((f"{label} (transport {'off' if on else 'on'})",
-                                   gen_images(pipe, all_prompts, seeds, steps=steps, guidance=guidance, progress=tick, image_prompt=image)))
+            tell = lambda info: bar.update(task, info=info)  # noqa: E731
+            if janus:  # image tokens drawn one by one: no sampler steps, no image prompt
+                panels = janus_panels(pipe, all_prompts, seeds, guidance, results, tick, tell)
+            else:
+                image = picture[0] if picture is not None else None
+                panels = diffusion_panels(pipe, all_prompts, seeds, results, spm, tick, tell, steps=steps, guidance=guidance, image_prompt=image)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)  # as erase does; only now, so a refused run leaves no folder
         except OSError as exc:

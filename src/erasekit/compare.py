@@ -189,10 +189,16 @@ def compare_methods(
     if any(not p for p in preserve):
         raise ErasekitError("empty preserve concept; give a word or phrase such as 'ring', or drop it")
     check_targets(targets, preserve, toy=model == "toy", allow_unknown=allow_unknown)
-    names = list(dict.fromkeys(methods)) if methods is not None else sorted(registry())
+    from erasekit.models import refuse_autoregressive
+
+    refuse_autoregressive(model, "compare")
+    diffusion = sorted(n for n, s in registry().items() if not s.autoregressive)  # compare runs on diffusion pipelines (Janus: not yet)
+    names = list(dict.fromkeys(methods)) if methods is not None else diffusion
     if not names:
-        raise ErasekitError(f"no method to compare; choose from: {', '.join(sorted(registry()))}")
+        raise ErasekitError(f"no method to compare; choose from: {', '.join(diffusion)}")
     specs = {name: get_method(name) for name in names}
+    if ours := [n for n, s in specs.items() if s.autoregressive]:
+        raise ErasekitError(f"`erasekit compare` does not support autoregressive methods ({', '.join(ours)}) yet; compare diffusion methods: {', '.join(diffusion)}")
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     if unknown := [m for m in overrides if m not in specs]:
         raise ErasekitError(f"settings given for {', '.join(unknown)}, which is not being compared; compared: {', '.join(names)}")

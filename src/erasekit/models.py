@@ -38,6 +38,57 @@ def toy_pipeline(dtype: torch.dtype = torch.float32) -> Pipeline:
     return pipe
 
 
+TOY_JANUS = "toy-janus"  # --model value of the shipped toy Janus (the autoregressive family's embedded default)
+TOY_MODELS = ("toy", TOY_JANUS)  # the toy world's models: its vocabulary checks and `toy` budget presets apply
+
+
+def toy_janus_dir() -> Path:
+    """Folder of the shipped toy Janus (a ``JanusForConditionalGeneration`` saved with its tokenizer), when this install has it."""
+    return toy_dir() / "janus"
+
+
+def is_janus_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a saved Janus model: a ``config.json`` of ``model_type`` janus (and no diffusers ``model_index.json``)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return False
+    try:
+        return bool(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "janus")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def model_family(model: str) -> str | None:
+    """The family of a ``--model`` value read without loading it: sd for ``toy``, janus for ``toy-janus`` or a Janus folder; None otherwise."""
+    if model == "toy":
+        return "sd"
+    if model == TOY_JANUS or (bool(model) and os.path.isdir(model) and is_janus_folder(model)):
+        return "janus"
+    return None
+
+
+def refuse_autoregressive(model: str, command: str) -> None:
+    """Refuse, in one line, a Janus model given to a command that runs on diffusion pipelines only (for now)."""
+    if model_family(model) == "janus":
+        raise ErasekitError(f"`erasekit {command}` does not support Janus (autoregressive) models yet; {model} is one "
+                            "(`erasekit erase --method ear` and `erasekit generate` run on Janus)")
+
+
+def _load_janus_model(model: str, device: str, dtype: torch.dtype, family: str | None) -> Any:
+    """The Janus of ``toy-janus`` or a Janus folder (loaded with transformers' own classes)."""
+    from erasekit.autoregressive.janus import load_janus
+
+    if family is not None and family.strip().lower() != "janus":
+        raise ErasekitError(f"--family {family} contradicts --model {model}, which is a Janus (autoregressive) model; drop --family")
+    if model != TOY_JANUS:
+        return load_janus(model, device, dtype)
+    if not (toy_janus_dir() / "config.json").is_file():
+        raise ErasekitError("the toy Janus is not shipped in this install; train it with `erasekit world janus --out DIR` and pass --model DIR/janus")
+    janus = load_janus(toy_janus_dir(), device, dtype)
+    janus.name_or_path = TOY_JANUS  # as the toy pipeline is "toy": run records and deltas name it the same on every install
+    return janus
+
+
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """While erasekit loads a model: transformers and diffusers log errors only and draw no loading bars (restored after).
@@ -102,10 +153,12 @@ def is_released(module: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in module.parameters())
 
 
-def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, family: str | None = None) -> Any:
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, family: str | None = None, autoregressive: bool = False) -> Any:
     """Load a pipeline of any supported family from ``toy``, a local diffusers folder, or a cached hub id (no downloads).
 
     The family is read from the folder's ``model_index.json``; ``family`` (``--family``) must agree with it.
+    With ``autoregressive`` a Janus model (``toy-janus`` or a folder whose ``config.json`` says janus) loads too, as an
+    :class:`erasekit.autoregressive.Janus`; without it (the commands that run on diffusion pipelines only) it is refused in one line.
     """
     from erasekit.checks import check_device
     from erasekit.families import detect, get_family
@@ -113,6 +166,13 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     check_device(device)  # before minutes of loading
     if not model or not model.strip():
         raise ErasekitError("empty --model; pass 'toy', a diffusers folder, or a hub id")
+    if model_family(model) == "janus":
+        if not autoregressive:
+            raise ErasekitError(f"{model} is a Janus (autoregressive) model, which this command does not support yet; "
+                                "`erasekit erase --method ear` and `erasekit generate` run on Janus")
+        return _load_janus_model(model, device, dtype, family)
+    if family is not None and family.strip().lower() == "janus":
+        raise ErasekitError(f"--family janus contradicts --model {model}, which is not a Janus folder (no config.json of model_type janus); drop --family")
     if model == "toy":
         if family is not None and get_family(family).name != "sd":
             raise ErasekitError(f"--family {family} contradicts --model toy, which is an SD 1.x model; drop --family")
@@ -165,12 +225,17 @@ def model_id(pipe: Pipeline) -> str:
 
 
 def weights_hash(pipe: Any) -> str:
-    """SHA-256 over the denoiser's and text encoders' parameter names, shapes and bytes (first 16 hex digits).
+    """SHA-256 over the denoiser's and text encoders' parameter names, shapes and bytes (first 16 hex digits); a Janus: its whole model.
 
     SD 1.x/2.x hash (unet, text_encoder) as they always did, so older deltas keep their base check.
     """
+    from erasekit.autoregressive.janus import Janus
     from erasekit.families.base import is_adapter
 
+    if isinstance(pipe, Janus):
+        from erasekit.autoregressive.delta import janus_weights_hash
+
+        return janus_weights_hash(pipe.model)
     digest = hashlib.sha256()
     named = [(name, getattr(pipe, name, None)) for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")]
     for prefix, module in ((n, m) for n, m in named if isinstance(m, nn.Module)):

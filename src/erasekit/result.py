@@ -102,11 +102,17 @@ class ErasureResult:
 
     def check_fits(self, pipe: Any, check_base: bool = True) -> None:
         """Refuse ``pipe`` when it is of another family, (``check_base``) its weights are not this delta's base, or a key does not fit it."""
+        from erasekit.autoregressive.janus import Janus
         from erasekit.delta_keys import check_lora, weight_targets
         from erasekit.families import family_of
         from erasekit.hooks import prepare
 
         check_kind(self.kind, "this delta")
+        if isinstance(pipe, Janus):  # the autoregressive family: its own keys and base hash
+            from erasekit.autoregressive.delta import check_delta
+
+            check_delta(pipe, self, check_base)
+            return
         family = family_of(pipe)
         if family.name != self.family:
             raise ErasekitError(
@@ -130,13 +136,20 @@ class ErasureResult:
     def apply(self, pipe: Any, check_base: bool = True) -> Any:
         """Apply this delta to ``pipe`` in place (every key checked first: a refused delta changes nothing) and return it.
 
+        ``pipe`` is a diffusers pipeline, or a loaded :class:`erasekit.autoregressive.Janus` for a delta made on Janus.
+
         A ``hook`` installs a forward hook and leaves the weights as they are; a pipeline already carrying an
         erasekit hook is refused (take it off first with :meth:`remove` or ``erasekit.remove(pipe)``). A weights
         delta that carries a hook changes the weights, then installs the hook (both checked first).
         """
+        from erasekit.autoregressive.janus import Janus
         from erasekit.delta_keys import weight_targets
         from erasekit.hooks import check_installable, install
 
+        if isinstance(pipe, Janus):  # a loaded Janus (erasekit.autoregressive): a weights delta of its own parameters
+            from erasekit.autoregressive.delta import apply_delta
+
+            return apply_delta(pipe, self, check_base)
         self.check_fits(pipe, check_base)
         if self.hook:
             check_installable(pipe, self.hook_tensors, self.hook)

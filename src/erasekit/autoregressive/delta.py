@@ -2,7 +2,8 @@
 
 A Janus delta is a plain ``weights`` ErasureResult with ``family="janus"`` and keys ``janus.<parameter name>`` (the
 name ``JanusForConditionalGeneration.named_parameters`` gives). It is saved and read back by ``ErasureResult.save``
-and ``load_result`` unchanged; ``ErasureResult.apply`` knows only diffusers pipelines, so Janus uses :func:`apply_delta`.
+and ``load_result`` unchanged; ``ErasureResult.check_fits``/``apply`` (and so ``erasekit.load``) hand a loaded Janus
+to :func:`check_delta`/:func:`apply_delta`.
 """
 
 from __future__ import annotations
@@ -47,14 +48,20 @@ def delta_targets(janus: Janus, result: ErasureResult) -> dict[str, torch.nn.Par
     return targets
 
 
-def apply_delta(janus: Janus, result: ErasureResult, check_base: bool = True) -> Janus:
-    """Write a Janus weights delta into ``janus`` in place (every key checked first; the base hash unless told not to) and return it."""
+def check_delta(janus: Janus, result: ErasureResult, check_base: bool = True) -> dict[str, torch.nn.Parameter]:
+    """:func:`delta_targets`, and (``check_base``) the model's weights hash checked against the delta's base."""
     targets = delta_targets(janus, result)
     if check_base and result.base_hash:
         found = janus_weights_hash(janus.model)
         if found != result.base_hash:
             raise ErasekitError(f"this delta was made for base {result.base_model_id!r} (hash {result.base_hash}) but the model's weights hash to {found}; "
-                                "load the same base model, or pass check_base=False to apply anyway")
+                                "load the same base model, or pass check_base=False / --force to apply anyway")
+    return targets
+
+
+def apply_delta(janus: Janus, result: ErasureResult, check_base: bool = True) -> Janus:
+    """Write a Janus weights delta into ``janus`` in place (every key checked first; the base hash unless told not to) and return it."""
+    targets = check_delta(janus, result, check_base)
     with torch.no_grad():
         for key, param in targets.items():
             param.copy_(result.delta[key].to(device=param.device, dtype=param.dtype))

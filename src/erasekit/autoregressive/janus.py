@@ -239,6 +239,9 @@ def sample_image_tokens(
         if cfg:
             logits = guided_logits(logits[:b], logits[b:], guidance)
         probs = torch.softmax(logits / temperature, dim=-1).cpu()
+        if not bool(torch.isfinite(probs).all()):  # e.g. a temperature so small that logits / T overflow
+            raise ErasekitError(f"the image-token probabilities came out undefined at guidance {guidance} and temperature {temperature}; "
+                                "raise the temperature or lower the guidance")
         step = torch.stack([torch.multinomial(probs[r], 1, generator=generators[r])[0] for r in range(b)])
         tokens[:, i] = step
         fed = step.to(mask.device)

@@ -58,6 +58,9 @@ def resolve_target(target: str, model: str | None = None) -> Target:
             raise ErasekitError(f"{path} does not say which base model it was made from; pass --model")
         return Target(base, path, None, result)
     if path.is_dir() and not (path / "model_index.json").is_file():
+        from erasekit.models import refuse_autoregressive
+
+        refuse_autoregressive(str(path), "evaluate")
         raise ErasekitError(f"{path} is neither a run folder (delta.safetensors) nor a diffusers pipeline folder (model_index.json)")
     if path.is_file():
         raise ErasekitError(f"{path} is not a delta (.safetensors) file; pass a run folder, a delta file or a base model")

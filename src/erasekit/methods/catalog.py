@@ -180,3 +180,12 @@ declare_method(
      "tiny": {"stage1_iterations": 2, "iterations": 2, "lr": 1e-3, "ddim_steps": 3, "image_count": 2, "image_steps": 2}},
     families=("sd",), checkpointable=True,
 )
+# -- the autoregressive family (erasekit.autoregressive: Janus) ---------------------------------------------------
+EAR_TINY = {"iterations": 2, "lr": 1e-3, "window_size": 4, "threshold": 0.0}  # a few steps on a tiny random Janus (tests)
+# toy: a placeholder, to calibrate on the toy Janus once it is trained (lr, iterations, threshold, window size); until
+# then the paper's lr and a few dozen iterations, windows of a quarter of the toy world's image tokens (not measured)
+EAR_TOY = {"iterations": 30, "lr": 1e-4, "window_size": 16}
+declare_method(
+    "ear", "EAR: ESD on an autoregressive (Janus) model's image-token logits; windowed accumulation, thresholded masking.",
+    "erasekit.methods.ear:EARConfig", "erasekit.methods.ear:fit_ear", {"toy": EAR_TOY, "tiny": EAR_TINY}, families=("janus",),
+)

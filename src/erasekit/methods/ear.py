@@ -83,6 +83,16 @@ class EARConfig(MethodConfig):
         if self.loss_space not in LOSS_SPACES:
             raise ErasekitError(f"unknown loss_space {self.loss_space!r}; choose one of: {', '.join(LOSS_SPACES)}")
 
+    def check_model(self, janus: Any) -> None:
+        """Refuse settings the loaded model cannot run (``erase`` calls it before any work)."""
+        check_model(self, janus)
+
+
+def check_model(config: EARConfig, janus: Janus) -> None:
+    """Refuse settings the loaded model cannot run, before any work: a window wider than its image's tokens."""
+    if config.windowed:
+        check_window(config.window_size, image_token_count(janus.model))
+
 
 def position_losses(pred: torch.Tensor, target: torch.Tensor, space: str) -> torch.Tensor:
     """Per-position loss (B x n) between predicted and target image-token logits (B x n x codebook), mean over the codebook."""

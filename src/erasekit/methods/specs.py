@@ -17,7 +17,10 @@ from erasekit.errors import ErasekitError, SettingError
 Method = Callable[..., Any]  # fit(pipe, request, config, progress) -> ErasureResult; methods.base.Method is the full Protocol
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "text-encoder")
-ALL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+DIFFUSION_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # erasekit.families: one denoising engine, so a trained method runs on all
+ALL_FAMILIES = DIFFUSION_FAMILIES  # what "every family" means for a diffusion method (the name the catalog and older code use)
+AUTOREGRESSIVE_FAMILIES = ("janus",)  # erasekit.autoregressive: image tokens drawn one by one; methods of their own (ear)
+FAMILIES = DIFFUSION_FAMILIES + AUTOREGRESSIVE_FAMILIES  # every family a method may declare, in the order `erasekit methods` shows them
 
 
 def _resolve(ref: Any) -> Any:
@@ -49,6 +52,11 @@ class MethodSpec:
     distributed: bool = False
 
     @property
+    def autoregressive(self) -> bool:
+        """Whether the method runs on autoregressive models (Janus) rather than diffusion pipelines (a spec is one or the other)."""
+        return set(self.families) <= set(AUTOREGRESSIVE_FAMILIES)
+
+    @property
     def config_class(self) -> type:
         """The method's settings dataclass (its module is imported on first use)."""
         found: type = _resolve(self.config_ref)
@@ -67,8 +75,10 @@ _REGISTRY: dict[str, MethodSpec] = {}
 def _add(spec: MethodSpec) -> None:
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} registered twice")
-    if spec.kind not in KINDS or not set(spec.families) <= set(ALL_FAMILIES):
+    if spec.kind not in KINDS or not spec.families or not set(spec.families) <= set(FAMILIES):
         raise ValueError(f"method {spec.name!r}: unknown kind {spec.kind!r} or family in {spec.families}")
+    if set(spec.families) & set(AUTOREGRESSIVE_FAMILIES) and set(spec.families) & set(DIFFUSION_FAMILIES):
+        raise ValueError(f"method {spec.name!r} declares diffusion and autoregressive families {spec.families}; one fit cannot serve both engines")
     _REGISTRY[spec.name] = spec
 
 

@@ -21,6 +21,7 @@ from erasekit.grid import label_tiles
 from erasekit.world.vocab import load_vocab
 
 if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them, so `--help` stays fast
+    from erasekit.world.janus_model import JanusTrainConfig
     from erasekit.world.train import WorldTrainConfig
 
 PAD = 2  # pixels between the preview's images
@@ -212,6 +213,101 @@ def adapter(
             record = trainer.run()
     typer.echo(f"wrote {out / 'ip_adapter'}")
     typer.echo(json.dumps(record))
+
+
+def _janus_config(out: Path, flags: dict) -> JanusTrainConfig:
+    """A new toy-Janus run's config from the flags, or the config of the run ``out`` holds with the flags applied."""
+    from erasekit.checks import check_between, check_fields
+    from erasekit.world.janus_model import JanusTrainConfig
+    from erasekit.world.janus_train import _saved
+
+    saved = _saved(out)
+    config = JanusTrainConfig(**saved[0]) if saved else JanusTrainConfig()
+    for key, value in flags.items():
+        setattr(config, key, value)
+    check_fields(config)  # floats finite, ints whole
+    for key, value in asdict(config).items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            check_between(key, value, 0, {"seed": 2**32 - 1, "threads": 1024, "n_images": 10**7}.get(key, 10**6))
+    check_between("vq_lr", config.vq_lr, 0.0, 1.0, low_open=True)
+    check_between("lm_lr", config.lm_lr, 0.0, 1.0, low_open=True)
+    check_between("commitment", config.commitment, 0.0, 100.0)
+    check_between("cfg_dropout", config.cfg_dropout, 0.0, 1.0, why="a probability")
+    return config
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def janus(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="Folder for the run (resumed if it holds one); the model is written to OUT/janus."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=10**6, help="Language-model training steps (default 6000)."),
+    threads: int = typer.Option(0, min=0, max=1024, help="torch threads (0: torch's default)."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print every stage setting (each is a flag) and exit."),
+) -> None:
+    """Build the toy Janus (an autoregressive JanusForConditionalGeneration) from the toy world: VQ tokenizer, then language model (resumable)."""
+    import dataclasses
+
+    from erasekit.runs import parse_method_flags
+    from erasekit.world.janus_model import STAGES, JanusTrainConfig
+
+    with user_errors():
+        if show_settings:
+            for f in dataclasses.fields(JanusTrainConfig):
+                typer.echo(f"--{f.name.replace('_', '-'):18s} {f.default!r:8} {f.metadata.get('help', '')}")
+            return
+        flags = parse_method_flags(JanusTrainConfig, list(ctx.args))
+        if steps is not None:
+            flags["lm_steps"] = steps
+        flags["threads"] = threads
+        config = _janus_config(out, flags)
+        from erasekit.models import quiet_loading
+        from erasekit.run_display import progress_bar
+        from erasekit.world.janus_train import JanusTrainer
+
+        bar = progress_bar(Console(stderr=True), "loss")
+        tasks = {stage: bar.add_task(stage, total=None, loss="") for stage in STAGES}
+
+        def report(stage: str, step: int, total: int, info: dict) -> None:
+            bar.update(tasks[stage], completed=step, total=total, loss=f"loss {info['loss']:.4f}" if "loss" in info else "")
+
+        trainer = JanusTrainer(out, config, report)  # may refuse the folder: before the bar draws anything
+        for stage in STAGES:
+            if trainer.done(stage):
+                bar.update(tasks[stage], completed=1, total=1, loss="done earlier")
+        with bar, quiet_loading():
+            record = trainer.run()
+            for task in bar.tasks:
+                if task.total is None:
+                    bar.update(task.id, completed=1, total=1)
+    typer.echo(f"wrote {out / 'janus'}")
+    typer.echo(json.dumps(record))
+
+
+@app.command("check-janus")
+def check_janus(
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object instead of a table."),
+    janus_dir: Optional[Path] = typer.Option(None, "--janus", help="Toy Janus folder (default: the shipped one, assets/toy/janus)."),
+    judge: Optional[Path] = typer.Option(None, help="Judge folder (default: the shipped judge)."),
+    images_per_prompt: int = typer.Option(2, min=1, max=1000, help="Generated images per object x colour prompt."),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale on the image-token logits (Janus: 5)."),
+) -> None:
+    """Measure the toy Janus's quality bars: the judge's object/colour/style top-1 on its own generations, and speed."""
+    from erasekit.world.janus_check import janus_check
+
+    with user_errors():
+        result = janus_check(janus_dir, judge, images_per_prompt, guidance)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title="toy Janus check")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("bar", justify="right")
+    for key in ("object_top1", "colour_top1", "style_top1"):
+        bar = result["bars"].get(key)
+        table.add_row(f"{key.split('_')[0]} top-1 on generations", f"{result[key]:.1%}", f">= {bar:.0%}" if bar else "")
+    table.add_row("seconds per 64 images", f"{result['seconds_per_64_images']:.2f}", "")
+    Console().print(table)
 
 
 def _print_table(result: dict, console: Console) -> None:

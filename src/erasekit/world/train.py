@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 from erasekit.world import toy
-from erasekit.world.captions import caption, sample_example
+from erasekit.world.captions import caption
 from erasekit.world.config import FORMAT, STAGE_OF, STAGES, WorldTrainConfig, load_saved_config
+from erasekit.world.dataset import render_dataset, scenes_of
 from erasekit.world.judge import Judge, to_judge_input
-from erasekit.world.render import Scene, render
 from erasekit.world.vocab import load_vocab
 
 Progress = Callable[[str, int, int, dict], None]
@@ -48,32 +48,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
-
-
-def render_dataset(n: int, seed: int, offset: int = 0) -> dict[str, np.ndarray]:
-    """Render ``n`` training examples: images, labels, and how each caption evokes the skull."""
-    vocab = load_vocab()
-    cols = {k: np.zeros(n, dtype=np.int64) for k in ("object", "colour", "style", "implicit", "kind")}
-    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
-    for i in range(n):
-        rng = np.random.default_rng([seed, offset + i])
-        scene, kind = sample_example(rng, seed=seed * 10_000_000 + offset + i, vocab=vocab)
-        images[i] = render(scene, vocab)
-        cols["object"][i] = vocab.objects.index(scene.object)
-        cols["colour"][i] = vocab.colours.index(scene.colour)
-        cols["style"][i] = vocab.styles.index(scene.style)
-        cols["implicit"][i] = int(scene.implicit)
-        cols["kind"][i] = kind
-    return {"images": images, **cols}
-
-
-def scenes_of(data: dict[str, np.ndarray]) -> list[Scene]:
-    """The scenes (labels only) of a rendered set, as captions are drawn for them."""
-    vocab = load_vocab()
-    return [
-        Scene(vocab.objects[o], vocab.colours[col], vocab.styles[s], bool(imp), 0)
-        for o, col, s, imp in zip(data["object"], data["colour"], data["style"], data["implicit"])
-    ]
 
 
 @torch.inference_mode()
