@@ -133,6 +133,25 @@ def test_cli_trains_checks_and_refuses_other_settings_in_one_line(tmp_path: Path
     assert 0.0 <= json.loads(res.output)["object_top1"] <= 1.0
 
 
+def test_world_train_and_check_with_family_janus_are_world_janus_and_check_janus(tmp_path: Path) -> None:
+    from erasekit.cli import app
+
+    runner = CliRunner()
+    for command, out in ((["world", "janus"], tmp_path / "a"), (["world", "train", "--family", "janus"], tmp_path / "b")):
+        res = runner.invoke(app, [*command, "--out", str(out), *TINY_FLAGS, "--threads", "1"])
+        assert res.exit_code == 0, res.output
+    weights = [(out / "janus" / "model.safetensors").read_bytes() for out in (tmp_path / "a", tmp_path / "b")]
+    assert weights[0] == weights[1]
+    rates = []
+    for command in (["world", "check-janus", "--janus"], ["world", "check", "--family", "janus", "--pipeline"]):
+        res = runner.invoke(app, [*command, str(tmp_path / "a" / "janus"), "--json"])
+        assert res.exit_code == 0, res.output
+        rates.append({k: v for k, v in json.loads(res.output).items() if k != "seconds_per_64_images"})
+    assert rates[0] == rates[1]
+    res = runner.invoke(app, ["world", "train", "--family", "flux", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and "sd, janus" in res.output and not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("flags", [["--grid", "5"], ["--vq-channels", "48"], ["--cfg-dropout", "1.5"], ["--lm-lr", "nan"]])
 def test_cli_refuses_sizes_the_model_cannot_take_in_one_line_and_writes_nothing(tmp_path: Path, flags: list[str]) -> None:
     from erasekit.cli import app

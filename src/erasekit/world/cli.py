@@ -25,6 +25,15 @@ if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them, so
     from erasekit.world.train import WorldTrainConfig
 
 PAD = 2  # pixels between the preview's images
+WORLD_FAMILIES = ("sd", "janus")  # the toy world's models: the Stable Diffusion one, and the autoregressive toy Janus
+
+
+def _world_family(family: str) -> str:
+    """``--family`` of `world train`/`world check`, or a one-line error naming the choices."""
+    name = family.strip().lower()
+    if name not in WORLD_FAMILIES:
+        raise ErasekitError(f"unknown --family {family!r}; the toy world has: {', '.join(WORLD_FAMILIES)}")
+    return name
 
 app = typer.Typer(
     help="The toy world: a procedural image world and a small real Stable Diffusion model trained on it.",
@@ -151,6 +160,7 @@ def train(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="UNet training steps (default 3500; more resumes a run to train longer)."),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print every stage setting (each is a flag) and exit."),
+    family: str = typer.Option("sd", "--family", help="sd: the toy Stable Diffusion model; janus: the toy Janus (as `world janus`)."),
 ) -> None:
     """Rebuild the toy world: data, VAE, toy CLIP, judge, UNet on the frozen CLIP text tower (resumable after a kill)."""
     import dataclasses
@@ -159,6 +169,9 @@ def train(
     from erasekit.world.train import STAGES, WorldTrainConfig, WorldTrainer
 
     with user_errors():
+        if _world_family(family) == "janus":
+            janus(ctx, out, steps, threads, show_settings)
+            return
         if show_settings:
             for f in dataclasses.fields(WorldTrainConfig):
                 typer.echo(f"--{f.name.replace('_', '-'):18s} {f.default!r:8} {f.metadata.get('help', '')}")
@@ -338,17 +351,21 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object instead of a table."),
     images_per_class: int = typer.Option(20, min=1, help="Generated images per object class."),
     steps: int = typer.Option(25, min=1, help="DDIM steps per image."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default 7.5; the toy Janus: 5, on its logits)."),
     pipeline: Optional[Path] = typer.Option(None, help="Pipeline folder (default: the shipped toy model)."),
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: the shipped judge)."),
     pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Also run the look-alike-pair bar (4 ESD-x erasures, minutes)."),
     pair_images: int = typer.Option(16, min=1, help="Images per object class for the look-alike-pair bar."),
+    family: str = typer.Option("sd", "--family", help="sd: the toy Stable Diffusion model; janus: the toy Janus (as `world check-janus`; --pipeline names its folder)."),
 ) -> None:
     """Measure the quality bars of the toy model: judge accuracy, top-1 on generations, implicit rates, speed."""
     from erasekit.run_display import progress_bar
     from erasekit.world.check import check_world
 
     with user_errors():
+        if _world_family(family) == "janus":
+            check_janus(as_json, pipeline, judge, 2, 5.0 if guidance is None else guidance)
+            return
         # on stderr (stdout keeps the table or the one JSON object): a bar on a terminal, one plain line per stage in a log
         bar = progress_bar(Console(stderr=True), "info", transient=True)
         stages: dict[str, TaskID] = {}
@@ -360,7 +377,7 @@ def check(
                 stages[stage] = bar.add_task(stage, total=1, info=f"stage {step + 1} of {total}")
 
         with bar:
-            result = check_world(pipeline, judge, images_per_class, steps, guidance, report, pairs=pairs, pair_images=pair_images)
+            result = check_world(pipeline, judge, images_per_class, steps, 7.5 if guidance is None else guidance, report, pairs=pairs, pair_images=pair_images)
     if as_json:
         typer.echo(json.dumps(result))
     else:
