@@ -17,6 +17,7 @@ uninterrupted one would, since every random draw comes from (seed, stage, step))
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erasekit.atomic import atomic_write_bytes, atomic_write_text
 from erasekit.errors import ErasekitError
 from erasekit.world.janus_model import (
     FORMAT,
@@ -59,15 +61,9 @@ def image_size() -> int:
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -111,7 +107,7 @@ class JanusTrainer:
             self.run_id = os.urandom(6).hex()
         try:
             self.work.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.work / "config.json", json.dumps({"format": FORMAT, "family": "janus", "run_id": self.run_id, **mine}, indent=1))
+            atomic_write_text(self.work / "config.json", json.dumps({"format": FORMAT, "family": "janus", "run_id": self.run_id, **mine}, indent=1))
         except OSError as exc:
             raise ErasekitError(f"cannot write the toy-Janus run in {self.out} ({exc.strerror or exc}); pick a writable --out") from None
         if config.threads:
@@ -127,7 +123,7 @@ class JanusTrainer:
         return any(self.done(s) or (self.work / f"{s}.ckpt").exists() for s in later)
 
     def _mark(self, stage: str, info: dict | None = None) -> None:
-        _atomic_write_text(self.work / f"{stage}.done", json.dumps(info or {}))
+        atomic_write_text(self.work / f"{stage}.done", json.dumps(info or {}))
 
     def run(self) -> dict[str, Any]:
         """Run every unfinished stage; returns the run's record (also written to ``OUT/janus/janus_train.json``)."""
