@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import typer
 
+from erasekit.compare_rows import VARIANT_HELP, parse_settings  # noqa: F401  (parse_settings re-exported)
 from erasekit.compare_seeds import aggregate, rate_counts
 from erasekit.compare_table import markdown  # noqa: F401  (re-exported: the table is part of compare's API)
 from erasekit.compare_worker import _run_in_process, _run_isolated, erase_argv, erase_one  # noqa: F401  (erase_argv/erase_one re-exported)
@@ -56,23 +57,6 @@ def default_suites(concepts: Sequence[str]) -> list[str]:
     return chosen
 
 
-def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """`METHOD.KEY=VALUE` strings -> {method: {key: value}}, converted to each config field's type."""
-    from erasekit.methods import get_method
-    from erasekit.runs import parse_method_flags
-
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        head, eq, value = item.partition("=")
-        method, dot, key = head.partition(".")
-        if not (eq and dot and method and key):
-            raise ErasekitError(f"--set expects METHOD.KEY=VALUE (e.g. eap.iterations=20), got {item!r}")
-        if method not in methods:
-            raise ErasekitError(f"--set {item!r} names {method!r}, which is not being compared; compared: {', '.join(methods)}")
-        out.setdefault(method, {}).update(parse_method_flags(get_method(method).config_class, [f"--{key}={value}"]))
-    return out
-
-
 def _headline(record: dict[str, Any], model: str) -> dict[str, Any]:
     values = dict(record["metrics"].get(model, {}).get("headline", {}))
     return {k: v for k, v in values.items() if not any(s in k for s in SKIPPED_KEYS)}
@@ -88,7 +72,7 @@ def _save(out: Path, summary: dict[str, Any]) -> None:
 MAX_SEEDS = 100  # training seeds per method: each is a whole training of every method
 
 
-RESUME_KEYS = ("model", "concepts", "preserve", "methods", "settings", "budget", "suites", "seeds", "intervals", "images_per_class", "steps", "judge", "attack")
+RESUME_KEYS = ("model", "concepts", "preserve", "methods", "variants", "settings", "budget", "suites", "seeds", "intervals", "images_per_class", "steps", "judge", "attack")
 
 
 def check_resumable(out: Path, summary: dict[str, Any]) -> None:
@@ -148,8 +132,14 @@ def compare_methods(
     intervals: bool | None = None,
     allow_unknown: bool = False,
     resume: bool = False,
+    variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Erase ``concepts`` with every method (default: all registered) under the same seeds; evaluate each; write OUT.
+    """Erase ``concepts`` with every method (default: all of the model's kind) under the same seeds; evaluate each; write OUT.
+
+    ``variants`` maps a row name to (method, settings): one more row of that method with settings of its own
+    (:mod:`erasekit.compare_rows`), e.g. ``{"esd-style": ("ear", {"windowed": False, "masking": False})}``; with
+    variants and no ``methods`` only the variants run. The model may be a Janus (``toy-janus`` or a folder): its
+    rows are autoregressive methods, and it is evaluated without sampler steps (``steps`` is refused).
 
     With ``seeds`` N > 1 every method is trained with seeds seed..seed+N-1 (paired across methods: the same
     seeds and the same evaluation images for all), in run folders METHOD-seedS; its row holds the per-seed
@@ -170,7 +160,7 @@ def compare_methods(
     from erasekit.eval.runner import evaluate
     from erasekit.eval.scorers import find_judge
     from erasekit.eval.suites import get_suite, resolve_settings
-    from erasekit.methods import get_method, make_config, registry
+    from erasekit.methods import get_method, make_config
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
         from erasekit.errors import SettingError
@@ -188,22 +178,26 @@ def compare_methods(
     preserve = [p.strip() for p in ([preserve] if isinstance(preserve, str) else preserve)]
     if any(not p for p in preserve):
         raise ErasekitError("empty preserve concept; give a word or phrase such as 'ring', or drop it")
-    check_targets(targets, preserve, toy=model == "toy", allow_unknown=allow_unknown)
-    from erasekit.models import refuse_autoregressive
+    from erasekit.compare_rows import comparison_rows, override_targets, row_settings
+    from erasekit.models import TOY_MODELS, model_family
 
-    refuse_autoregressive(model, "compare")
-    diffusion = sorted(n for n, s in registry().items() if not s.autoregressive)  # compare runs on diffusion pipelines (Janus: not yet)
-    names = list(dict.fromkeys(methods)) if methods is not None else diffusion
-    if not names:
-        raise ErasekitError(f"no method to compare; choose from: {', '.join(diffusion)}")
-    specs = {name: get_method(name) for name in names}
-    if ours := [n for n, s in specs.items() if s.autoregressive]:
-        raise ErasekitError(f"`erasekit compare` does not support autoregressive methods ({', '.join(ours)}) yet; compare diffusion methods: {', '.join(diffusion)}")
+    check_targets(targets, preserve, toy=model in TOY_MODELS, allow_unknown=allow_unknown)
+    rows = comparison_rows(model, methods, variants)
+    names = [row.name for row in rows]
+    specs = {row.name: get_method(row.method) for row in rows}
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
-    if unknown := [m for m in overrides if m not in specs]:
+    if unknown := [m for m in overrides if m not in override_targets(rows)]:
         raise ErasekitError(f"settings given for {', '.join(unknown)}, which is not being compared; compared: {', '.join(names)}")
-    if seeds > 1 and (fixed := [m for m, o in overrides.items() if "seed" in o]):
-        raise ErasekitError(f"--set {fixed[0]}.seed fixes the training seed, but --seeds {seeds} asks for {seeds} of them; drop one of the two")
+    janus = model_family(model) == "janus"
+    if janus and attack is not None:
+        raise ErasekitError(f"--attack does not support Janus (autoregressive) models yet; {model} is one: drop --attack")
+    if janus:
+        from erasekit.eval.runner import check_janus_settings
+
+        check_janus_settings(model, steps, None)  # no sampler steps
+    fixed = [f"--set {m}.seed" for m, o in overrides.items() if "seed" in o] + [f"--variant {r.name}:seed" for r in rows if "seed" in r.settings]
+    if seeds > 1 and fixed:
+        raise ErasekitError(f"{fixed[0]} fixes the training seed, but --seeds {seeds} asks for {seeds} of them; drop one of the two")
     out = Path(out)
     if out.exists() and not resume:
         raise ErasekitError(f"{out} already exists; choose a new --out folder, remove it, or pass --resume to continue it")
@@ -213,12 +207,12 @@ def compare_methods(
         raise ErasekitError(f"folder {out.parent} does not exist; create it first")
     if os.path.isdir(model):
         model = str(Path(model).resolve())  # runs are evaluated (and re-run) from any working folder
-    budget = budget or ("toy" if model == "toy" else None)
+    budget = budget or ("toy" if model in TOY_MODELS else None)
     settings: dict[str, dict[str, Any]] = {}
-    for name, spec in specs.items():
-        fields = {f.name for f in dataclasses.fields(spec.config_class)}
-        settings[name] = {**({"seed": seed} if "seed" in fields else {}), **overrides.get(name, {})}
-        make_config(spec, budget, **settings[name])  # refuse bad settings before anything runs
+    for row in rows:
+        fields = {f.name for f in dataclasses.fields(specs[row.name].config_class)}
+        settings[row.name] = row_settings(row, {"seed": seed} if "seed" in fields else {}, overrides)
+        make_config(specs[row.name], budget, **settings[row.name])  # refuse bad settings before anything runs
     suite_names = list(dict.fromkeys(suites)) if suites else default_suites(targets)
     for suite in suite_names:
         resolved = resolve_settings(get_suite(suite), images_per_class=images_per_class, steps=steps, seed=seed, judge=judge)
@@ -244,7 +238,9 @@ def compare_methods(
         return tick
 
     summary: dict[str, Any] = {
-        "model": model, "concepts": targets, "preserve": list(preserve), "methods": names, "settings": settings, "budget": budget, "suites": suite_names,
+        "model": model, "concepts": targets, "preserve": list(preserve), "methods": names,
+        **({"variants": variant_table} if (variant_table := {r.name: {"method": r.method, "settings": r.settings} for r in rows if r.is_variant}) else {}),
+        "settings": settings, "budget": budget, "suites": suite_names,
         "seed": seed, "seeds": list(range(seed, seed + seeds)), "intervals": intervals, "images_per_class": images_per_class, "steps": steps, "judge": judge, "device": device, "isolate": isolate,
         "threads": torch.get_num_threads(), "command": command, "attack": dataclasses.asdict(plans[0].config) if plans else None,
         "notes": {"wall_s": "the erase() call alone (no imports, model load or saving)", "peak_rss_mib": "see each row's 'memory'",
@@ -272,14 +268,16 @@ def compare_methods(
             shutil.rmtree(out, ignore_errors=True)  # nothing ran yet: leave no half-made OUT behind
         raise
     _save(out, summary)
-    for name in names:
+    for row in rows:
+        name, own = row.name, {**overrides.get(row.method, {}), **row.settings, **overrides.get(row.name, {})}
         records = []
         for train_seed in range(seed, seed + seeds):
             run = name if seeds == 1 else f"{name}-seed{train_seed}"
-            settings_s = {**settings[name], **({"seed": train_seed} if "seed" in settings[name] and "seed" not in overrides.get(name, {}) else {})}
-            run_spec = {"model": model, "concepts": targets, "method": name, "out": str(out / run), "preserve": list(preserve), "budget": budget,
+            settings_s = {**settings[name], **({"seed": train_seed} if "seed" in settings[name] and "seed" not in own else {})}
+            run_spec = {"model": model, "concepts": targets, "method": row.method, "out": str(out / run), "preserve": list(preserve), "budget": budget,
                     "settings": settings_s, "seed": train_seed, "device": device, "threads": torch.get_num_threads(), "allow_unknown": allow_unknown}
-            record = {"method": name, "run": run, "seed": train_seed, "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
+            record = {"method": name, **({"variant_of": row.method} if row.is_variant else {}), "run": run, "seed": train_seed,
+                      "settings": settings_s, "metrics": {}, "generated": {}, "counts": {}}
             label = name if seeds == 1 else f"{name} seed {train_seed}"
             if resume and (done := finished_record(out / run)) is not None:
                 tell(f"{label} (kept from the stopped comparison)", 1, 1, "")
@@ -321,15 +319,18 @@ def compare_methods(
 
 def compare(
     concept: list[str] = typer.Option(..., "--concept", "-c", help="Concept to erase (repeat for several)."),
-    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers folder, or a hub id."),
-    methods: list[str] = typer.Option([], "--methods", help="Methods to compare, comma-separated or repeated (default: every registered one)."),
+    model: str = typer.Option("toy", "--model", "-m", help="'toy', 'toy-janus', a diffusers folder, a Janus folder, or a hub id."),
+    methods: list[str] = typer.Option([], "--methods", help="Methods to compare, comma-separated or repeated (default: every one for the model's "
+                                      "kind, diffusion or Janus; with --variant and no --methods: the variants alone)."),
+    variant: list[str] = typer.Option([], "--variant", help=VARIANT_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to create: one run per method, compare.md/.json, report.html."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Preset for every method: paper, fast, toy (default on --model toy)."),
-    setting: list[str] = typer.Option([], "--set", help="A method's setting, METHOD.KEY=VALUE (repeatable), e.g. eap.iterations=50."),
+    setting: list[str] = typer.Option([], "--set", help="A method's setting, METHOD.KEY=VALUE (repeatable), e.g. eap.iterations=50; "
+                                      "on a method it applies to its variants too, VARIANT.KEY=VALUE to one variant."),
     suite: list[str] = typer.Option([], "--suite", "-s", help="Evaluation suite (repeatable; default: the toy suites that fit the concept)."),
     preserve: list[str] = typer.Option([], "--preserve", help="Concept every method keeps (repeatable)."),
     images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="Evaluation images per class (default: the suite's)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Evaluation DDIM steps (default: the suite's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Evaluation DDIM steps (default: the suite's; a Janus model has none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the evaluation images, and the first training seed of every method."),
     seeds: int = typer.Option(1, "--seeds", help="Training seeds per method (seed, seed+1, ...; paired across methods); 2 or more give 95 % intervals."),
     intervals: Optional[bool] = typer.Option(None, "--intervals/--no-intervals", help="Print 95 % intervals over the training seeds (default: with --seeds 2 or more)."),
@@ -350,13 +351,15 @@ def compare(
         names = [n.strip() for item in methods for n in item.split(",") if n.strip()] if methods else None
         if methods and not names:
             raise ErasekitError("--methods is empty; name at least one method, separated by commas")
+        from erasekit.compare_rows import parse_variants, settings_targets
         from erasekit.concepts import check_targets
-        from erasekit.methods import registry
+        from erasekit.models import TOY_MODELS
 
         # as `erasekit erase` does, naming the flags (compare_methods checks again, naming its keywords; and refuses empty ones)
-        check_targets([c.strip() for c in concept if c.strip()], [p.strip() for p in preserve if p.strip()], toy=model == "toy",
+        check_targets([c.strip() for c in concept if c.strip()], [p.strip() for p in preserve if p.strip()], toy=model in TOY_MODELS,
                       allow_unknown=allow_unknown, cli=True)
-        overrides = parse_settings(setting, names or sorted(registry()))
+        variants = parse_variants(variant)
+        overrides = parse_settings(setting, settings_targets(model, names, variants))
         if attack_set and not attack:
             raise ErasekitError("--attack-set needs --attack")
         from erasekit.attack.plan import parse_attack_settings
@@ -373,7 +376,7 @@ def compare(
 
             summary = compare_methods(model, concept, out, names, budget, overrides, suite or None, preserve, images_per_class, steps, seed, judge,
                               device, isolate, tick, " ".join(shlex.quote(a) for a in ["erasekit", *sys.argv[1:]]), attack_settings,
-                              seeds, intervals, allow_unknown, resume)
+                              seeds, intervals, allow_unknown, resume, variants)
         typer.echo(markdown(summary))
         written = ", ".join(str(out / f) for f in ("compare.md", "compare.json", *(["report.html"] if summary["report"] else [])))
         console.print(f"wrote {written}")

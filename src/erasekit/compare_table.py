@@ -103,4 +103,7 @@ def markdown(summary: dict[str, Any]) -> str:
         a = summary["attack"]
         title += f"; attack: {a['n_prompts']} prompts, {a['tokens']} tokens, {a['iterations']} steps"
     align = ["---", *["---:"] * (len(keys) + len(attacked) + 2), *(["---"] if failed else [])]
-    return "\n".join([f"### {title}", "", line(columns), line(align), *rows]) + "\n"
+    variants = [f"{name} = {v['method']} with {', '.join(f'{k}={val}' for k, val in v['settings'].items()) or 'its settings'}"
+                for name, v in (summary.get("variants") or {}).items()]
+    notes = ["", "Variants: " + "; ".join(variants) + "."] if variants else []
+    return "\n".join([f"### {title}", "", line(columns), line(align), *rows, *notes]) + "\n"

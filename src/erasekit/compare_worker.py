@@ -45,7 +45,7 @@ def erase_one(spec: Mapping[str, Any], progress: Callable[[int, int, str], None]
     from erasekit.models import load_pipeline
     from erasekit.runs import write_run
 
-    pipe = load_pipeline(spec["model"], device=spec["device"])
+    pipe = load_pipeline(spec["model"], device=spec["device"], autoregressive=True)  # a Janus too: its rows are autoregressive methods
     loaded = own_peak_rss_mib() or _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     config = make_config(get_method(spec["method"]), spec["budget"], **spec["settings"])
     torch.manual_seed(spec["seed"])

@@ -67,13 +67,6 @@ def model_family(model: str) -> str | None:
     return None
 
 
-def refuse_autoregressive(model: str, command: str) -> None:
-    """Refuse, in one line, a Janus model given to a command that runs on diffusion pipelines only (for now)."""
-    if model_family(model) == "janus":
-        raise ErasekitError(f"`erasekit {command}` does not support Janus (autoregressive) models yet; {model} is one "
-                            "(`erasekit erase --method ear` and `erasekit generate` run on Janus)")
-
-
 def _load_janus_model(model: str, device: str, dtype: torch.dtype, family: str | None) -> Any:
     """The Janus of ``toy-janus`` or a Janus folder (loaded with transformers' own classes)."""
     from erasekit.autoregressive.janus import load_janus
@@ -169,7 +162,7 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     if model_family(model) == "janus":
         if not autoregressive:
             raise ErasekitError(f"{model} is a Janus (autoregressive) model, which this command does not support yet; "
-                                "`erasekit erase --method ear` and `erasekit generate` run on Janus")
+                                "`erasekit erase --method ear`, `generate`, `evaluate` and `compare` run on Janus")
         return _load_janus_model(model, device, dtype, family)
     if family is not None and family.strip().lower() == "janus":
         raise ErasekitError(f"--family janus contradicts --model {model}, which is not a Janus folder (no config.json of model_type janus); drop --family")

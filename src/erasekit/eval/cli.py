@@ -113,7 +113,7 @@ def per_class_table(result: dict[str, Any]) -> Table | None:
 
 def evaluate(
     ctx: typer.Context,
-    target: str = typer.Argument(..., help="A base model ('toy', a diffusers folder), a delta file, or a run folder from `erasekit erase`."),
+    target: str = typer.Argument(..., help="A base model ('toy', 'toy-janus', a diffusers or Janus folder), a delta file, or a run folder from `erasekit erase`."),
     suite: str = typer.Option("toy-objects", "--suite", "-s", help="toy-objects, toy-synonyms, toy-styles, toy-implicit, toy-safety, imagenette, i2p, artists or t2isafety."),
     out_json: Optional[Path] = typer.Option(None, "--json", help="Also write the result here (a run folder always gets eval-<suite>.json)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model of a delta (default: the one run.json or the delta names)."),
@@ -134,7 +134,15 @@ def evaluate(
 
         given = parse_method_flags(Settings, list(ctx.args))
         if show_settings:
-            _print_settings(Settings, {**get_suite(suite).defaults, **given})
+            values = {**get_suite(suite).defaults, **given}
+            from erasekit.eval.runner import autoregressive_target, resolve_target
+
+            if autoregressive_target(resolve_target(target, model).base, None):  # a Janus: no sampler steps, Janus-Pro's guidance
+                from erasekit.eval.generate import JANUS_STEPS
+                from erasekit.panels import JANUS_GUIDANCE
+
+                values.update(steps=JANUS_STEPS, guidance=given.get("guidance", JANUS_GUIDANCE))
+            _print_settings(Settings, values)
             return
         with _image_bar() as tick:
             result = run_evaluate(target, suite, model=model, out_json=out_json, cache_dir=cache_dir, erased=erased or None, device=device,

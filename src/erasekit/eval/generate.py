@@ -25,7 +25,9 @@ from erasekit.hooks import generation_hash
 from erasekit.sampling import generate
 
 CACHE_ENV = "ERASEKIT_CACHE"
-__all__ = ["GenerationCache", "Generated", "SamplerSettings", "default_cache_dir", "distributed", "generate_cached", "image_key", "sampler_settings"]
+__all__ = ["GenerationCache", "Generated", "SamplerSettings", "default_cache_dir", "distributed", "generate_cached", "generate_images", "image_key",
+           "is_autoregressive", "sampler_settings"]
+JANUS_STEPS = 0  # a Janus model has no sampler steps: its images are keyed (and recorded) with steps 0
 
 
 def default_cache_dir() -> Path:
@@ -87,12 +89,43 @@ class GenerationCache:
         return path
 
 
+def is_autoregressive(model: Any) -> bool:
+    """Whether ``model`` is a loaded Janus (autoregressive) model rather than a diffusers pipeline."""
+    from erasekit.autoregressive.janus import Janus
+
+    return isinstance(model, Janus)
+
+
 def sampler_settings(pipe: Any, steps: int, guidance: float) -> SamplerSettings:
-    """The settings of images this diffusers pipeline generates (size from its UNet and VAE)."""
+    """The settings of images this model generates: a diffusers pipeline's (size from its UNet and VAE), or a Janus's (no steps)."""
+    if is_autoregressive(pipe):
+        from erasekit.autoregressive.janus import image_size
+
+        side = image_size(pipe.model)
+        return SamplerSettings(steps=JANUS_STEPS, guidance=float(guidance), height=side, width=side)
     from erasekit.families import family_of
 
     side = family_of(pipe).image_size(pipe)
     return SamplerSettings(steps=int(steps), guidance=float(guidance), height=side, width=side)
+
+
+def generate_images(model: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch_size: int) -> np.ndarray:
+    """uint8 images (N x H x W x 3) of ``prompts``, one seed each, from a diffusers pipeline or a loaded Janus (the one dispatch on kind).
+
+    A diffusers pipeline denoises for ``steps`` DDIM steps; a Janus draws its image tokens with CFG on their logits
+    (``steps`` unused), ``batch_size`` prompts at a time, and decodes each image on its own: the VQ decoder's convolutions
+    round differently by batch size, and a metric must not depend on it. Either way a seed gives the same image in any batch.
+    """
+    if is_autoregressive(model):
+        from erasekit.autoregressive.janus import decode_tokens, encode_prompts, sample_image_tokens
+
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            tokens = sample_image_tokens(model, encode_prompts(model, chunk), seeds[start : start + batch_size], guidance)
+            images += [decode_tokens(model.model, tokens[i : i + 1]) for i in range(len(chunk))]
+        return np.concatenate(images)
+    return generate(model, prompts, seeds, steps=steps, guidance=guidance, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
@@ -117,7 +150,7 @@ def generate_cached(
 ) -> Generated:
     """Images for (prompt, seed) pairs, generating only those the cache lacks; ``guidance`` may be one per prompt.
 
-    ``pipe`` is a diffusers pipeline (typed ``Any``: its components are set at run time).
+    ``pipe`` is a diffusers pipeline (typed ``Any``: its components are set at run time) or a loaded Janus.
 
     Under `accelerate launch` the missing images' batches are dealt out to the processes (data-parallel), which share
     the cache folder (each key is written by one process); every process returns all images, identical to one process's
@@ -149,7 +182,7 @@ def generate_cached(
     chunks = [(scale, order[start : start + batch_size]) for scale, jobs in todo.items()
               for order in [list(jobs.items())] for start in range(0, len(order), batch_size)]
     for scale, chunk in chunks[rank::world]:
-        out = generate(pipe, [prompts[i] for _, i in chunk], [int(seeds[i]) for _, i in chunk], steps=steps, guidance=scale, batch_size=batch_size)
+        out = generate_images(pipe, [prompts[i] for _, i in chunk], [int(seeds[i]) for _, i in chunk], steps, scale, batch_size)
         for (key, _), img in zip(chunk, out):
             cache.put(key, img)
             found[key] = img

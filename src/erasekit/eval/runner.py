@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,12 @@ def resolve_target(target: str, model: str | None = None) -> Target:
             raise ErasekitError(f"{path} does not say which base model it was made from; pass --model")
         return Target(base, path, None, result)
     if path.is_dir() and not (path / "model_index.json").is_file():
-        from erasekit.models import refuse_autoregressive
+        from erasekit.models import is_janus_folder
 
-        refuse_autoregressive(str(path), "evaluate")
+        if is_janus_folder(path):
+            if model is not None and model != target:
+                raise ErasekitError(f"TARGET {target!r} is a base model; --model is only for deltas")
+            return Target(target)  # a Janus base model folder
         raise ErasekitError(f"{path} is neither a run folder (delta.safetensors) nor a diffusers pipeline folder (model_index.json)")
     if path.is_file():
         raise ErasekitError(f"{path} is not a delta (.safetensors) file; pass a run folder, a delta file or a base model")
@@ -70,7 +73,9 @@ def resolve_target(target: str, model: str | None = None) -> Target:
 
 
 def _pipe(source: PipeSource) -> Any:
-    return source if isinstance(source, DiffusionPipeline) else source()
+    from erasekit.autoregressive.janus import Janus
+
+    return source if isinstance(source, (DiffusionPipeline, Janus)) else source()
 
 
 def run_suite(
@@ -184,13 +189,20 @@ def evaluate(
     """
     spec = get_suite(suite)
     device = resolve_device(device)
-    settings = resolve_settings(spec, images_per_class=images_per_class, steps=steps, guidance=guidance, batch_size=batch_size,
-                                seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts,
-                                evaluator=evaluator, categories=categories)
     from erasekit.eval.targets import check_keywords, describe, kept_as_it_was, resolve_any
 
     erased = check_keywords(out_json, cache_dir, erased)
     tgt, given_pipe = resolve_any(target, model)
+    janus = autoregressive_target(tgt.base, given_pipe)
+    if janus:
+        guidance = check_janus_settings(tgt.base, steps, guidance)
+    settings = resolve_settings(spec, images_per_class=images_per_class, steps=steps, guidance=guidance, batch_size=batch_size,
+                                seed=seed, judge=judge, classifier=classifier, clip=clip, prompts=prompts,
+                                evaluator=evaluator, categories=categories)
+    if janus:
+        from erasekit.eval.generate import JANUS_STEPS
+
+        settings = replace(settings, steps=JANUS_STEPS)  # recorded as it is: a Janus has no sampler steps
     if out_json is not None and Path(out_json).suffix != ".json":
         raise SettingError("out_json", f"{{name}} must name a .json file, got {out_json}", flag="--json")
     if out_json is not None and not Path(out_json).parent.is_dir():
@@ -200,7 +212,7 @@ def evaluate(
     scorer = load_scorer(spec, settings, tgt.base, device)
     from erasekit.models import load_pipeline
 
-    pipe = given_pipe if given_pipe is not None else load_pipeline(tgt.base, device=device)
+    pipe = given_pipe if given_pipe is not None else load_pipeline(tgt.base, device=device, autoregressive=True)
     models: dict[str, PipeSource] = {"base": pipe}
     result = tgt.result
     if result is not None:
@@ -215,7 +227,7 @@ def evaluate(
         "suite": spec.name, "summary": spec.summary, "target": describe(target), "model": tgt.base,
         "delta": str(tgt.delta) if tgt.delta else None, "method": result.method if result else None,
         "concepts": concepts, "erased": plan.erased if spec.name not in ("toy-implicit", "i2p", "t2isafety") else [],
-        "settings": asdict(settings), "command": command, "scorer": scorer.info, "versions": versions(),
+        "settings": asdict(settings), "sampler": JANUS_SAMPLER if janus else "ddim", "command": command, "scorer": scorer.info, "versions": versions(),
         "seeds": {"seed": settings.seed, "rule": plan.extra.get("seed_rule")
                   or (f"image j of group g uses seed + {SEED_STRIDE} g + j" if spec.name != "i2p" else "evaluation_seed + j")},
         "cache": str(cache.folder), **{k: v for k, v in record.items() if k != "paths"},
@@ -232,6 +244,27 @@ def evaluate(
         for dest in destinations:
             save_evaluation(out, grid, dest)
     return out
+
+
+JANUS_SAMPLER = "janus: image tokens drawn one by one, CFG on their logits, temperature 1 (no steps)"
+
+
+def autoregressive_target(base: str, given: Any) -> bool:
+    """Whether an evaluation runs on a Janus (autoregressive) model: the loaded model given, else the base model's name."""
+    from erasekit.eval.generate import is_autoregressive
+    from erasekit.models import model_family
+
+    return is_autoregressive(given) if given is not None else model_family(base) == "janus"
+
+
+def check_janus_settings(model: str, steps: int | None, guidance: float | None) -> float:
+    """Refuse, in one line, a setting a Janus has no use for (sampler steps); the guidance it takes (default: Janus-Pro's 5)."""
+    if steps is not None:
+        raise SettingError("steps", f"{{name}} sets a diffusion sampler's steps; {model} is a Janus (autoregressive) model, which draws one "
+                           "token per image position: drop {name}")
+    from erasekit.panels import JANUS_GUIDANCE
+
+    return JANUS_GUIDANCE if guidance is None else guidance
 
 
 def save_evaluation(record: dict[str, Any], grid: Any, dest: Path) -> None:

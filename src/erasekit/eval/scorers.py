@@ -66,7 +66,7 @@ def judge_scorer(judge: Any, batch_size: int = 256, info: dict[str, Any] | None 
 
 def find_judge(judge_dir: str | None, model: str) -> Path:
     """The judge folder: the one given, else ``judge/`` beside a world-train pipeline folder, else the shipped one."""
-    from erasekit.models import toy_dir
+    from erasekit.models import TOY_MODELS, toy_dir
 
     if judge_dir:
         from erasekit.checks import usable_path
@@ -75,7 +75,7 @@ def find_judge(judge_dir: str | None, model: str) -> Path:
         if not (path / "judge.safetensors").is_file():
             raise ErasekitError(f"no judge at {path} (judge.safetensors missing); pass the judge/ folder `erasekit world train` wrote")
         return path
-    if model != "toy" and (Path(model).parent / "judge" / "judge.safetensors").is_file():
+    if model not in TOY_MODELS and (Path(model).parent / "judge" / "judge.safetensors").is_file():
         return Path(model).parent / "judge"
     shipped = toy_dir() / "judge"
     if (shipped / "judge.safetensors").is_file():

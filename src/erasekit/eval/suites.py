@@ -38,8 +38,8 @@ class Settings:
     """Resolved settings of one evaluation (flag = field = JSON key)."""
 
     images_per_class: int = field(metadata={"help": "Images per class / style / prompt (default: the suite's)."})
-    steps: int = field(default=25, metadata={"help": "Sampler steps of every image."})
-    guidance: float = field(default=7.5, metadata={"help": "CFG scale (i2p uses each row's)."})
+    steps: int = field(default=25, metadata={"help": "Sampler steps of every image (diffusion; a Janus has none: refused there)."})
+    guidance: float = field(default=7.5, metadata={"help": "CFG scale (i2p uses each row's; 5 by default on a Janus, Janus-Pro's)."})
     batch_size: int = field(default=32, metadata={"help": "Images per generation batch (results do not depend on it)."})
     seed: int = field(default=0, metadata={"help": "Base seed: image j of group g uses seed + 10000 g + j."})
     thresholds: tuple[float, ...] = field(default=THRESHOLDS, metadata={"flag": False})

@@ -11,10 +11,12 @@ from erasekit.errors import ErasekitError, SettingError
 
 
 def is_pipeline(obj: Any) -> bool:
-    """Whether ``obj`` is a diffusers pipeline (of any family)."""
+    """Whether ``obj`` is a loaded model: a diffusers pipeline (of any family) or a loaded Janus (autoregressive)."""
     from diffusers import DiffusionPipeline
 
-    return isinstance(obj, DiffusionPipeline)
+    from erasekit.autoregressive.janus import Janus
+
+    return isinstance(obj, (DiffusionPipeline, Janus))
 
 
 def resolve_any(target: Any, model: Any = None) -> tuple[Any, Any]:
@@ -70,6 +72,12 @@ def kept_as_it_was(pipe: Any, result: Any = None) -> Iterator[None]:
     if pipe is None:
         yield
         return
+    from erasekit.autoregressive.janus import Janus
+
+    if isinstance(pipe, Janus):
+        with _janus_kept(pipe, result):
+            yield
+        return
     from erasekit.delta_keys import components, touched
     from erasekit.hooks import installed, take_off
 
@@ -87,6 +95,24 @@ def kept_as_it_was(pipe: Any, result: Any = None) -> Iterator[None]:
                 take_off(pipe, only=hook.fingerprint)
         for name, module in modules.items():
             module.load_state_dict(saved[name])
+
+
+@contextmanager
+def _janus_kept(janus: Any, result: Any) -> Iterator[None]:
+    """Restore the Janus parameters ``result`` writes (a weights delta of them) afterwards."""
+    import torch
+
+    from erasekit.autoregressive.delta import PREFIX
+
+    params = dict(janus.model.named_parameters())
+    names = [k.removeprefix(PREFIX) for k in (result.delta if result is not None else {}) if k.removeprefix(PREFIX) in params]
+    saved = {name: params[name].detach().clone() for name in names}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
 
 
 def check_keywords(out_json: Any, cache_dir: Any, erased: Any) -> list[str] | None:

@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,12 @@ def text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, texts: Sequence[
 
 @torch.inference_mode()
 def image_embeddings(model: CLIPModel, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
-    """Unit-norm projected image embeddings of uint8 NHWC images."""
+    """Unit-norm projected image embeddings of uint8 NHWC images (of the toy CLIP's own size: one line otherwise)."""
+    vision: Any = model.config.vision_config
+    side = int(vision.image_size)
+    if images.ndim == 4 and tuple(images.shape[1:3]) != (side, side):
+        raise ErasekitError(f"the world's toy CLIP reads {side}x{side} images but the model drew {images.shape[1]}x{images.shape[2]}; "
+                            "judge it with the judge/ of a world at its resolution (--judge DIR)")
     out = [
         model.get_image_features(pixel_values=pixels(images[s : s + batch_size])).pooler_output
         for s in range(0, len(images), batch_size)
