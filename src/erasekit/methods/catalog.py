@@ -152,6 +152,8 @@ declare_method(
 # toy (circle, seed 0, 4 images/class), CA's toy data (64 anchor images, 20 sampler steps), 100 warm-up + 200 game steps:
 # lr 4e-5 ESR-1 75 / PSR-1 97; 6e-5 100 / 83; 8e-5 100 / 83 (the discriminator then wins: loss 0.93 against 1.39 at chance)
 # but over seeds 0-2 at 8 images/class this preset erased 75 % on each seed (compare, session 13): still to tune to >= 90
+# session 15, seeds 0-2, 8 images/class, ESR-1 per seed: 400 iterations 12.5/25/87.5; lr 8e-5 87.5/75/75; disc_lr 5e-4
+# 37.5/75/25; lr 1.5e-4 37.5/100/0 (PSR-1 49.5): longer or stronger games erase less here; an object anchor is untried
 DOCO_TOY = {"iterations": 300, "warm_up": 100, "lr": 6e-5, "batch_size": 4, "anchor_images": 64, "ddim_steps": 20}
 declare_method(
     "doco", "DoCo: a discriminator tells the target's x0 from the anchor's; cross-attention trained to fool it, with gradient surgery against a prior loss.",
