@@ -186,3 +186,12 @@ def test_methods_lists_ear_under_the_janus_family() -> None:
     header, ear = lines[0].split(), next(line.split() for line in lines if line.startswith("ear "))
     assert header[2:7] == ["sd", "sdxl", "sd3", "flux", "janus"]
     assert ear[2:7] == ["-", "-", "-", "-", "yes"]
+
+
+def test_show_settings_of_a_janus_method_needs_no_janus_model_while_a_run_on_the_toy_model_is_refused(tmp_path: Path) -> None:
+    shown = CliRunner().invoke(app, ["erase", "--method", "ear", "--show-settings"])
+    assert shown.exit_code == 0, shown.output
+    assert "--window-size" in shown.output and "--threshold" in shown.output
+    refused = CliRunner().invoke(app, ["erase", "--method", "ear", "-c", "circle", "--out", str(tmp_path / "run")])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1 and "autoregressive" in refused.output
+    assert not (tmp_path / "run").exists()

@@ -161,13 +161,13 @@ def erase(
             from erasekit.api import check_model_family
             from erasekit.models import TOY_MODELS
 
-            check_model_family(spec, model)  # ear on an SD model, esd-x on a Janus one: refused before anything loads
             if budget is None and model in TOY_MODELS:
                 budget = "toy"
-            if show_settings:
+            if show_settings:  # a method's settings are shown whatever the model (`erase --method ear --show-settings`)
                 for line in settings_lines(spec, make_config(spec, budget, **settings), budget, model):
                     typer.echo(line)
                 return
+            check_model_family(spec, model)  # ear on an SD model, esd-x on a Janus one: refused before anything loads
             if not concept or any(not c for c in concept):
                 raise ErasekitError("empty concept (or none given); pass --concept WORD such as 'circle'")
             if any(not p for p in preserve):
