@@ -130,6 +130,23 @@ def render(
     typer.echo(f"wrote {out} ({len(object_names)} x {len(colour_names) * len(style_names)} images)")
 
 
+def _stage_flags(config_class: type, ctx: typer.Context, show_settings: bool, steps_key: str, steps: Optional[int], threads: int) -> Optional[dict]:
+    """A trainer command's stage flags (extra args, --steps into ``steps_key``, --threads); None after --show-settings printed them."""
+    import dataclasses
+
+    from erasekit.runs import parse_method_flags
+
+    if show_settings:
+        for f in dataclasses.fields(config_class):
+            typer.echo(f"--{f.name.replace('_', '-'):18s} {f.default!r:8} {f.metadata.get('help', '')}")
+        return None
+    flags = parse_method_flags(config_class, list(ctx.args))
+    if steps is not None:
+        flags[steps_key] = steps
+    flags["threads"] = threads
+    return flags
+
+
 def _resume_config(out: Path, flags: dict) -> WorldTrainConfig:
     """A new run's config from the flags, or the config of the run ``out`` holds with the flags applied."""
     from erasekit.world.train import WorldTrainConfig, load_saved_config
@@ -163,23 +180,16 @@ def train(
     family: str = typer.Option("sd", "--family", help="sd: the toy Stable Diffusion model; janus: the toy Janus (as `world janus`)."),
 ) -> None:
     """Rebuild the toy world: data, VAE, toy CLIP, judge, UNet on the frozen CLIP text tower (resumable after a kill)."""
-    import dataclasses
 
-    from erasekit.runs import parse_method_flags
     from erasekit.world.train import STAGES, WorldTrainConfig, WorldTrainer
 
     with user_errors():
         if _world_family(family) == "janus":
             janus(ctx, out, steps, threads, show_settings)
             return
-        if show_settings:
-            for f in dataclasses.fields(WorldTrainConfig):
-                typer.echo(f"--{f.name.replace('_', '-'):18s} {f.default!r:8} {f.metadata.get('help', '')}")
+        flags = _stage_flags(WorldTrainConfig, ctx, show_settings, "unet_steps", steps, threads)
+        if flags is None:
             return
-        flags = parse_method_flags(WorldTrainConfig, list(ctx.args))
-        if steps is not None:
-            flags["unet_steps"] = steps
-        flags["threads"] = threads
         config = _resume_config(out, flags)
         from erasekit.models import quiet_loading
         from erasekit.run_display import progress_bar
@@ -258,20 +268,13 @@ def janus(
     show_settings: bool = typer.Option(False, "--show-settings", help="Print every stage setting (each is a flag) and exit."),
 ) -> None:
     """Build the toy Janus (an autoregressive JanusForConditionalGeneration) from the toy world: VQ tokenizer, then language model (resumable)."""
-    import dataclasses
 
-    from erasekit.runs import parse_method_flags
     from erasekit.world.janus_model import STAGES, JanusTrainConfig
 
     with user_errors():
-        if show_settings:
-            for f in dataclasses.fields(JanusTrainConfig):
-                typer.echo(f"--{f.name.replace('_', '-'):18s} {f.default!r:8} {f.metadata.get('help', '')}")
+        flags = _stage_flags(JanusTrainConfig, ctx, show_settings, "lm_steps", steps, threads)
+        if flags is None:
             return
-        flags = parse_method_flags(JanusTrainConfig, list(ctx.args))
-        if steps is not None:
-            flags["lm_steps"] = steps
-        flags["threads"] = threads
         config = _janus_config(out, flags)
         from erasekit.models import quiet_loading
         from erasekit.run_display import progress_bar
