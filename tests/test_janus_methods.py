@@ -151,6 +151,8 @@ def test_cli_erase_then_generate_on_a_janus_folder(janus_run: Path, janus_dir: P
     (["generate", "-p", "a circle", "--image-prompt", "x.png"], "--image-prompt and --image-adapter prompt a diffusion pipeline"),
     (["generate", "-p", "a circle", "--family", "sd"], "--family sd contradicts"),
     (["erase", "-c", "circle", "--method", "esd-x"], "esd-x erases diffusion pipelines"),
+    (["erase", "-c", "circle", "--method", "esd-u"], "ESD's objective on image tokens is `ear --no-windowed --no-masking`"),
+    (["erase", "-c", "circle", "--method", "eap"], "EAP's adversarial preservation on token predictions is not built yet"),
     (["erase", "-c", "circle", "--method", "ear", "--window-size", "17"], "window_size 17 is larger than the image's 16 tokens"),
     (["evaluate", "--steps", "3"], "--steps sets a diffusion sampler's steps"),
     (["compare", "-c", "circle", "--methods", "uce"], "uce erases diffusion pipelines"),

@@ -84,6 +84,15 @@ def family_of_model(pipe: Any) -> tuple[str, str]:
     return family.name, family.label
 
 
+# Why a diffusion method that carries over to image tokens is not registered for the autoregressive family (issue 21, item 4).
+_ESD = "ESD's objective on image tokens is `ear --no-windowed --no-masking`, the EAR paper's ESD-style ablation"
+ON_AUTOREGRESSIVE = {
+    "esd-x": _ESD, "esd-u": _ESD,
+    "eap": "EAP's adversarial preservation on token predictions is not built yet: ear erases without a preservation term",
+    "eap-pgd": "EAP's adversarial preservation on token predictions is not built yet: ear erases without a preservation term",
+}
+
+
 def check_family(method: str, families: Sequence[str], found: str, label: str) -> None:
     """Refuse, in one line, a method on a model of a family it does not declare (diffusion and autoregressive told apart)."""
     from erasekit.methods.specs import AUTOREGRESSIVE_FAMILIES, registry
@@ -96,7 +105,9 @@ def check_family(method: str, families: Sequence[str], found: str, label: str) -
                             "use a diffusion method such as esd-x, or pass a Janus model")
     if found in AUTOREGRESSIVE_FAMILIES:
         ours = sorted(n for n, s in registry().items() if found in s.families)
-        raise ErasekitError(f"{method} erases diffusion pipelines ({supported}); this is a {label} model: use {' or '.join(ours) or 'another method'}")
+        why = ON_AUTOREGRESSIVE.get(method, "")
+        raise ErasekitError(f"{method} erases diffusion pipelines ({supported}); this is a {label} model: use {' or '.join(ours) or 'another method'}"
+                            + (f" ({why})" if why else ""))
     raise ErasekitError(f"{method} does not run on {label} models yet; it supports: {supported} (see `erasekit methods`)")
 
 
