@@ -29,7 +29,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("train_method", ["attn", "mlp", "head", "full"])
+@pytest.mark.parametrize("train_method", ["attn", "mlp", "head", "full", "lora"])
 def test_ear_changes_only_its_train_set_and_leaves_the_model_as_it_was(folder: Path, train_method: str) -> None:
     janus = load_janus(folder)
     before = _state(janus.model)

@@ -141,9 +141,11 @@ def test_teacher_forced_guided_logits_reproduce_transformers_own_greedy_janus_ge
 
 def test_train_sets_select_by_name(folder: Path) -> None:
     model = load_janus(folder).model
-    attn, mlp, head, full = (set(train_parameters(model, s)) for s in ("attn", "mlp", "head", "full"))
+    attn, mlp, head, full, lora = (set(train_parameters(model, s)) for s in ("attn", "mlp", "head", "full", "lora"))
     assert attn and all(".self_attn." in n for n in attn) and all(".mlp." in n for n in mlp)
     assert head == {n for n, _ in model.named_parameters() if n.startswith("model.generation_head.")}
     assert attn | mlp | head <= full and not any("vqmodel" in n or "vision_model" in n for n in full)
-    with pytest.raises(ErasekitError, match="choose one of: attn, mlp, head, full"):
+    # lora: the matrices a merged LoRA changes, the language model's attention projections (weights only)
+    assert lora == {n for n in attn if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))} and len(lora) == 8
+    with pytest.raises(ErasekitError, match="choose one of: attn, mlp, head, full, lora"):
         train_parameters(model, "xattn")

@@ -175,8 +175,7 @@ def test_cli_refuses_ear_on_diffusion_models_and_janus_runs_in_diffusion_command
     assert "ear erases autoregressive models (janus)" in line
     assert "ear erases autoregressive models (janus)" in _one_error(
         runner.invoke(app, ["compare", "-c", "circle", "--methods", "ear", "--out", str(tmp_path / "cmp")]))
-    for args in (["attack", str(janus_run), "-c", "circle", "--out", str(tmp_path / "atk")],):
-        assert "Janus (autoregressive) model, which this command does not support yet" in _one_error(runner.invoke(app, args))
+    # `attack` runs on a Janus run now (test_janus_attack.py)
     monkeypatch.setattr(models, "toy_janus_dir", lambda: tmp_path / "absent")
     assert "the toy Janus is not shipped in this install" in _one_error(
         runner.invoke(app, ["erase", "--model", "toy-janus", "-c", "circle", "--method", "ear", "--out", str(tmp_path / "run")]))

@@ -162,7 +162,7 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     if model_family(model) == "janus":
         if not autoregressive:
             raise ErasekitError(f"{model} is a Janus (autoregressive) model, which this command does not support yet; "
-                                "`erasekit erase --method ear`, `generate`, `evaluate` and `compare` run on Janus")
+                                "`erasekit erase --method ear`, `generate`, `evaluate`, `compare` and `attack` run on Janus")
         return _load_janus_model(model, device, dtype, family)
     if family is not None and family.strip().lower() == "janus":
         raise ErasekitError(f"--family janus contradicts --model {model}, which is not a Janus folder (no config.json of model_type janus); drop --family")

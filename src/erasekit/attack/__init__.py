@@ -1,7 +1,8 @@
 """Adversarial prompt search against an erased model (UnlearnDiffAtk-style discrete token search).
 
 ``attack(target, concept)`` runs the whole protocol on a run folder or delta file; ``attack_pipeline``
-attacks a pipeline in memory (for ``compare --attack``); ``search_tokens`` is the optimisation itself.
+attacks a pipeline in memory (for ``compare --attack``); ``search_tokens`` is the optimisation itself. On a Janus
+(autoregressive) model :mod:`erasekit.attack.janus_run` and :mod:`erasekit.attack.janus_search` do the same.
 """
 
 from __future__ import annotations

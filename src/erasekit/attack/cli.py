@@ -35,6 +35,8 @@ def attack(
 ) -> None:
     """Search adversarial prompts that bring an erased concept back (UnlearnDiffAtk style); print the attack success rate.
 
+    Runs on diffusion models and on Janus (autoregressive) ones; on Janus the loss is the base image tokens' cross-entropy.
+
     The attack's settings are flags too (--n-prompts 20 --tokens 5 --iterations 40 --seed 0 ...; --show-settings lists them).
     """
     with user_errors():
@@ -45,7 +47,7 @@ def attack(
 
         given = parse_method_flags(AttackConfig, list(ctx.args))
         if show_settings:
-            _print_settings(AttackConfig, given)
+            _print_settings(AttackConfig, {**given, **_janus_settings(target, model, given)})
             return
 
         with progress_bar(status, "info") as bar:  # plain lines in a log file
@@ -68,6 +70,22 @@ def attack(
     for p in best:
         console.print(f"  {p['adversarial_prompt']!r}  (loss {p['initial_loss']:.4g} -> {p['best_loss']:.4g}, plain {p['plain_loss']:.4g})")
     status.print(f"wrote {Path(result['out']) / 'attack.json'} and attack.png")
+
+
+def _janus_settings(target: str, model: Optional[str], given: dict[str, Any]) -> dict[str, Any]:
+    """What a Janus target's attack uses instead of the diffusion defaults (no steps or noise draws, guidance 5); nothing for another target."""
+    from erasekit.errors import ErasekitError
+    from erasekit.eval.runner import autoregressive_target, resolve_target
+
+    try:
+        janus = autoregressive_target(resolve_target(target, model).base, None)
+    except ErasekitError:  # an unusable target is refused when the attack runs, not when its settings are listed
+        return {}
+    if not janus:
+        return {}
+    from erasekit.panels import JANUS_GUIDANCE
+
+    return {"steps": 0, "noise_draws": 0, "guidance": given.get("guidance", JANUS_GUIDANCE)}
 
 
 def attack_table(result: dict[str, Any]) -> Table:

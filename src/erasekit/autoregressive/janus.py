@@ -13,6 +13,7 @@ being trained. It follows ``JanusForConditionalGeneration.generate(generation_mo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from erasekit.autoregressive.lora import LORA_PATTERN
 from erasekit.errors import ErasekitError
 
 PROMPT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
-TRAIN_SETS = ("attn", "mlp", "head", "full")
+TRAIN_SETS = ("attn", "mlp", "head", "full", "lora")
 VQ_PREFIX = "model.vqmodel."
 BOI_TOKEN = "<begin_of_image>"  # Janus's begin-of-image token, when the tokenizer does not name its own
 
@@ -277,14 +279,18 @@ def _train_set_of(name: str) -> set[str]:
         found.add("mlp")
     if name.startswith("model.generation_head."):
         found.add("head")
+    if re.fullmatch(rf"{LORA_PATTERN}\.weight", name):  # the matrices a LoRA (merged) changes
+        found.add("lora")
     return found
 
 
 def train_parameters(model: nn.Module, train_set: str) -> dict[str, nn.Parameter]:
-    """The parameters a train set changes: ``attn``/``mlp`` (the language model's layers), ``head`` (the image head), ``full``.
+    """The parameters a train set changes: ``attn``/``mlp`` (the language model's layers), ``head`` (the image head), ``full``, ``lora``.
 
     ``full`` is the whole image-generation path (language model, generation embeddings, aligner and head); the VQ
-    model and the understanding encoder never train. The text head is tied to the token embeddings.
+    model and the understanding encoder never train. The text head is tied to the token embeddings. ``lora`` names
+    the matrices a LoRA changes once merged: the language model's attention projections ``q_proj``/``k_proj``/
+    ``v_proj``/``o_proj`` (weights only); the adapter itself is :func:`erasekit.autoregressive.lora.add_janus_lora`'s.
     """
     if train_set not in TRAIN_SETS:
         raise ErasekitError(f"unknown train method {train_set!r} for Janus; choose one of: {', '.join(TRAIN_SETS)}")

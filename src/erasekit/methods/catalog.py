@@ -189,5 +189,5 @@ EAR_TINY = {"iterations": 2, "lr": 1e-3, "window_size": 4, "threshold": 0.0}  # 
 EAR_TOY = {"iterations": 30, "lr": 1e-4, "window_size": 16}
 declare_method(
     "ear", "EAR: ESD on an autoregressive (Janus) model's image-token logits; windowed accumulation, thresholded masking.",
-    "erasekit.methods.ear:EARConfig", "erasekit.methods.ear:fit_ear", {"toy": EAR_TOY, "tiny": EAR_TINY}, families=("janus",),
+    "erasekit.methods.ear:EARConfig", "erasekit.methods.ear:fit_ear", {"toy": EAR_TOY, "tiny": EAR_TINY}, families=("janus",), lora=True,
 )

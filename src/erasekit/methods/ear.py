@@ -17,6 +17,14 @@ model's prediction under the target prompt is pushed toward the negatively guide
 * **Thresholded loss masking** (TLM): positions whose loss is below ``threshold`` contribute nothing (the concept
   does not move them: content to protect); an iteration where every position is masked makes no update at all.
 Both off is the paper's ablation: ESD-style erasure on the autoregressive model.
+
+* **LoRA** (``train_method="lora"``): instead of training base matrices in place, a rank-``lora_rank`` PEFT LoRA
+  on the language model's attention projections (``q_proj``/``k_proj``/``v_proj``/``o_proj`` of every Llama layer;
+  :mod:`erasekit.autoregressive.lora`) trains, the base weights frozen; its init is a function of ``seed`` only. The
+  frozen model is the same network with the adapter switched off. The result is a plain ``weights`` delta of the
+  adapted matrices with the LoRA *merged* in (``W + B @ A``, keys ``janus.<parameter name>``), so applying, saving
+  and loading are those of every Janus delta and a saved delta reloads to bit-identical weights; each matrix's change
+  has rank at most ``lora_rank``. The model is handed back without any PEFT layer.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from erasekit.autoregressive.janus import (
     train_parameters,
     unconditional,
 )
+from erasekit.autoregressive.lora import add_janus_lora, lora_disabled, merged_lora_weights, remove_janus_lora
 from erasekit.errors import ErasekitError
 from erasekit.methods.base import ErasureRequest, MethodConfig, Progress, esd_target
 from erasekit.result import ErasureResult
@@ -56,7 +65,9 @@ class EARConfig(MethodConfig):
 
     iterations: int = field(default=30, metadata={"help": "Model update steps (EAR: a few dozen)."})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (EAR: 1e-4)."})
-    train_method: str = field(default="attn", metadata={"help": "Parameters to train: attn, mlp (the language model's layers), head (the image head), full."})
+    train_method: str = field(default="attn", metadata={"help": "Parameters to train: attn, mlp (the language model's layers), head (the image head), full, "
+                                                                "lora (a LoRA on the language model's attention q_proj/k_proj/v_proj/o_proj, merged into them in the delta)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank when train_method is lora."})
     negative_guidance: float = field(default=1.0, metadata={"help": "eta of the target n0 - eta (c0 - n0) on image-token logits (EAR, as ESD: 1)."})
     threshold: float = field(default=0.05, metadata={"help": "Thresholded loss masking: positions whose loss is below it do not train (EAR: 0.05)."})
     window_size: int = field(default=16, metadata={"help": "Image-token positions per window of windowed gradient accumulation (at most the image's token count)."})
@@ -69,7 +80,7 @@ class EARConfig(MethodConfig):
     def validate(self) -> None:
         """Refuse values that cannot run, with one-line messages."""
         super().validate()
-        from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, MAX_LR, check_between
+        from erasekit.checks import MAX_GUIDANCE, MAX_ITERATIONS, MAX_LORA_RANK, MAX_LR, check_between
 
         check_between("iterations", self.iterations, 1, MAX_ITERATIONS)
         check_between("lr", self.lr, 0.0, MAX_LR, low_open=True, why="Adam's step; EAR uses 1e-4")
@@ -78,6 +89,7 @@ class EARConfig(MethodConfig):
         check_between("window_size", self.window_size, 1, 1_000_000)
         check_between("guidance", self.guidance, 0.0, MAX_GUIDANCE, why="a CFG scale; Janus-Pro uses 5")
         check_between("temperature", self.temperature, 0.0, 100.0, low_open=True)
+        check_between("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
         if self.train_method not in TRAIN_SETS:
             raise ErasekitError(f"unknown train_method {self.train_method!r} for EAR; choose one of: {', '.join(TRAIN_SETS)}")
         if self.loss_space not in LOSS_SPACES:
@@ -153,8 +165,12 @@ def accumulate(
 
 
 def frozen_logits(call: ImageLogits, originals: dict[str, torch.Tensor], prompts: Prompts, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced image logits of the frozen base (the original tensors swapped in; a constant)."""
-    with torch.inference_mode():
+    """Teacher-forced image logits of the frozen base (a constant): any LoRA adapter switched off, the original tensors swapped in.
+
+    With ``lora`` ``originals`` is empty (the base weights never change) and switching the adapter off gives the
+    base; with the other sets no adapter exists and the swap gives it.
+    """
+    with torch.inference_mode(), lora_disabled(call.inner):
         out = functional_call(call, originals, (prompts, tokens), strict=False)
     return out.clone()
 
@@ -172,16 +188,22 @@ def fit_ear(janus: Janus, request: ErasureRequest, config: EARConfig, progress: 
         check_window(config.window_size, count)
     started = time.perf_counter()
     base_hash = request.base_hash or janus_weights_hash(model)
-    params = train_parameters(model, config.train_method)
-    originals = {f"inner.{n}": p.detach().clone() for n, p in params.items()}
-    call = ImageLogits(model)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+    lora = config.train_method == "lora"
+    params: dict[str, torch.nn.Parameter] = {}
+    originals: dict[str, torch.Tensor] = {}
     history: list[dict[str, Any]] = []
     model.eval()
-    for p in params.values():
-        p.requires_grad_(True)
     try:
+        if lora:  # the adapter trains; the base weights stay frozen and as they were (no originals to keep)
+            params = add_janus_lora(model, config.lora_rank, config.seed)
+        else:
+            params = train_parameters(model, config.train_method)
+            originals = {f"inner.{n}": p.detach().clone() for n, p in params.items()}
+        call = ImageLogits(model)
+        generator = torch.Generator().manual_seed(config.seed)
+        optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+        for p in params.values():
+            p.requires_grad_(True)
         for step in range(config.iterations):
             j = int(torch.randint(len(request.targets), (1,), generator=generator))
             seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
@@ -199,11 +221,18 @@ def fit_ear(janus: Janus, request: ErasureRequest, config: EARConfig, progress: 
             history.append(record)
             if progress is not None:
                 progress(step + 1, config.iterations, record)
-        delta = {f"{PREFIX}{n}": p.detach().clone().contiguous() for n, p in params.items()}
+        if lora:  # merged: a plain weights delta of the adapted matrices
+            delta = {f"{PREFIX}{n}": w for n, w in merged_lora_weights(model).items()}
+        else:
+            delta = {f"{PREFIX}{n}": p.detach().clone().contiguous() for n, p in params.items()}
     finally:
-        with torch.no_grad():  # the caller's model goes back to its base weights, frozen
-            for n, p in params.items():
-                p.copy_(originals[f"inner.{n}"])
+        with torch.no_grad():  # the caller's model goes back to its base weights, frozen, without any adapter
+            if lora:
+                if params:  # only the adapter this run added (a model that came with one was refused untouched)
+                    remove_janus_lora(model)
+            else:
+                for n, p in params.items():
+                    p.copy_(originals[f"inner.{n}"])
         model.requires_grad_(False)
     return ErasureResult(
         method="ear", concepts=tuple(request.targets), preserve=tuple(request.preserve), delta=delta, kind="weights",
