@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasekit.attack.search import Candidates, SearchProgress, SearchResult, candidate_tokens
+from erasekit.attack.search import Candidates, SearchProgress, SearchResult, candidate_tokens, pez_search
 from erasekit.autoregressive.janus import PROMPT_FORMAT, Janus, Prompts, encode_prompts, image_logits, image_token_count
 from erasekit.errors import ErasekitError
 
@@ -160,43 +160,16 @@ def search_janus_tokens(
     image_tokens = image_tokens.to(device)
     check_janus_lengths(janus, prompts, tokens)
     cand = model.get_input_embeddings().weight[candidates.ids.to(device)].detach().float()
-    cand_unit = F.normalize(cand, dim=-1)
-    b, start = len(prompts), prefix_length(janus)
+    start = prefix_length(janus)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     first = torch.stack([torch.randint(len(candidates.ids), (tokens,), generator=g) for g in generators]).to(device)
     plain_loss = plain_losses(janus, prompts, image_tokens)
 
-    free = cand[first].clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([free], lr=lr * float(cand.std()))
-    best_loss = torch.full((b,), float("inf"), device=device)
-    best_idx = first.clone()
-    best_step = torch.zeros(b, dtype=torch.long)
-    history: list[float] = []
-    initial = torch.empty(0)
-    for step in range(iterations + 1):
-        idx = (F.normalize(free.detach(), dim=-1) @ cand_unit.T).argmax(-1)
+    def step_loss(idx: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
         # straight-through: the model sees exactly the tokens' own embedding rows, the gradient moves the free vectors
         used = cand[idx] + (free - free.detach())
         encoded = encode_prompts(janus, [" ".join(candidates.words[int(j)] for j in row) + " " + p for row, p in zip(idx.cpu(), prompts)])
         slots = _slots(janus, encoded, candidates.ids.to(device)[idx], start)
-        final = step == iterations
-        with torch.set_grad_enabled(not final):
-            per_prompt = token_loss(slot_logits(model, encoded, slots, used, image_tokens), image_tokens)
-        values = per_prompt.detach()
-        if step == 0:
-            initial = values.clone()
-        better = values < best_loss
-        best_loss = torch.where(better, values, best_loss)
-        best_idx[better] = idx[better]
-        best_step[better.cpu()] = step
-        history.append(float(values.mean()))
-        if not final:
-            (grad,) = torch.autograd.grad(per_prompt.sum(), free)
-            free.grad = grad
-            optimiser.step()
-            optimiser.zero_grad(set_to_none=True)
-        if progress:
-            progress(step, iterations, {"loss": history[-1], "best_loss": float(best_loss.mean())})
-    ids = candidates.ids[best_idx.cpu()]
-    words = [[candidates.words[int(j)] for j in row] for row in best_idx.cpu()]
-    return SearchResult(ids.tolist(), words, initial.cpu().tolist(), best_loss.cpu().tolist(), plain_loss.cpu().tolist(), best_step.tolist(), history)
+        return token_loss(slot_logits(model, encoded, slots, used, image_tokens), image_tokens)
+
+    return pez_search(cand, first, candidates, iterations, lr, plain_loss, step_loss, progress)

@@ -154,30 +154,42 @@ def search_tokens(
     model = family.denoiser(pipe)
     device = x0.device
     cand = family.slot_rows(pipe, candidates.ids).to(device=device, dtype=torch.float32)
-    cand_unit = F.normalize(cand, dim=-1)
-    b = len(prompts)
     _check_lengths(family.slot_tokenizer(pipe), prompts, tokens)
     start, (x_t, t, target) = search_draws(pipe, x0, len(candidates.ids), tokens, draws, seeds, family)
 
     with torch.no_grad():
         plain_loss = denoise_loss(family, model, x_t, t, target, family.encode(pipe, prompts), draws)
 
-    free = cand[start.to(device)].clone().requires_grad_(True)
+    def step_loss(idx: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        # straight-through: the model sees the real tokens' embeddings, the gradient moves the free vectors
+        used = free + (cand[idx] - free).detach()
+        texts = _texts(prompts, [[candidates.words[int(j)] for j in row] for row in idx.cpu()])
+        return denoise_loss(family, model, x_t, t, target, family.encode_with_slots(pipe, texts, used), draws)
+
+    return pez_search(cand, start.to(device), candidates, iterations, lr, plain_loss, step_loss, progress)
+
+
+def pez_search(cand: torch.Tensor, first: torch.Tensor, candidates: Candidates, iterations: int, lr: float, plain_loss: torch.Tensor,
+               step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], progress: SearchProgress | None = None) -> SearchResult:
+    """PEZ's loop over free vectors started at ``cand[first]``: project each to its nearest candidate (cosine), take
+    ``step_loss(indices, free)`` (per prompt, of the projected discrete prompts; the caller builds the straight-through
+    embeddings), keep each prompt's best, step Adam; the last of ``iterations + 1`` evaluations takes no step.
+    Shared by the diffusion and the Janus attack."""
+    device = cand.device
+    b = first.shape[0]
+    cand_unit = F.normalize(cand, dim=-1)
+    free = cand[first].clone().requires_grad_(True)
     optimiser = torch.optim.Adam([free], lr=lr * float(cand.std()))
     best_loss = torch.full((b,), float("inf"), device=device)
-    best_idx = start.to(device).clone()
+    best_idx = first.clone()
     best_step = torch.zeros(b, dtype=torch.long)
     history: list[float] = []
     initial = torch.empty(0)
     for step in range(iterations + 1):
         idx = (F.normalize(free.detach(), dim=-1) @ cand_unit.T).argmax(-1)
-        hard = cand[idx]
-        # straight-through: the model sees the real tokens' embeddings, the gradient moves the free vectors
-        used = free + (hard - free).detach()
-        texts = _texts(prompts, [[candidates.words[int(j)] for j in row] for row in idx.cpu()])
         final = step == iterations
         with torch.set_grad_enabled(not final):
-            per_prompt = denoise_loss(family, model, x_t, t, target, family.encode_with_slots(pipe, texts, used), draws)
+            per_prompt = step_loss(idx, free)
         values = per_prompt.detach()
         if step == 0:
             initial = values.clone()
