@@ -83,6 +83,33 @@ def janus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_janus(tmp_path_factory.mktemp("janus") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained judge with the toy world's head sizes (it reads any image size), saved once per session."""
+    from erasekit.world.judge import Judge
+    from erasekit.world.vocab import load_vocab
+
+    torch.manual_seed(0)
+    vocab = load_vocab()
+    folder = tmp_path_factory.mktemp("judge") / "judge"
+    Judge(n_objects=len(vocab.objects), n_colours=len(vocab.colours), n_styles=len(vocab.styles)).eval().save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ear_run(janus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EAR run folder on the tiny Janus, as `erasekit erase` writes it (tests may add evaluations and attacks to it)."""
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    out = tmp_path_factory.mktemp("ear") / "run"
+    res = CliRunner().invoke(app, ["erase", "--model", str(janus_dir), "-c", "circle", "--method", "ear", "--budget", "tiny", "--lr", "1e-1",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 @pytest.fixture
 def words_file(tmp_path: Path) -> Path:
     """A small concept-space word list."""

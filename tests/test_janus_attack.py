@@ -18,8 +18,6 @@ from erasekit.attack.search import Candidates
 from erasekit.autoregressive import Janus, encode_prompts, image_logits, load_janus
 from erasekit.cli import app
 from erasekit.result import ErasureResult
-from erasekit.world.judge import Judge
-from erasekit.world.vocab import load_vocab
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -47,25 +45,6 @@ def base(janus: Janus) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def candidates(janus: Janus) -> Candidates:
     return janus_candidates(janus, _toy_words(), ["circle"])
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained judge with the toy world's head sizes."""
-    torch.manual_seed(0)
-    vocab = load_vocab()
-    folder = tmp_path_factory.mktemp("judge") / "judge"
-    Judge(n_objects=len(vocab.objects), n_colours=len(vocab.colours), n_styles=len(vocab.styles)).eval().save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def ear_run(janus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An EAR run folder on the tiny Janus, as `erasekit erase` writes it."""
-    out = tmp_path_factory.mktemp("ear") / "run"
-    res = runner.invoke(app, ["erase", "--model", str(janus_dir), "-c", "circle", "--method", "ear", "--budget", "tiny", "--lr", "1e-1", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
 
 
 def test_candidates_are_whole_words_that_stay_one_token_in_the_prompt_format(janus: Janus, candidates: Candidates) -> None:

@@ -14,8 +14,6 @@ from typer.testing import CliRunner
 from erasekit.autoregressive import load_janus
 from erasekit.cli import app
 from erasekit.eval.runner import evaluate
-from erasekit.world.judge import Judge
-from erasekit.world.vocab import load_vocab
 
 runner = CliRunner()
 EVAL = ["--images-per-class", "1"]
@@ -25,25 +23,6 @@ def _one_error(res) -> str:  # type: ignore[no-untyped-def]
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained judge with the toy world's head sizes (the tiny Janus draws 16 x 16 images; the judge reads any size)."""
-    torch.manual_seed(0)
-    vocab = load_vocab()
-    folder = tmp_path_factory.mktemp("judge") / "judge"
-    Judge(n_objects=len(vocab.objects), n_colours=len(vocab.colours), n_styles=len(vocab.styles)).eval().save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def ear_run(janus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An EAR run folder on the tiny Janus, as `erasekit erase` writes it."""
-    out = tmp_path_factory.mktemp("ear") / "run"
-    res = runner.invoke(app, ["erase", "--model", str(janus_dir), "-c", "circle", "--method", "ear", "--budget", "tiny", "--lr", "1e-1", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
 
 
 def test_evaluate_runs_on_a_janus_base_and_writes_its_record(janus_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
@@ -169,6 +148,7 @@ def test_compare_on_toy_janus_defaults_to_the_janus_methods(janus_dir: Path, jud
     monkeypatch.setattr(models, "toy_janus_dir", lambda: janus_dir)  # the tiny Janus stands in for the shipped one
     out = tmp_path / "cmp"
     res = runner.invoke(app, ["compare", "--model", "toy-janus", "-c", "circle", "--budget", "tiny", "--judge", str(judge_dir), "--in-process",
+                              "--attack", "--attack-set", "n_prompts=2", "--attack-set", "tokens=2", "--attack-set", "iterations=3",
                               "--out", str(out), *EVAL])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "compare.json").read_text())
@@ -176,3 +156,14 @@ def test_compare_on_toy_janus_defaults_to_the_janus_methods(janus_dir: Path, jud
     assert json.loads((out / "ear" / "run.json").read_text())["model"] == "toy-janus"
     evaluation = json.loads((out / "ear" / "eval-toy-objects.json").read_text())
     assert evaluation["model"] == "toy-janus" and evaluation["sampler"].startswith("janus") and not summary["rows"][0].get("error")
+    # --attack: the same attack as `erasekit attack` on the run (Janus-Pro's guidance, no sampler steps), its ASR in the row
+    row = summary["rows"][0]
+    assert not row.get("attack_error") and set(row["attack"]) == {"circle"} and 0 <= row["attack"]["circle"]["asr"] <= 100, row
+    record = json.loads((out / "ear" / "attack-circle" / "attack.json").read_text())
+    assert record["settings"]["guidance"] == 5.0 and record["settings"]["steps"] == 0 and len(record["prompts"]) == 2
+    assert record["metrics"]["asr"] == row["attack"]["circle"]["asr"] and "base_rate" in summary["base"]["attack"]["circle"]
+    alone = runner.invoke(app, ["attack", str(out / "ear"), "-c", "circle", "--judge", str(judge_dir), "--n-prompts", "2", "--tokens", "2",
+                                "--iterations", "3", "--out", str(tmp_path / "alone")])
+    assert alone.exit_code == 0, alone.output  # `erasekit attack` with the same settings finds the same words
+    again = json.loads((tmp_path / "alone" / "attack.json").read_text())
+    assert [p["adversarial_prompt"] for p in again["prompts"]] == [p["adversarial_prompt"] for p in record["prompts"]]

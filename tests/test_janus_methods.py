@@ -157,7 +157,8 @@ def test_cli_erase_then_generate_on_a_janus_folder(janus_run: Path, janus_dir: P
     (["evaluate", "--steps", "3"], "--steps sets a diffusion sampler's steps"),
     (["compare", "-c", "circle", "--methods", "uce"], "uce erases diffusion pipelines"),
     (["compare", "-c", "circle", "--methods", "ear", "--steps", "3"], "--steps sets a diffusion sampler's steps"),
-    (["compare", "-c", "circle", "--methods", "ear", "--attack"], "--attack does not support Janus"),
+    (["compare", "-c", "circle", "--methods", "ear", "--attack", "--attack-set", "steps=3"], "sampler's steps"),
+    (["compare", "-c", "circle", "--methods", "ear", "--attack", "--attack-set", "noise_draws=2"], "noise_draws"),
 ])
 def test_cli_refuses_what_makes_no_sense_on_janus_in_one_line(args: list[str], message: str, janus_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"

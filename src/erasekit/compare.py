@@ -189,12 +189,14 @@ def compare_methods(
     if unknown := [m for m in overrides if m not in override_targets(rows)]:
         raise ErasekitError(f"settings given for {', '.join(unknown)}, which is not being compared; compared: {', '.join(names)}")
     janus = model_family(model) == "janus"
-    if janus and attack is not None:
-        raise ErasekitError(f"--attack does not support Janus (autoregressive) models yet; {model} is one: drop --attack")
     if janus:
         from erasekit.eval.runner import check_janus_settings
 
         check_janus_settings(model, steps, None)  # no sampler steps
+    if attack is not None:
+        from erasekit.attack.plan import attack_settings
+
+        attack_config = attack_settings(dict(attack), seed, steps, model if janus else None)  # bad settings refused before anything else
     fixed = [f"--set {m}.seed" for m, o in overrides.items() if "seed" in o] + [f"--variant {r.name}:seed" for r in rows if "seed" in r.settings]
     if seeds > 1 and fixed:
         raise ErasekitError(f"{fixed[0]} fixes the training seed, but --seeds {seeds} asks for {seeds} of them; drop one of the two")
@@ -220,9 +222,8 @@ def compare_methods(
             find_judge(resolved.judge, model)
     plans = []
     if attack is not None:
-        from erasekit.attack.plan import attack_settings, plan_attacks
+        from erasekit.attack.plan import plan_attacks
 
-        attack_config = attack_settings(dict(attack), seed, steps)
         plans = plan_attacks(model, targets, judge, attack_config)
     tell = progress or (lambda label, done, total, info: None)
     eval_kwargs: dict[str, Any] = {"images_per_class": images_per_class, "steps": steps, "seed": seed, "judge": judge, "device": device,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from erasekit.attack.detect import Detector, ToyConcept
-from erasekit.errors import ErasekitError
+from erasekit.errors import ErasekitError, SettingError
 
 
 @dataclass
@@ -32,16 +32,29 @@ class AttackPlan:
     base: Any = field(default=None, repr=False)  # (latents, uint8 images) once made
 
 
-def attack_settings(settings: dict[str, Any], seed: int, steps: int | None) -> Any:
-    """An AttackConfig from ``settings`` (its field names), with compare's seed and evaluation steps unless given there."""
+def attack_settings(settings: dict[str, Any], seed: int, steps: int | None, janus: str | None = None) -> Any:
+    """An AttackConfig from ``settings`` (its field names), with compare's seed and evaluation steps unless given there.
+
+    ``janus`` names the model when it is a Janus: sampler steps and noise draws are refused and the guidance defaults to Janus-Pro's.
+    """
+    from dataclasses import replace
+
     from erasekit.attack.run import AttackConfig
 
     known = {f.name for f in fields(AttackConfig)}
     if unknown := sorted(set(settings) - known):
         raise ErasekitError(f"unknown attack setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    defaults = {"seed": seed, **({"steps": steps} if steps is not None else {})}
-    config = AttackConfig(**{**defaults, **settings})
-    config.validate()
+    try:
+        if janus is not None:
+            from erasekit.attack.janus_run import check_janus_attack
+
+            guidance = check_janus_attack(janus, settings.get("steps"), settings.get("noise_draws"), settings.get("guidance"))
+            config = replace(AttackConfig(**{"seed": seed, **settings}), guidance=guidance)
+        else:
+            config = AttackConfig(**{"seed": seed, **({"steps": steps} if steps is not None else {}), **settings})
+        config.validate()
+    except SettingError as exc:  # on the command line the setting was given as --attack-set NAME=VALUE
+        raise SettingError(exc.setting, exc.text, f"--attack-set {exc.setting}") from None
     return config
 
 
@@ -69,10 +82,15 @@ def folder_name(concept: str) -> str:
 def make_base(plan: AttackPlan, model: str, device: str) -> dict[str, Any]:
     """Generate (once) the base model's images of the plan's prompts; returns the base model's rate of showing the concept."""
     from erasekit.attack.run import base_images
-    from erasekit.models import load_pipeline
+    from erasekit.models import load_pipeline, model_family
 
     if plan.base is None:
-        plan.base = base_images(load_pipeline(model, device=device), plan.prompts, plan.config)
+        if model_family(model) == "janus":  # the base image tokens are the search's target
+            from erasekit.attack.janus_run import janus_base
+
+            plan.base = janus_base(load_pipeline(model, device=device, autoregressive=True), plan.prompts, plan.config)
+        else:
+            plan.base = base_images(load_pipeline(model, device=device), plan.prompts, plan.config)
     shown = np.asarray(plan.detector.fn(plan.base[1])[0], dtype=bool)
     return {"base_rate": float(100.0 * shown.mean())}
 
@@ -81,15 +99,21 @@ def attack_run(run_dir: Path, model: str, plan: AttackPlan, device: str = "cpu",
     """Attack the erased model in ``run_dir`` with ``plan``; write RUN/attack-<concept>/attack.json + .png; return the record."""
     from erasekit.attack.run import attack_pipeline, save_attack
     from erasekit.eval.runner import versions
-    from erasekit.models import load_pipeline
+    from erasekit.models import load_pipeline, model_family
     from erasekit.result import load_result
 
     started = time.perf_counter()
     make_base(plan, model, device)
     erased = load_result(run_dir / "delta.safetensors")
-    pipe = load_pipeline(model, device=device)
-    record, images = attack_pipeline(pipe, erased, plan.concept, plan.prompts, plan.detector, plan.config, plan.target.words,
-                                    progress=progress, base=plan.base)
+    if model_family(model) == "janus":
+        from erasekit.attack.janus_run import attack_janus
+
+        janus = load_pipeline(model, device=device, autoregressive=True)
+        record, images = attack_janus(janus, erased, plan.concept, plan.prompts, plan.detector, plan.config, plan.target.words,
+                                      progress=progress, base=plan.base)
+    else:
+        record, images = attack_pipeline(load_pipeline(model, device=device), erased, plan.concept, plan.prompts, plan.detector,
+                                         plan.config, plan.target.words, progress=progress, base=plan.base)
     record = {"target": str(run_dir), "model": model, "delta": str(run_dir / "delta.safetensors"), **record,
               "command": command, "versions": versions(), "grid": "attack.png"}
     record["timings"]["wall_s"] = time.perf_counter() - started
