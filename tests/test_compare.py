@@ -120,7 +120,7 @@ def test_default_suites_follow_the_concept() -> None:
     (["-c", "a teapot", "--methods", "uce", "--suite", "toy-objects", "--attack"], "--attack judges images with the toy world's judge: unknown concept"),
     (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "nope=1"], "--attack-set 'nope=1': unknown option --nope; the settings here are: --n-prompts"),
     (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "iterations"], "--attack-set expects KEY=VALUE"),
-    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "tokens=0"], "--tokens must be at least 1"),
+    (["-c", "circle", "--methods", "uce", "--attack", "--attack-set", "tokens=0"], "--attack-set tokens must be at least 1"),
     (["-c", "circle", "--methods", "uce", "--attack-set", "tokens=2"], "--attack-set needs --attack"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str, tiny_dir: Path, judge_dir: Path, tmp_path: Path) -> None:
