@@ -195,3 +195,29 @@ def test_dead_codes_move_onto_encoder_outputs_and_usage_restarts() -> None:
     assert torch.equal(after[:10], before[:10]) and not usage.any()
     vectors = z.permute(0, 2, 3, 1).reshape(-1, TINY.code_dim)
     assert all((vectors == row).all(1).any() for row in after[10:])
+
+
+SHIPPED_JANUS = Path(__file__).resolve().parents[1] / "src/erasekit/world/assets/toy/janus"
+
+
+@pytest.mark.skipif(not (SHIPPED_JANUS / "config.json").is_file(), reason="the toy Janus is not shipped in this checkout")
+def test_the_shipped_toy_janus_loads_with_transformers_classes_and_draws_what_it_is_asked() -> None:
+    """`--model toy-janus`: a JanusForConditionalGeneration under 20 MB, its training record beside it, prompts drawn as asked."""
+    from transformers import JanusForConditionalGeneration
+
+    from erasekit.models import load_pipeline, toy_janus_dir
+    from erasekit.world.judge import Judge, judge_images
+    from erasekit.world.vocab import load_vocab
+
+    assert toy_janus_dir() == SHIPPED_JANUS
+    assert sum(f.stat().st_size for f in SHIPPED_JANUS.iterdir()) < 20_000_000, "the toy Janus stays within its 20 MB budget"
+    record = json.loads((SHIPPED_JANUS / "janus_train.json").read_text())
+    assert record["codes_used"] == record["config"]["codebook"] and record["final_loss"] < 2.0
+    assert isinstance(JanusForConditionalGeneration.from_pretrained(SHIPPED_JANUS), JanusForConditionalGeneration)
+    janus = load_pipeline("toy-janus", autoregressive=True)
+    objects = ["circle", "square", "star", "ring"]
+    images = generate(janus, [f"a red {o}" for o in objects], [0, 1, 2, 3])
+    vocab = load_vocab()
+    judged = judge_images(Judge.load(SHIPPED_JANUS.parent / "judge"), images)["object"].argmax(1)
+    assert images.shape == (4, image_size(janus.model), image_size(janus.model), 3)
+    assert sum(vocab.objects[k] == o for k, o in zip(judged, objects)) >= 3, [vocab.objects[k] for k in judged]

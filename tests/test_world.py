@@ -262,4 +262,5 @@ def test_the_shipped_world_is_v2_with_its_toy_clip_and_passes_the_v1_refusal() -
     assert meta["format"] == 2 and meta["config"]["pair_word_p"] > 0
     assert find_world_clip(SHIPPED / "judge") is not None, "the shipped world carries clip/ beside its pipeline"
     assert check_world_folder(SHIPPED) == SHIPPED / "pipeline"
-    assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 40 * 2**20, "the shipped world stays under 40 MB"
+    world = [f for f in SHIPPED.rglob("*") if f.is_file() and "janus" not in f.relative_to(SHIPPED).parts]  # the toy Janus has its own budget
+    assert sum(f.stat().st_size for f in world) < 40 * 2**20, "the shipped world stays under 40 MB"
