@@ -160,3 +160,11 @@ def test_the_cli_refuses_stage2_without_stage1_and_a_wrong_stage1_in_one_line_wr
         lines = done.output.strip().splitlines()
         assert done.exit_code == 2 and "Traceback" not in done.output and [line for line in lines if line.startswith("error:")] == lines[-1:], done.output
         assert not out.exists()
+
+
+def test_the_toy_anchor_is_an_object_apart_from_the_targets_and_their_look_alikes() -> None:
+    from erasekit.methods.ca import toy_anchor
+
+    assert toy_anchor(["circle"]) == "square" and toy_anchor(["Ring"]) == "square"
+    assert toy_anchor(["square"]) == toy_anchor(["diamond"]) == toy_anchor(["circle", "diamond"]) == "triangle"
+    assert toy_anchor(["square", "arrow"]) == ""  # neither choice is free: the empty prompt, CA's and DoCo's default

@@ -49,7 +49,8 @@ class CAConfig(MethodConfig):
     iterations: int = field(default=100, metadata={"help": "Optimiser steps (CA: 100 for objects and styles, 400 for nudity)."})
     lr: float = field(default=2e-6, metadata={"help": "Learning rate per sample; AdamW runs at lr x batch_size (CA: 2e-6 x batch)."})
     batch_size: int = field(default=4, metadata={"help": "Anchor images per step (CA: 4)."})
-    anchor: str = field(default="", metadata={"help": "Anchor concept the target is mapped to (CA: its superclass, e.g. 'cat' for 'grumpy cat'); '' = the empty prompt, the toy world's generic 'any shape' (its classes share no superclass word)."})
+    anchor: str = field(default="", metadata={"help": "Anchor concept the target is mapped to (CA: its superclass, e.g. 'cat' for 'grumpy cat'); '' = the empty prompt, the toy world's generic 'any shape' (its classes share no superclass word); "
+                                                   "'toy' = square (triangle where square or diamond is erased)."})
     loss: str = field(default="model-based", metadata={"help": "model-based (CA's default: match the anchor's prediction) or noise-based (match the noise)."})
     prior_preservation: bool = field(default=False, metadata={"help": "Add MSE(eps(x_t, anchor prompt), eps) on anchor images (CA: off; on for nudity)."})
     prior_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss (CA: 1)."})
@@ -205,10 +206,23 @@ def ca_loop(s: Setup[CAConfig], data: Anchors, progress: Progress | None) -> Non
         s.end_step(step + 1, record, erase.detach(), preserve.detach(), None, progress)
 
 
+TOY_ANCHOR = "toy"  # an anchor setting: an object of the toy world apart from the targets and their look-alikes
+TOY_ANCHOR_CHOICES = ("square", "triangle")
+
+
+def toy_anchor(targets: list[str]) -> str:
+    """The anchor ``toy`` stands for: square, or triangle where square or its look-alike (diamond) is a target."""
+    from erasekit.world.vocab import load_vocab
+
+    near = {t.lower() for t in targets}
+    near |= {b for a, b in load_vocab().lookalike_pairs() if a in near} | {a for a, b in load_vocab().lookalike_pairs() if b in near}
+    return next((c for c in TOY_ANCHOR_CHOICES if c not in near), "")
+
+
 def prompts_of(pipe: Pipeline, request: ErasureRequest, config: AnchorSettings) -> tuple[list[str], str, list[str], list[str]]:
     """(checked targets, anchor, per anchor image its anchor prompt and its target prompt), refusing bad choices first."""
     targets = [check_prompt(pipe, t, "concept") for t in request.targets]
-    anchor = config.anchor.strip()
+    anchor = toy_anchor(targets) if config.anchor.strip() == TOY_ANCHOR else config.anchor.strip()
     if anchor:
         check_prompt(pipe, anchor, "anchor")
     if anchor.lower() in {t.lower() for t in targets}:

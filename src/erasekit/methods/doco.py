@@ -45,7 +45,8 @@ class DoCoConfig(MethodConfig):
     disc_lr: float = field(default=1e-4, metadata={"help": "Discriminator Adam learning rate (DoCo: 1e-4 objects and nudity, 5e-4 styles)."})
     disc_width: int = field(default=64, metadata={"help": "Channels of the discriminator's first layer, doubled per layer (DoCo's PatchGAN: 64)."})
     batch_size: int = field(default=8, metadata={"help": "Anchor latents per step, and as many for the prior loss (DoCo: 8)."})
-    anchor: str = field(default="", metadata={"help": "Anchor concept the target's domain is moved to (DoCo: 'airplane' for parachute, 'clothed' for nudity); '' = the empty prompt."})
+    anchor: str = field(default="", metadata={"help": "Anchor concept the target's domain is moved to (DoCo: 'airplane' for parachute, 'clothed' for nudity); '' = the empty prompt; "
+                                                   "'toy' = square (triangle where square or diamond is erased), the toy preset's."})
     prior_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss where surgery is off (DoCo: 1)."})
     surgery: str = field(default="project", metadata={"help": "Gradient surgery: project (remove the erasure gradient's conflicting part), reference (DoCo's formula), off (plain sum)."})
     surgery_scale: float = field(default=1.0, metadata={"help": "lambda: how much of the conflicting part is removed (DoCo: 1)."})
