@@ -29,7 +29,7 @@ class AttackPlan:
     prompts: list[str]
     detector: Detector
     config: Any  # AttackConfig
-    base: Any = field(default=None, repr=False)  # (latents, uint8 images) once made
+    base: Any = field(default=None, repr=False)  # (latents or, on a Janus, image tokens; uint8 images) once made
 
 
 def attack_settings(settings: dict[str, Any], seed: int, steps: int | None, janus: str | None = None) -> Any:
