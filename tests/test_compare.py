@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -15,22 +14,10 @@ from erasekit.compare import compare, compare_methods, default_suites
 from erasekit.methods import base as method_base
 from erasekit.models import load_pipeline
 from erasekit.result import load_result
-from erasekit.world.judge import Judge
-from erasekit.world.vocab import load_vocab
 
 runner = CliRunner()
 TINY_TRAIN = ["iterations=2", "ddim_steps=2", "lr=1e-3"]
 EVAL = {"images_per_class": 1, "steps": 2}
-
-
-@pytest.fixture
-def judge_dir(tmp_path: Path) -> Path:
-    """An untrained judge with the toy world's head sizes, saved as a folder."""
-    torch.manual_seed(0)
-    vocab = load_vocab()
-    folder = tmp_path / "judge"
-    Judge(n_objects=len(vocab.objects), n_colours=len(vocab.colours), n_styles=len(vocab.styles)).eval().save(folder)
-    return folder
 
 
 def cli() -> typer.Typer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ def attack_settings(settings: dict[str, Any], seed: int, steps: int | None, janu
 
     ``janus`` names the model when it is a Janus: sampler steps and noise draws are refused and the guidance defaults to Janus-Pro's.
     """
-    from dataclasses import replace
-
     from erasekit.attack.run import AttackConfig
 
     known = {f.name for f in fields(AttackConfig)}

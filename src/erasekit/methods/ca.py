@@ -215,7 +215,7 @@ def toy_anchor(targets: list[str]) -> str:
     from erasekit.world.vocab import load_vocab
 
     near = {t.lower() for t in targets}
-    near |= {b for a, b in load_vocab().lookalike_pairs() if a in near} | {a for a, b in load_vocab().lookalike_pairs() if b in near}
+    near |= {x for pair in load_vocab().lookalike_pairs() if near & set(pair) for x in pair}
     return next((c for c in TOY_ANCHOR_CHOICES if c not in near), "")
 
 
