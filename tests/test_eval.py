@@ -224,6 +224,14 @@ def test_toy_suites_run_on_a_pipeline_and_a_judge(tmp_path: Path) -> None:
 # ---- evaluate ----
 
 @pytest.fixture
+def judge_dir(tmp_path: Path) -> Path:
+    """An untrained judge saved as a folder."""
+    folder = tmp_path / "judge"
+    untrained_judge().save(folder)
+    return folder
+
+
+@pytest.fixture
 def run_dir(tmp_path: Path, tiny_dir: Path) -> Path:
     """A run folder as `erasekit erase` writes it, for the tiny base."""
     from erasekit.models import load_pipeline
