@@ -3,7 +3,8 @@
     python benchmarks/image_prompt_claim.py --concept circle --methods esd-x,eap,co-erasing --seeds 3 --json out.json
     python benchmarks/image_prompt_claim.py --from COMPARE_DIR ...   # the erased models of `erasekit compare --seeds 3`
 
-Each method erases the concept with its toy preset on training seeds 0..S-1; the erased model (and the base) then
+Each method erases the concept with its toy preset on training seeds 0..S-1 (``--first-seed F``: F..F+S-1; ``--add-to
+JSON`` joins an earlier run's seeds to these before the intervals); the erased model (and the base) then
 generates through the toy IP-Adapter, prompted with renders of the concept (every colour, two styles) and
   - image alone (empty text): the concept rate the judge reads (top-1 object) — the claim's measurement;
   - image + the concept's text prompt;
@@ -19,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def renders(obj: str, styles: int, seed: int) -> list[Any]:
@@ -57,15 +58,23 @@ def rates(pipe: Any, judge: Any, concept: str, text: str, images_per: int, style
     return {"image alone": 100 * alone / n, "image + text": 100 * named / n, "other objects kept": 100 * kept, "images": n}
 
 
+def _fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> int:
     """Run the claim's table and print it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--methods", default="esd-x,eap,co-erasing")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="Training seeds FIRST..FIRST+SEEDS-1 (to add seeds to an earlier --json).")
     parser.add_argument("--images-per", type=int, default=2, help="Generations per render (seeds).")
     parser.add_argument("--styles", type=int, default=2, help="Styles of the renders (x every colour).")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--add-to", type=Path, default=None, help="An earlier --json of other seeds: its per-seed rows join these.")
     parser.add_argument("--from", dest="source", type=Path, default=None,
                         help="A `erasekit compare` folder of the same concept: its METHOD-seedS runs are loaded, not trained again.")
     args = parser.parse_args()
@@ -79,18 +88,27 @@ def main() -> int:
     from erasekit.world.captions import object_prompt
     from erasekit.world.judge import Judge
 
+    methods = ["base", *[m for m in args.methods.split(",") if m]]
+    earlier: dict[str, Any] = {}
+    if args.add_to:
+        try:
+            earlier = json.loads(args.add_to.read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"--add-to {args.add_to}: cannot read it ({exc}); give a --json this benchmark wrote")
+        if set(earlier) != set(methods):
+            _fail(f"--add-to {args.add_to} holds {', '.join(sorted(earlier))}, not this run's {', '.join(sorted(methods))}; give the same --methods")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     judge = Judge.load(toy_dir() / "judge")
     text = object_prompt(args.concept)
     table: dict[str, list[dict[str, float]]] = {}
-    for method in ["base", *[m for m in args.methods.split(",") if m]]:
-        for seed in range(args.seeds):
+    for method in methods:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             started = time.perf_counter()
             pipe = load_pipeline("toy")
             run = args.source / f"{method}-seed{seed}" if args.source else None
             if run is not None and method != "base":
                 if not run.is_dir():
-                    sys.exit(f"--from {args.source} has no run {run.name}; compare with --seeds {args.seeds} and these methods first")
+                    _fail(f"--from {args.source} has no run {run.name}; compare with --seeds {args.seeds} and these methods first")
                 load(pipe, run)
             elif method != "base":
                 erase(pipe, args.concept, method=method, budget="toy", seed=seed).apply(pipe)
@@ -102,9 +120,12 @@ def main() -> int:
             if method == "base":
                 table["base"] *= args.seeds  # the base has no training seed: one measurement stands for every seed
                 break
+    if earlier:
+        for method in table:
+            table[method] = earlier[method]["per_seed"] + table[method]
     keys = ("image alone", "image + text", "other objects kept")
     n = int(table["base"][0]["images"])
-    print(f"concept {args.concept}, {args.seeds} training seeds, {n} generations per seed through the toy IP-Adapter (mean [95 %])")
+    print(f"concept {args.concept}, {len(table['base'])} training seeds, {n} generations per seed through the toy IP-Adapter (mean [95 %])")
     print("| method | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     summary: dict[str, Any] = {}
@@ -117,6 +138,9 @@ def main() -> int:
             d = paired_difference([r["image alone"] for r in table[method]], [r["image alone"] for r in table["co-erasing"]])
             summary[method]["minus co-erasing (image alone)"] = d.as_dict()
             print(f"{method} - co-erasing, concept rate from the image alone: {d.mean:+.1f} [{d.lo:+.1f}, {d.hi:+.1f}] -> {verdict(d)}")
+            k = paired_difference([r["other objects kept"] for r in table[method]], [r["other objects kept"] for r in table["co-erasing"]])
+            summary[method]["minus co-erasing (other objects kept)"] = k.as_dict()
+            print(f"{method} - co-erasing, other objects kept from their images: {k.mean:+.1f} [{k.lo:+.1f}, {k.hi:+.1f}] -> {verdict(k)}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return 0
