@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +30,14 @@ def test_bench_eap_runs_every_configuration_and_ends_with_the_ratios() -> None:
 def test_bench_eap_refuses_bad_numbers_in_one_line() -> None:
     done = subprocess.run([sys.executable, "-m", "erasekit", "bench", "eap", "--iterations", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--iterations" in done.stderr
+
+
+@pytest.mark.parametrize("content", [None, '{"esd-x": {"per_seed": []}}'])
+def test_image_prompt_claim_refuses_an_add_to_file_it_cannot_join_before_any_work(tmp_path: Path, content: str | None) -> None:
+    earlier = tmp_path / "earlier.json"
+    if content is not None:
+        earlier.write_text(content)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "image_prompt_claim.py"
+    done = subprocess.run([sys.executable, str(script), "--add-to", str(earlier), "--seeds", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--add-to" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
