@@ -6,11 +6,28 @@ from typing import Any
 
 
 def rate_counts(evaluation: dict[str, Any]) -> dict[str, int]:
-    """Images behind each ESR/PSR of one evaluation (for the pooled part of the interval): erased vs preserved groups."""
+    """Images behind each rate of one evaluation (for the pooled part of the interval).
+
+    ESR counts the erased groups' images, PSR the others' (every image when the concept is no group of the suite,
+    e.g. the skull on toy-objects), and ``all`` every image: a detection rate at a threshold (``implicit@0.5``,
+    ``nudity@0.6``) is over all of them.
+    """
     images = evaluation.get("images") or []
+    if not images:
+        return {}
     erased = set(evaluation.get("erased") or [])
     n_erased = sum(1 for im in images if im.get("group") in erased)
-    return {"ESR": n_erased, "PSR": len(images) - n_erased} if images and erased else {}
+    counts = {"PSR": len(images) - n_erased, "all": len(images)}
+    if n_erased:
+        counts["ESR"] = n_erased
+    return counts
+
+
+def images_behind(key: str, counts: dict[str, int]) -> int | None:
+    """The images a rate named ``key`` pools (None for a score that is no proportion of images, e.g. FID)."""
+    if key.startswith(("ESR-", "PSR-")):
+        return counts.get(key[:3])
+    return counts.get("all") if "@" in key else None
 
 
 def aggregate(name: str, records: list[dict[str, Any]], intervals: bool) -> dict[str, Any]:
@@ -30,7 +47,7 @@ def aggregate(name: str, records: list[dict[str, Any]], intervals: bool) -> dict
                 continue
             row["metrics"][suite][key] = sum(values) / len(values)
             if intervals:
-                images = records[0]["counts"].get(suite, {}).get(key.split("-")[0])
+                images = images_behind(key, records[0]["counts"].get(suite, {}))
                 row["intervals"][suite][key] = rate_interval(values, images).as_dict()
     row["wall_s"] = sum(r["wall_s"] for r in records) / len(records)
     row["peak_rss_mib"] = max(r.get("peak_rss_mib") or 0.0 for r in records) or None
