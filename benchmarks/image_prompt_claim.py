@@ -69,7 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--methods", default="esd-x,eap,co-erasing")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="Training seeds to run (0 with --add-to: print that file's table, run nothing).")
     parser.add_argument("--first-seed", type=int, default=0, help="Training seeds FIRST..FIRST+SEEDS-1 (to add seeds to an earlier --json).")
     parser.add_argument("--images-per", type=int, default=2, help="Generations per render (seeds).")
     parser.add_argument("--styles", type=int, default=2, help="Styles of the renders (x every colour).")
@@ -87,6 +87,7 @@ def main() -> int:
     from erasekit.result import load
     from erasekit.world.captions import object_prompt
     from erasekit.world.judge import Judge
+    from erasekit.world.vocab import load_vocab
 
     methods = ["base", *[m for m in args.methods.split(",") if m]]
     earlier: dict[str, Any] = {}
@@ -97,11 +98,13 @@ def main() -> int:
             _fail(f"--add-to {args.add_to}: cannot read it ({exc}); give a --json this benchmark wrote")
         if set(earlier) != set(methods):
             _fail(f"--add-to {args.add_to} holds {', '.join(sorted(earlier))}, not this run's {', '.join(sorted(methods))}; give the same --methods")
+    if args.seeds < 0 or (args.seeds == 0 and not earlier):
+        _fail(f"--seeds {args.seeds}: give at least 1 (or 0 with --add-to, to print an earlier run's table)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     judge = Judge.load(toy_dir() / "judge")
     text = object_prompt(args.concept)
     table: dict[str, list[dict[str, float]]] = {}
-    for method in methods:
+    for method in methods if args.seeds else []:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             started = time.perf_counter()
             pipe = load_pipeline("toy")
@@ -121,16 +124,17 @@ def main() -> int:
                 table["base"] *= args.seeds  # the base has no training seed: one measurement stands for every seed
                 break
     if earlier:
-        for method in table:
-            table[method] = earlier[method]["per_seed"] + table[method]
+        for method in methods:
+            table[method] = earlier[method]["per_seed"] + table.get(method, [])
     keys = ("image alone", "image + text", "other objects kept")
     n = int(table["base"][0]["images"])
+    pooled = {"image alone": n, "image + text": n, "other objects kept": n * (len(load_vocab().objects) - 1)}  # renders per object alike
     print(f"concept {args.concept}, {len(table['base'])} training seeds, {n} generations per seed through the toy IP-Adapter (mean [95 %])")
     print("| method | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     summary: dict[str, Any] = {}
     for method, rows in table.items():
-        cells = {k: rate_interval([r[k] for r in rows], images=n if k != "other objects kept" else None) for k in keys}
+        cells = {k: rate_interval([r[k] for r in rows], images=pooled[k]) for k in keys}
         summary[method] = {"per_seed": rows, **{k: v.as_dict() for k, v in cells.items()}}
         print(f"| {method} | " + " | ".join(f"{v.mean:.1f} [{v.lo:.1f}, {v.hi:.1f}]" for v in cells.values()) + " |")
     if "co-erasing" in table:
