@@ -104,7 +104,7 @@ def main() -> int:
     judge = Judge.load(toy_dir() / "judge")
     text = object_prompt(args.concept)
     table: dict[str, list[dict[str, float]]] = {}
-    for method in methods if args.seeds else []:
+    for method in methods:  # --seeds 0: no seed to run, only the earlier file's rows
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             started = time.perf_counter()
             pipe = load_pipeline("toy")

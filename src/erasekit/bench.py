@@ -154,12 +154,13 @@ def eap_speed(images_per_class: int = 20, concept: str = "circle", sd14: bool = 
             psr1_fast=mean("fast", "psr1"), psr1_faithful=mean("faithful", "psr1"),
         )
         if seeds > 1:
+            from erasekit.compare_seeds import images_behind
             from erasekit.eval.intervals import paired_difference, rate_interval, verdict
 
             for key in ("esr1", "psr1"):
                 for name in ("fast", "faithful"):
                     values = [r[key] for r in runs[name]]
-                    span = rate_interval(values, runs[name][0]["counts"].get(key[:3].upper()))
+                    span = rate_interval(values, images_behind(f"{key[:3].upper()}-1", runs[name][0]["counts"]))
                     out[f"{key}_{name}_per_seed"] = [round(v, 2) for v in values]
                     out[f"{key}_{name}_interval"] = [round(span.lo, 2), round(span.hi, 2)]
                 diff = paired_difference([r[key] for r in runs["fast"]], [r[key] for r in runs["faithful"]])
