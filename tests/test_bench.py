@@ -41,3 +41,11 @@ def test_image_prompt_claim_refuses_an_add_to_file_it_cannot_join_before_any_wor
     done = subprocess.run([sys.executable, str(script), "--add-to", str(earlier), "--seeds", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--add-to" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [["--iterations", "many"], ["--iterations", "0"], ["--seeds", "0"], ["--workers", "0"]])
+def test_lookalike_bar_refuses_bad_numbers_in_one_line_before_any_work(args: list[str]) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lookalike_bar.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -182,3 +182,24 @@ def test_training_draws_are_consistent_with_each_schedules_x0_map() -> None:
             level = Level(k=0, steps=0, t=float(t[i]), grid_t=float(t[i]))
             back = schedule.to_x0(x_t[i : i + 1], target[i : i + 1], level)
             assert torch.allclose(back, x0[i : i + 1], atol=1e-5), type(schedule).__name__
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_rollout_queries_the_model_with_its_time_on_the_state_device(flow: bool) -> None:
+    # the meta device stands in for a GPU on a CPU-only machine: a time left on the CPU failed every
+    # fine-tuning method on CUDA (found running ESD-x on an H200)
+    seen: list[tuple[torch.device, torch.device]] = []
+
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        seen.append((x.device, t.device))
+        return x
+
+    if flow:
+        sched: DDIMSchedule | FlowSchedule = FlowSchedule([1.0, 0.5, 0.0])
+    else:
+        sched = DDIMSchedule(build_scheduler().config, 4)
+    start = torch.zeros(1, 4, 2, 2, device="meta")
+    meta = Cond({"hidden": torch.zeros(1, 3, 2, device="meta")})
+    sched.rollout(predict, start, meta, meta, [2], 3.0)
+    sched.rollout(predict, start, meta, None, [2], 1.0)
+    assert seen and all(x == t == torch.device("meta") for x, t in seen)

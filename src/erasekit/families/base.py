@@ -66,7 +66,7 @@ class Cond:
 
     def mix(self, weights: torch.Tensor) -> Cond:
         """Rows ``weights @ self``: each output row a weighted sum of this bank's rows (B x N weights)."""
-        return self.map(lambda v: (weights.to(v.dtype) @ v.flatten(1)).view(weights.shape[0], *v.shape[1:]))
+        return self.map(lambda v: (weights.to(v.device, v.dtype) @ v.flatten(1)).view(weights.shape[0], *v.shape[1:]))
 
     def flat(self) -> torch.Tensor:
         """Every part flattened and joined per row (for distances between conditionings)."""
@@ -148,7 +148,7 @@ class Schedule(ABC):
         both = Cond.cat([uncond.expand(b), cond]) if uncond is not None else cond
         states: dict[int, torch.Tensor] = {0: x}
         for i in range(max(n_steps, default=0)):
-            t = self.grid_time(i)
+            t = self.grid_time(i).to(x.device)
             if uncond is not None:
                 e_un, e_c = predict(torch.cat([x, x]), t.expand(2 * b), both).chunk(2)
                 out = e_un + guidance * (e_c - e_un)

@@ -111,12 +111,13 @@ class PatchDiscriminator(nn.Module):
 class Discriminator:
     """The discriminator, its Adam and what identifies its run; checkpointed with the denoiser (``state``/``load_state``)."""
 
-    def __init__(self, shape: tuple[int, ...], config: DoCoConfig, base_hash: str, generator: torch.Generator) -> None:
+    def __init__(self, shape: tuple[int, ...], config: DoCoConfig, base_hash: str, generator: torch.Generator,
+                 device: torch.device | str = "cpu") -> None:
         channels, size = shape[0], shape[-1]
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):  # its initialisation follows the run's seed; the global RNG is left as it was
             torch.manual_seed(seed)
-            self.net = PatchDiscriminator(channels, size, config.disc_width)
+            self.net = PatchDiscriminator(channels, size, config.disc_width).to(device)  # initialised on the CPU: the same on any device
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
         self.identity = {"base_hash": base_hash, "shape": list(shape), "width": config.disc_width}
         self.last_loss = 0.0
@@ -248,7 +249,7 @@ def fit_doco(pipe: Pipeline, request: ErasureRequest, config: DoCoConfig, progre
     _family_for(pipe)
     s, anchor_prompts, target_prompts = ca_setup(pipe, request, config)
     try:
-        disc = Discriminator(tuple(s.family.latent_shape(pipe)[1:]), config, s.base_hash, s.generator)
+        disc = Discriminator(tuple(s.family.latent_shape(pipe)[1:]), config, s.base_hash, s.generator, s.trainable.device)
     except BaseException:
         s.trainable.restore()
         raise

@@ -290,7 +290,11 @@ def build_itd_hook(tensors: dict[str, torch.Tensor], settings: dict[str, Any], w
     sae.requires_grad_(False)
 
     def transform(hidden: torch.Tensor) -> torch.Tensor:  # differentiable in ``hidden``: the attack searches through it
+        nonlocal atoms, features, detectors
         x = hidden.float()
+        if atoms.device != x.device:  # the SAE follows the encoder to wherever the pipeline was moved
+            sae.to(x.device)
+            atoms, features, detectors = atoms.to(x.device), features.to(x.device), detectors.to(x.device)
         z = sae.activations(x)
         zf = z[..., features]
         removed = (1.0 - scale) * zf @ atoms.t()

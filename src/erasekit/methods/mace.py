@@ -205,7 +205,7 @@ def fit_mace(pipe: Pipeline, request: ErasureRequest, config: MACEConfig, progre
         applied(unet, was)
     keys = [encode(pipe, [t.format(c) for t in TRAIN_TEMPLATES]).to(dtype=torch.float64, device="cpu").flatten(0, 1) for c in concepts]
     keep = encode(pipe, [*retain, ""]).to(dtype=torch.float64, device="cpu").flatten(0, 1)
-    targets = [{n: w + u.get(n, torch.zeros_like(w)) for n, w in refined.items()} for u in updates]
+    targets = [{n: w + u[n].to(w) if n in u else w for n, w in refined.items()} for u in updates]  # the LoRA updates come back on the CPU
     fused = fuse(refined, targets, keys, keep, config.fusion_scale * len(keys))
     history.append({"fusion": {"concepts": len(concepts), "retain_prompts": len(retain), "refined": config.refine}})
     return make_result(pipe, request, "mace", config, as_delta(fused, unet), "weights", history,

@@ -119,12 +119,14 @@ def fuse(base: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]], 
     ``targets[i]`` the matrices after concept i's own update, ``keys[i]`` its prompts' rows E_i, ``keep`` the retained rows E_p
     (rows R x d, float64). W* = (sum_i W_i G_i + keep_scale W G_p + ridge W)(sum_i G_i + keep_scale G_p + ridge I)^-1, G = E^T E.
     """
+    keys, keep = [k.to("cpu", torch.float64) for k in keys], keep.to("cpu", torch.float64)
     d = keep.shape[1]
     grams = [k.T @ k for k in keys]
     g_keep = keep.T @ keep
     lhs = sum(grams, torch.zeros(d, d, dtype=torch.float64)) + keep_scale * g_keep + ridge * torch.eye(d, dtype=torch.float64)
     out = {}
-    for name, w in base.items():
-        rhs = sum((t[name] @ g for t, g in zip(targets, grams)), torch.zeros_like(w)) + keep_scale * w @ g_keep + ridge * w
+    for name, w in base.items():  # on the CPU in float64, wherever the model's weights live
+        w = w.to("cpu", torch.float64)
+        rhs = sum((t[name].to(w) @ g for t, g in zip(targets, grams)), torch.zeros_like(w)) + keep_scale * w @ g_keep + ridge * w
         out[name] = torch.linalg.solve(lhs, rhs.T).T  # lhs is symmetric
     return out
