@@ -87,8 +87,8 @@ def perturb(w: torch.Tensor, n: int, sizes: tuple[float, float], band: tuple[flo
     for _ in range(200):
         if sum(len(k) for k in kept) >= n:
             break
-        d = torch.randn((256, *w.shape), generator=generator).to(w)  # drawn on the CPU: the same draws on any device
-        size = (sizes[0] + torch.rand(256, generator=generator).to(w) * (sizes[1] - sizes[0])) * w.norm()
+        d = torch.randn((256, *w.shape), generator=generator).to(w.device)  # drawn on the CPU: the same draws on any device
+        size = (sizes[0] + torch.rand(256, generator=generator).to(w.device) * (sizes[1] - sizes[0])) * w.norm()
         cand = w[None] + d / d.flatten(1).norm(dim=1).view(-1, 1, 1) * size.view(-1, 1, 1)
         c = cosine(cand, w)
         kept.append(cand[(c >= band[0]) & (c <= band[1])])
