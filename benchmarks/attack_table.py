@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from erasekit.compare import compare_methods, markdown
     from erasekit.errors import ErasekitError
-    from erasekit.methods import registry
 
     out = args.out or Path("runs") / f"attack-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else sorted(registry())
+    # no --methods: compare picks every method of the model's kind (the toy model is a diffusion model: not ear)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     attack = {"n_prompts": args.n_prompts, "iterations": args.iterations, "tokens": args.tokens, "noise_draws": args.noise_draws}
     if args.summarise is None:
-        print(f"erasing and attacking {args.concept!r} on toy with {', '.join(methods)} -> {out}", file=sys.stderr, flush=True)
+        print(f"erasing and attacking {args.concept!r} on toy with {', '.join(methods) if methods else 'every diffusion method'} -> {out}", file=sys.stderr, flush=True)
     started = time.perf_counter()
 
     def progress(label: str, done: int, total: int | None, info: str) -> None:

@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from erasekit.compare import compare_methods, markdown
     from erasekit.errors import ErasekitError
-    from erasekit.methods import registry
 
     out = args.out or Path("runs") / f"compare-{args.concept}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else sorted(registry())
-    print(f"erasing {args.concept!r} from {args.model} with {', '.join(methods)} -> {out}", file=sys.stderr, flush=True)
+    # no --methods: compare picks every method of the model's kind (the toy model is a diffusion model: not ear)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    print(f"erasing {args.concept!r} from {args.model} with {', '.join(methods) if methods else 'every diffusion method'} -> {out}", file=sys.stderr, flush=True)
 
     def progress(label: str, done: int, total: int | None, info: str) -> None:
         if total and done == total:
