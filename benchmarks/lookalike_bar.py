@@ -61,22 +61,12 @@ def one_pair(device: str, images_per_class: int, iterations: int, seed: int, era
 
 
 def _one_pair(device: str, images_per_class: int, iterations: int, seed: int, erased: str, partner: str) -> dict:
-    from erasekit.api import erase
-    from erasekit.world.pairs import class_scores, rank_partner
-    from erasekit.world.vocab import load_vocab
+    from erasekit.world.pairs import erase_and_rank
 
     _load(device, images_per_class)
-    pipe, base = _STATE["pipe"], _STATE["base"]
     start = time.perf_counter()
-    result = erase(pipe, erased, method="esd-x", budget="toy", iterations=iterations, seed=seed)
-    original = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-    try:
-        after = class_scores(result.apply(pipe), _STATE["judge"], _STATE["gen"], images_per_class)
-    finally:
-        pipe.unet.load_state_dict(original)
-    objects = load_vocab().objects
-    drops = {o: round(float(base[i] - after[i]), 2) for i, o in enumerate(objects)}
-    row = rank_partner(drops, erased, partner)
+    row = erase_and_rank(_STATE["pipe"], _STATE["judge"], _STATE["gen"], _STATE["base"], erased, partner, images_per_class,
+                         iterations=iterations, seed=seed)
     return {**row, "iterations": iterations, "seed": seed, "seconds": round(time.perf_counter() - start, 1)}
 
 

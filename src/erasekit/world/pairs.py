@@ -40,23 +40,28 @@ def lookalike_pairs(
     pipe: Any, judge: Judge, generate: Generate, images_per_class: int = 16, iterations: int | None = None
 ) -> dict:
     """Erase the first object of every designed pair with ESD-x; where its partner ranks among the drops (``pipe``: a diffusers pipeline)."""
-    from erasekit.api import erase
-
-    vocab = load_vocab()
     base = class_scores(pipe, judge, generate, images_per_class)
-    rows: list[dict[str, Any]] = []
-    for erased, partner in vocab.lookalike_pairs():
-        overrides: dict[str, Any] = {"iterations": iterations} if iterations else {}
-        result = erase(pipe, erased, method="esd-x", budget="toy", **overrides)
-        original = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-        try:
-            after = class_scores(result.apply(pipe), judge, generate, images_per_class)
-        finally:
-            pipe.unet.load_state_dict(original)
-        drops = {o: round(float(base[i] - after[i]), 2) for i, o in enumerate(vocab.objects)}  # ranked as reported
-        rows.append(rank_partner(drops, erased, partner))
+    overrides: dict[str, Any] = {"iterations": iterations} if iterations else {}
+    rows = [erase_and_rank(pipe, judge, generate, base, erased, partner, images_per_class, **overrides)
+            for erased, partner in load_vocab().lookalike_pairs()]
     met = sum(r["met"] for r in rows)
     return {"pairs": rows, "met": met, "of": len(rows), "bar_met": met >= len(rows) - 1}
+
+
+def erase_and_rank(
+    pipe: Any, judge: Judge, generate: Generate, base: np.ndarray, erased: str, partner: str, images_per_class: int, **overrides: Any
+) -> dict[str, Any]:
+    """Erase ``erased`` with ESD-x (toy preset and ``overrides``), score every class against ``base``, rank the partner; ``pipe`` is left as it was."""
+    from erasekit.api import erase
+
+    result = erase(pipe, erased, method="esd-x", budget="toy", **overrides)
+    original = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    try:
+        after = class_scores(result.apply(pipe), judge, generate, images_per_class)
+    finally:
+        pipe.unet.load_state_dict(original)
+    drops = {o: round(float(base[i] - after[i]), 2) for i, o in enumerate(load_vocab().objects)}  # ranked as reported
+    return rank_partner(drops, erased, partner)
 
 
 def rank_partner(drops: dict[str, float], erased: str, partner: str) -> dict[str, Any]:
