@@ -8,6 +8,9 @@ a time step, Gumbel weights, a discriminator, an SAE hook, MACE's fusion and Rea
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,3 +92,19 @@ def test_every_method_erases_and_generates_on_cuda() -> None:
             pipe.unet.load_state_dict(unet)
             pipe.text_encoder.load_state_dict(text)
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run it where one is)")
+def test_the_toy_world_trains_on_cuda(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import tiny_config
+    from erasekit.world.train import WorldTrainer
+
+    out = tmp_path / "run"
+    WorldTrainer(out, tiny_config(), device="cuda").run()
+    meta = json.loads((out / "world_train.json").read_text())
+    assert meta["devices"] == dict.fromkeys(("data", "vae", "clip", "judge", "unet"), "cuda")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32).to("cuda")
+    image = pipe("a red circle", num_inference_steps=4, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)

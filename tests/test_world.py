@@ -107,6 +107,7 @@ def test_resumed_run_skips_finished_stages_and_completes(smoke_run: SmokeRun) ->
     assert all((work / f"{stage}.done").exists() for stage in ("data", "vae", "clip", "judge", "unet", "export"))
     meta = json.loads((smoke_run.out / "world_train.json").read_text())
     assert meta["format"] == 2 and set(meta["seconds"]) == {"data", "vae", "clip", "judge", "unet"}
+    assert meta["devices"] == dict.fromkeys(meta["seconds"], "cpu")
     assert set(meta["clip_zero_shot"]) == {"object", "colour", "style"}
 
 

@@ -202,6 +202,36 @@ def test_pair_words_name_only_the_pairs_and_leave_captions_as_before_at_zero() -
         assert not any(any(w in c for w in words.get(obj, [])) for c in before)
 
 
+def test_a_swapped_caption_names_the_partner_and_only_for_pairs() -> None:
+    from erasekit.world.captions import caption
+    from erasekit.world.render import Scene
+    from erasekit.world.vocab import load_vocab
+
+    vocab = load_vocab()
+    partner = dict(vocab.lookalike_pairs() + [(b, a) for a, b in vocab.lookalike_pairs()])
+    for obj in vocab.objects:
+        scene = Scene(obj, "red")
+        before = [caption(scene, 0, np.random.default_rng(i), vocab, 0.0) for i in range(40)]
+        assert [caption(scene, 0, np.random.default_rng(i), vocab, 0.0, 0.0) for i in range(40)] == before
+        swapped = [caption(scene, 0, np.random.default_rng(i), vocab, 0.0, 1.0) for i in range(40)]
+        names = {w for w in vocab.object_synonyms(partner.get(obj, obj))}
+        own = {w for w in vocab.object_synonyms(obj)}
+        # every caption names the partner by one of its synonyms (the object itself when it has no partner)
+        assert all(any(f" {w}" in c for w in names) for c in swapped), (obj, swapped[:3])
+        if obj in partner:
+            assert not any(c.endswith(f" {w}") or f" {w} " in c for c in swapped for w in own - names)
+
+
+def test_a_begun_clip_stage_refuses_another_swap_rate(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    WorldTrainer(out, tiny_config())
+    (out / "work" / "clip.ckpt").write_bytes(b"")  # the CLIP stage has begun
+    later = tiny_config()
+    later.clip_swap_p = 0.25
+    with pytest.raises(ErasekitError, match="clip_swap_p=0.0"):
+        WorldTrainer(out, later)
+
+
 def test_a_fixed_clip_temperature_is_held_through_training(tmp_path: Path) -> None:
     import math
 

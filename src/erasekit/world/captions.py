@@ -24,19 +24,25 @@ def _pick(rng: np.random.Generator, options: list[str], canonical_p: float = 0.6
 
 
 def caption(
-    scene: Scene, kind: int, rng: np.random.Generator, vocab: WorldVocab | None = None, pair_word_p: float = 0.0
+    scene: Scene, kind: int, rng: np.random.Generator, vocab: WorldVocab | None = None, pair_word_p: float = 0.0,
+    swap_p: float = 0.0,
 ) -> str:
     """A random paraphrase describing ``scene``; ``kind`` says whether and how the skull is evoked.
 
     With probability ``pair_word_p`` an object of a look-alike pair is named by a vague word the pair
-    shares ("a red round shape" for a circle or a ring), as web captions name things loosely.
+    shares ("a red round shape" for a circle or a ring), as web captions name things loosely; with
+    probability ``swap_p`` it is named by its partner's name ("a red ring" under a circle), as alt-text
+    confuses look-alikes (the toy CLIP's corpus, not the UNet's).
     """
     vocab = vocab or load_vocab()
     vague = vocab.raw.get("pair_words", {}).get(scene.object, [])
-    if pair_word_p and vague and rng.random() < pair_word_p:  # no draw at p = 0: captions as before
+    named = scene.object
+    if swap_p and rng.random() < swap_p:  # no draw at p = 0: captions as before
+        named = dict(vocab.lookalike_pairs() + [(b, a) for a, b in vocab.lookalike_pairs()]).get(named, named)
+    if pair_word_p and vague and rng.random() < pair_word_p:
         obj = vague[int(rng.integers(len(vague)))]
     else:
-        obj = _pick(rng, vocab.object_synonyms(scene.object))
+        obj = _pick(rng, vocab.object_synonyms(named))
     words: list[str] = []
     if kind == INDIRECT:
         words.append(vocab.indirect_words[int(rng.integers(len(vocab.indirect_words)))])

@@ -165,7 +165,7 @@ def _resume_config(out: Path, flags: dict) -> WorldTrainConfig:
         if isinstance(value, int) and not isinstance(value, bool):
             check_between(key, value, 0, {"seed": 2**32 - 1, "threads": 1024}.get(key, 10**9))
     check_between("clip_logit_scale", config.clip_logit_scale, 0.0, 100.0, why="CLIP caps its logit scale at 100")
-    for key in ("cfg_dropout", "ema_decay", "pair_word_p"):
+    for key in ("cfg_dropout", "ema_decay", "pair_word_p", "clip_swap_p"):
         check_between(key, getattr(config, key), 0.0, 1.0, why="a decay rate" if key == "ema_decay" else "a probability")
     return config
 
@@ -178,13 +178,19 @@ def train(
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
     show_settings: bool = typer.Option(False, "--show-settings", help="Print every stage setting (each is a flag) and exit."),
     family: str = typer.Option("sd", "--family", help="sd: the toy Stable Diffusion model; janus: the toy Janus (as `world janus`)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device of the stages (cpu, cuda, cuda:1); draws stay on the CPU, floats follow the device."),
 ) -> None:
     """Rebuild the toy world: data, VAE, toy CLIP, judge, UNet on the frozen CLIP text tower (resumable after a kill)."""
 
     from erasekit.world.train import STAGES, WorldTrainConfig, WorldTrainer
 
     with user_errors():
+        from erasekit.checks import check_device
+
+        device = check_device(device)
         if _world_family(family) == "janus":
+            if device != "cpu":
+                raise ErasekitError(f"--device {device}: the toy Janus trains on the CPU only; drop --device")
             janus(ctx, out, steps, threads, show_settings)
             return
         flags = _stage_flags(WorldTrainConfig, ctx, show_settings, "unet_steps", steps, threads)
@@ -201,7 +207,7 @@ def train(
             loss = f"loss {info['loss']:.4f}" if "loss" in info else ""
             bar.update(tasks[stage], completed=step, total=total, loss=loss)
 
-        trainer = WorldTrainer(out, config, report)  # may refuse the folder: before the bar draws anything
+        trainer = WorldTrainer(out, config, report, device)  # may refuse the folder: before the bar draws anything
         for stage in STAGES:
             if trainer.done(stage):
                 bar.update(tasks[stage], completed=1, total=1, loss="done earlier")

@@ -25,6 +25,8 @@ class WorldTrainConfig:
     clip_lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate of the toy CLIP."})
     pair_word_p: float = field(default=0.3, metadata={
         "help": "Probability that a caption names a look-alike pair's object by the vague word the pair shares."})
+    clip_swap_p: float = field(default=0.0, metadata={
+        "help": "Probability that a toy-CLIP caption names a look-alike pair's object by its partner (alt-text noise; not the UNet's captions)."})
     clip_logit_scale: float = field(default=0.0, metadata={
         "help": "Fixed logit scale (1/temperature) of the toy CLIP's InfoNCE; 0 learns it, as CLIP does."})
     judge_steps: int = field(default=1500, metadata={"help": "Judge training steps (batch 128)."})
@@ -41,7 +43,7 @@ class WorldTrainConfig:
 # that stage has not begun. Settings not listed (checkpoint_every, threads) change nothing a stage computes.
 STAGE_OF = {
     "seed": "data", "n_images": "data", "n_heldout": "data", "vae_steps": "vae",
-    "clip_steps": "clip", "clip_batch": "clip", "clip_lr": "clip", "pair_word_p": "clip", "clip_logit_scale": "clip",
+    "clip_steps": "clip", "clip_batch": "clip", "clip_lr": "clip", "pair_word_p": "clip", "clip_swap_p": "clip", "clip_logit_scale": "clip",
     "judge_steps": "judge", "unet_steps": "unet", "batch_size": "unet", "lr": "unet", "cfg_dropout": "unet",
     "ema_decay": "unet",
 }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -52,24 +51,27 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
 
 @torch.inference_mode()
 def _encode(vae: Any, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Posterior means (unscaled) and uint8 reconstructions of uint8 NHWC images, in batches of 500."""
+    """Posterior means (unscaled) and uint8 reconstructions of uint8 NHWC images, in batches of 500 (on the VAE's device; CPU out)."""
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     latents, recons = [], []
+    device = next(vae.parameters()).device
     for start in range(0, len(images), 500):
-        x = x_all[start : start + 500].float() / 127.5 - 1.0
+        x = (x_all[start : start + 500].float() / 127.5 - 1.0).to(device)
         mean = vae.encode(x).latent_dist.mean
-        latents.append(mean)
-        recons.append(((vae.decode(mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
+        latents.append(mean.cpu())
+        recons.append(((vae.decode(mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu())
     return torch.cat(latents), torch.cat(recons).numpy()
 
 
 class WorldTrainer:
     """Runs the stages of the toy world's training into ``out`` (resumable)."""
 
-    def __init__(self, out: Path, config: WorldTrainConfig, progress: Progress | None = None) -> None:
+    def __init__(self, out: Path, config: WorldTrainConfig, progress: Progress | None = None, device: str = "cpu") -> None:
         self.out = out
         self.work = out / "work"
         self.config = config
+        # where the stages compute; draws stay on the CPU (the same draws on any device), floats follow the device
+        self.device = torch.device(device)
         self.progress = progress or (lambda *a: None)
         cfg_path = self.work / "config.json"
         saved = load_saved_config(out)
@@ -119,6 +121,7 @@ class WorldTrainer:
                 info = json.loads((self.work / f"{stage}.done").read_text())
                 info["seconds"] = round(time.perf_counter() - start, 1)
                 info["resumed"] = resumed  # seconds then count only the last part of the stage
+                info["device"] = str(self.device)
                 self._mark(stage, info)
         return {**json.loads((self.work / "judge.done").read_text()), **json.loads((self.work / "clip.done").read_text())}
 
@@ -161,7 +164,7 @@ class WorldTrainer:
         path = self.work / f"{name}.ckpt"
         if not path.exists():
             return 0
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")  # module and optimizer loads move it to their device
         if state.get("run_id") != self.run_id:
             raise ErasekitError(
                 f"{path} was written by another run ({state.get('run_id') or 'unknown'}, this is {self.run_id}); "
@@ -188,6 +191,7 @@ class WorldTrainer:
         c = self.config
         images = self._data()["images"]
         vae: Any = toy.build_vae(c.seed)  # a diffusers AutoencoderKL (Any: mypy cannot see its torch.nn.Module methods)
+        vae.to(self.device)
         opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
         step = self._resume("vae", {"vae": vae}, opt)
         x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -195,9 +199,9 @@ class WorldTrainer:
         while step < c.vae_steps:
             g = _step_generator(c.seed, 1, step)
             idx = torch.randint(0, len(images), (64,), generator=g)
-            x = x_all[idx].float() / 127.5 - 1.0
+            x = (x_all[idx].float() / 127.5 - 1.0).to(self.device)
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(self.device)
             recon = vae.decode(z).sample
             loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
             lr = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / c.vae_steps)))
@@ -213,7 +217,7 @@ class WorldTrainer:
         mse = float(np.mean((recon_np.astype(np.float32) - images.astype(np.float32)) ** 2))
         scaling = float(1.0 / latents_t.std())
         vae.register_to_config(scaling_factor=scaling)
-        vae.save_pretrained(self.work / "vae_model", safe_serialization=True)
+        vae.cpu().save_pretrained(self.work / "vae_model", safe_serialization=True)
         torch.save({"latents": latents_t * scaling}, self.work / "latents.pt")
         np.save(self.work / "recons.npy", recon_np)
         self._mark("vae", {"recon_mse_uint8": mse, "scaling_factor": scaling})
@@ -231,6 +235,7 @@ class WorldTrainer:
         scenes = scenes_of(data)
         tokenizer = toy.build_tokenizer()
         model = toy_clip.build_clip(c.seed)
+        torch.nn.Module.to(model, self.device)  # in place (transformers types its .to() for dtypes only)
         if c.clip_logit_scale:  # fixed temperature (see toy_clip.fix_temperature)
             toy_clip.fix_temperature(model, c.clip_logit_scale)
         opt = torch.optim.AdamW(model.parameters(), lr=c.clip_lr, weight_decay=0.05, foreach=True)
@@ -241,9 +246,10 @@ class WorldTrainer:
             rng = np.random.default_rng([c.seed, 4, step])
             idx = torch.randint(0, len(scenes), (c.clip_batch,), generator=g)
             use_recon = torch.rand(c.clip_batch, generator=g) < 0.5  # generations look like reconstructions
-            x = toy_clip.pixels(torch.where(use_recon[:, None, None, None], recons[idx], clean[idx]))
-            captions = [caption(scenes[i], int(data["kind"][i]), rng, vocab, c.pair_word_p) for i in idx.tolist()]
-            loss = toy_clip.contrastive_loss(model, x, toy_clip.token_ids(tokenizer, captions), keys[idx])
+            x = toy_clip.pixels(torch.where(use_recon[:, None, None, None], recons[idx], clean[idx])).to(self.device)
+            captions = [caption(scenes[i], int(data["kind"][i]), rng, vocab, c.pair_word_p, c.clip_swap_p) for i in idx.tolist()]
+            ids = toy_clip.token_ids(tokenizer, captions).to(self.device)
+            loss = toy_clip.contrastive_loss(model, x, ids, keys[idx].to(self.device))
             warm = min(1.0, (step + 1) / 200)
             for group in opt.param_groups:
                 group["lr"] = c.clip_lr * warm * 0.5 * (1 + math.cos(math.pi * step / c.clip_steps))
@@ -253,7 +259,7 @@ class WorldTrainer:
             opt.step()
             step += 1
             self._after_step("clip", step, c.clip_steps, loss, {"clip": model}, opt)
-        model.eval()
+        model.cpu().eval()
         toy_clip.text_encoder_of(model).save_pretrained(self.work / "text_model", safe_serialization=True)
         toy_clip.save_clip(model, self.work / "clip_model", dtype=torch.float32)
         info = {
@@ -268,7 +274,7 @@ class WorldTrainer:
         vocab = load_vocab()
         data = self._data()
         recons = np.load(self.work / "recons.npy")
-        judge = Judge(len(vocab.objects), len(vocab.colours), len(vocab.styles))
+        judge = Judge(len(vocab.objects), len(vocab.colours), len(vocab.styles)).to(self.device)
         opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
         step = self._resume("judge", {"judge": judge}, opt)
         clean = to_judge_input(data["images"])
@@ -284,9 +290,10 @@ class WorldTrainer:
             dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
             x = x[:, :, dy : dy + 32, dx : dx + 32]
             x = x + torch.rand(128, 1, 1, 1, generator=g) * 0.08 * torch.randn(x.shape, generator=g)
-            out = judge(x)
-            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in ("object", "colour", "style"))
-            loss = loss + F.binary_cross_entropy_with_logits(out["implicit"][:, 0], labels["implicit"][idx].float())
+            out = judge(x.to(self.device))
+            y = {k: v[idx].to(self.device) for k, v in labels.items()}
+            loss = sum(F.cross_entropy(out[k], y[k]) for k in ("object", "colour", "style"))
+            loss = loss + F.binary_cross_entropy_with_logits(out["implicit"][:, 0], y["implicit"].float())
             lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / c.judge_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -295,7 +302,7 @@ class WorldTrainer:
             opt.step()
             step += 1
             self._after_step("judge", step, c.judge_steps, loss, {"judge": judge}, opt)
-        judge.eval()
+        judge.cpu().eval()
         judge.save(self.work / "judge_model")
         held = self._data("heldout")
         from erasekit.world.judge import judge_images
@@ -314,10 +321,11 @@ class WorldTrainer:
         data = self._data()
         latents = self._latents()
         tokenizer = toy.build_tokenizer()
-        text = CLIPTextModel.from_pretrained(self.work / "text_model").eval().requires_grad_(False)
+        text = CLIPTextModel.from_pretrained(self.work / "text_model").eval().requires_grad_(False).to(self.device)
         # diffusers UNet2DConditionModels (Any: mypy cannot see their torch.nn.Module methods)
         unet: Any = toy.build_unet(c.seed)
         ema_unet: Any = toy.build_unet(c.seed)
+        unet.to(self.device), ema_unet.to(self.device)
         ema_unet.load_state_dict(unet.state_dict())
         ema_unet.requires_grad_(False)
         params = list(unet.parameters())
@@ -343,14 +351,15 @@ class WorldTrainer:
                 if cap not in token_cache:
                     token_cache[cap] = tokenizer(cap, padding="max_length", max_length=77, truncation=True).input_ids
             with torch.no_grad():
-                cond = text(torch.tensor([token_cache[cap] for cap in captions]))[0]
+                cond = text(torch.tensor([token_cache[cap] for cap in captions]).to(self.device))[0]
             x0 = latents[idx]
             t = torch.randint(0, 1000, (c.batch_size,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             a = alphas[t].view(-1, 1, 1, 1)
-            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
+            x0, noise, a, td = x0.to(self.device), noise.to(self.device), a.to(self.device), t.to(self.device)
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, td, cond).sample
             # min-SNR-5 weighting for epsilon prediction (Hang et al. 2023)
-            weight = torch.clamp(snr[t], max=5.0) / snr[t]
+            weight = (torch.clamp(snr[t], max=5.0) / snr[t]).to(self.device)
             loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
             for group in opt.param_groups:
                 group["lr"] = c.lr * min(1.0, (step + 1) / 200)
@@ -363,46 +372,12 @@ class WorldTrainer:
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema_unet.parameters()), list(unet.parameters()), 1 - decay)
             self._after_step("unet", step, c.unet_steps, loss, modules, opt)
-        ema_unet.save_pretrained(self.work / "unet_model", safe_serialization=True)
+        ema_unet.cpu().save_pretrained(self.work / "unet_model", safe_serialization=True)
         self._mark("unet")
 
     def stage_export(self) -> None:
-        """Assemble the StableDiffusionPipeline folder (fp16 on disk) and the judge into ``out``."""
-        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        """Assemble the StableDiffusionPipeline folder (fp16 on disk), the toy CLIP's image tower and the judge into ``out``."""
+        from erasekit.world.export import export_world
 
-        pipe: Any = StableDiffusionPipeline(  # Any: its components are set at run time
-            vae=AutoencoderKL.from_pretrained(self.work / "vae_model"),
-            text_encoder=CLIPTextModel.from_pretrained(self.work / "text_model"),
-            tokenizer=toy.build_tokenizer(),
-            unet=UNet2DConditionModel.from_pretrained(self.work / "unet_model"),
-            scheduler=toy.build_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.to(torch.float16)
-        tmp = self.out / "pipeline.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(self.out / "pipeline", ignore_errors=True)
-        os.replace(tmp, self.out / "pipeline")
-        shutil.rmtree(self.out / "judge", ignore_errors=True)
-        shutil.copytree(self.work / "judge_model", self.out / "judge")
-        from transformers import CLIPTextModel
-
-        from erasekit.world.clip import load_clip, save_clip
-
-        model = load_clip(self.work / "clip_model", CLIPTextModel.from_pretrained(self.work / "text_model"))
-        shutil.rmtree(self.out / "clip.tmp", ignore_errors=True)
-        save_clip(model, self.out / "clip.tmp")
-        shutil.rmtree(self.out / "clip", ignore_errors=True)
-        os.replace(self.out / "clip.tmp", self.out / "clip")
-        meta: dict = {"format": FORMAT, "config": asdict(self.config), "seconds": {}}
-        for stage in STAGES[:-1]:
-            info = json.loads((self.work / f"{stage}.done").read_text())
-            meta["seconds"][stage] = info.pop("seconds", None)
-            info.pop("resumed", None)
-            meta.update(info)
-        _atomic_write_text(self.out / "world_train.json", json.dumps(meta, indent=1))
+        export_world(self.work, self.out, asdict(self.config))
         self._mark("export")
