@@ -33,6 +33,12 @@ def ranks(sim: torch.Tensor, objects: list[str], pairs: list[tuple[str, str]]) -
 
 def main() -> None:
     """Print the partners' ranks under the three cosines."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text-encoder", type=Path, default=None, help="a text_encoder/ or text_model/ folder (default: the shipped world's)")
+    args = parser.parse_args()
+    if args.text_encoder is not None and not (args.text_encoder / "config.json").is_file():  # before the imports that print
+        print(f"error: {args.text_encoder} holds no text encoder (config.json); pass a text_model/ or text_encoder/ folder", file=sys.stderr)
+        raise SystemExit(2)
     from transformers import CLIPTextModel
 
     from erasekit.models import quiet_loading
@@ -41,12 +47,7 @@ def main() -> None:
     from erasekit.world.check import default_toy_dir
     from erasekit.world.vocab import load_vocab
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text-encoder", type=Path, default=default_toy_dir() / "pipeline" / "text_encoder")
-    args = parser.parse_args()
-    if not (args.text_encoder / "config.json").is_file():
-        print(f"error: {args.text_encoder} holds no text encoder (config.json); pass a text_model/ or text_encoder/ folder", file=sys.stderr)
-        raise SystemExit(2)
+    args.text_encoder = args.text_encoder or default_toy_dir() / "pipeline" / "text_encoder"
     vocab = load_vocab()
     objects, pairs = vocab.objects, vocab.lookalike_pairs()
     tokenizer = toy.build_tokenizer()

@@ -49,3 +49,14 @@ def test_lookalike_bar_refuses_bad_numbers_in_one_line_before_any_work(args: lis
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_text_geometry_ranks_every_pair_of_the_shipped_world_and_refuses_a_folder_without_a_model(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "text_geometry.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if " -> " in line]
+    assert [r.split("|")[0].strip() for r in rows] == ["circle -> ring", "square -> diamond", "triangle -> arrow", "star -> cross"]
+    assert all(r.count("rank ") == 3 for r in rows)
+    bad = subprocess.run([sys.executable, str(script), "--text-encoder", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
