@@ -8,7 +8,9 @@ overlap of the two prompts' token states. For every object's evaluation prompt (
 padded to 77 tokens as the pipeline pads it) this prints, per designed pair (a, b), b's rank among the
 nine other objects by three cosines to a: the whole token sequence (each token's state centred on the
 ten prompts' mean, so the shared prefix counts for nothing), the object token's own state, and the
-pooled CLIP text embedding (before projection). Rank 1: the partner is a's nearest object.
+pooled CLIP text embedding (before projection); and the reach of an edit made on ESD-x's own prompt (the bare
+word a, whose token states E_a span what the edit changes) on what sets b's prompt apart: ||E_a (E_b - mean)^T||.
+Rank 1: the partner is a's nearest object.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def main() -> None:
         text = CLIPTextModel.from_pretrained(args.text_encoder, dtype=torch.float32).eval()
     prompts = [object_prompt(o) for o in objects]
     ids = torch.tensor(tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids)
+    words = torch.tensor(tokenizer(objects, padding="max_length", max_length=77, truncation=True).input_ids)
     with torch.inference_mode():
         out = text(ids)
+        bare = text(words).last_hidden_state  # ESD's training prompt is the concept itself
     states, pooled = out.last_hidden_state, out.pooler_output
     obj_pos = [len(tokenizer(p).input_ids) - 2 for p in prompts]  # the last word before EOS
     centred = (states - states.mean(0, keepdim=True)).flatten(1)
@@ -66,6 +70,7 @@ def main() -> None:
         "sequence": F.normalize(centred, dim=-1) @ F.normalize(centred, dim=-1).T,
         "object token": F.normalize(row, dim=-1) @ F.normalize(row, dim=-1).T,
         "pooled": F.normalize(pooled, dim=-1) @ F.normalize(pooled, dim=-1).T,
+        "edit reach": torch.stack([torch.linalg.matrix_norm(bare[a] @ (states - states.mean(0)).transpose(1, 2)) for a in range(len(objects))]),
     }
     print(f"text encoder: {args.text_encoder}")
     print("pair               | " + " | ".join(f"{k:>22}" for k in sims))
