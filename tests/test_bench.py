@@ -57,6 +57,6 @@ def test_text_geometry_ranks_every_pair_of_the_shipped_world_and_refuses_a_folde
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if " -> " in line]
     assert [r.split("|")[0].strip() for r in rows] == ["circle -> ring", "square -> diamond", "triangle -> arrow", "star -> cross"]
-    assert all(r.count("rank ") == 3 for r in rows)
+    assert all(r.count("rank ") == 4 for r in rows)
     bad = subprocess.run([sys.executable, str(script), "--text-encoder", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
