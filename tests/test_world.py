@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from itertools import product
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from conftest import SmokeRun
 from erasekit.errors import ErasekitError
 from erasekit.world.check import check_world, default_toy_dir, load_toy_pipeline
 from erasekit.world.cli import app
+from erasekit.world.config import WorldTrainConfig
 from erasekit.world.judge import Judge, judge_images
 from erasekit.world.render import Scene, render
 from erasekit.world.toy import build_tokenizer
@@ -260,7 +262,8 @@ def test_the_shipped_world_is_v2_with_its_toy_clip_and_passes_the_v1_refusal() -
     from erasekit.world.config import check_world_folder
 
     meta = json.loads((SHIPPED / "world_train.json").read_text())
-    assert meta["format"] == 2 and meta["config"]["pair_word_p"] > 0
+    assert meta["format"] == 2 and meta["config"]["pair_word_p"] > 0 and meta["config"]["clip_swap_p"] > 0
+    assert meta["config"] == {**asdict(WorldTrainConfig()), "threads": meta["config"]["threads"]}, "the defaults rebuild the shipped world"
     assert find_world_clip(SHIPPED / "judge") is not None, "the shipped world carries clip/ beside its pipeline"
     assert check_world_folder(SHIPPED) == SHIPPED / "pipeline"
     world = [f for f in SHIPPED.rglob("*") if f.is_file() and "janus" not in f.relative_to(SHIPPED).parts]  # the toy Janus has its own budget

@@ -25,7 +25,7 @@ class WorldTrainConfig:
     clip_lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate of the toy CLIP."})
     pair_word_p: float = field(default=0.3, metadata={
         "help": "Probability that a caption names a look-alike pair's object by the vague word the pair shares."})
-    clip_swap_p: float = field(default=0.0, metadata={
+    clip_swap_p: float = field(default=0.25, metadata={
         "help": "Probability that a toy-CLIP caption names a look-alike pair's object by its partner (alt-text noise; not the UNet's captions)."})
     clip_logit_scale: float = field(default=0.0, metadata={
         "help": "Fixed logit scale (1/temperature) of the toy CLIP's InfoNCE; 0 learns it, as CLIP does."})
