@@ -227,8 +227,8 @@ def test_a_begun_clip_stage_refuses_another_swap_rate(tmp_path: Path) -> None:
     WorldTrainer(out, tiny_config())
     (out / "work" / "clip.ckpt").write_bytes(b"")  # the CLIP stage has begun
     later = tiny_config()
-    later.clip_swap_p = 0.25
-    with pytest.raises(ErasekitError, match="clip_swap_p=0.0"):
+    later.clip_swap_p = tiny_config().clip_swap_p / 2 + 0.1
+    with pytest.raises(ErasekitError, match=f"clip_swap_p={tiny_config().clip_swap_p}"):
         WorldTrainer(out, later)
 
 
