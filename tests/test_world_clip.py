@@ -208,7 +208,8 @@ def test_a_swapped_caption_names_the_partner_and_only_for_pairs() -> None:
     from erasekit.world.vocab import load_vocab
 
     vocab = load_vocab()
-    partner = dict(vocab.lookalike_pairs() + [(b, a) for a, b in vocab.lookalike_pairs()])
+    partner = {obj: vocab.partner(obj) for obj in vocab.objects if vocab.partner(obj)}
+    assert partner == dict(vocab.lookalike_pairs() + [(b, a) for a, b in vocab.lookalike_pairs()])
     for obj in vocab.objects:
         scene = Scene(obj, "red")
         before = [caption(scene, 0, np.random.default_rng(i), vocab, 0.0) for i in range(40)]

@@ -38,7 +38,7 @@ def caption(
     vague = vocab.raw.get("pair_words", {}).get(scene.object, [])
     named = scene.object
     if swap_p and rng.random() < swap_p:  # no draw at p = 0: captions as before
-        named = dict(vocab.lookalike_pairs() + [(b, a) for a, b in vocab.lookalike_pairs()]).get(named, named)
+        named = vocab.partner(named) or named
     if pair_word_p and vague and rng.random() < pair_word_p:
         obj = vague[int(rng.integers(len(vague)))]
     else:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from erasekit.atomic import atomic_write_bytes
 from erasekit.world import toy
 from erasekit.world.config import FORMAT, STAGES
 
@@ -43,9 +44,7 @@ def export_world(work: Path, out: Path, config: dict[str, Any]) -> None:
         meta["devices"][stage] = info.pop("device", "cpu")  # runs from before --device ran on the CPU
         info.pop("resumed", None)
         meta.update(info)
-    tmp = out / "world_train.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "world_train.json")
+    atomic_write_bytes(out / "world_train.json", json.dumps(meta, indent=1).encode())
 
 
 def _replace_folder(folder: Path, write: Any) -> None:

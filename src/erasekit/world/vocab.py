@@ -56,6 +56,10 @@ class WorldVocab:
         """The designed look-alike pairs (erase the first, its partner should suffer most): the Fig. 2 bar."""
         return [(a, b) for a, b in self.raw["lookalike_pairs"]]
 
+    def partner(self, obj: str) -> str | None:
+        """The other object of ``obj``'s designed look-alike pair, None if it has none."""
+        return next((b if a == obj else a for a, b in self.lookalike_pairs() if obj in (a, b)), None)
+
     def object_synonyms(self, obj: str) -> list[str]:
         """Words that name ``obj`` (the first is the class name)."""
         self.check_object(obj)
