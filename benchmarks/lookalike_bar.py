@@ -2,6 +2,7 @@
 
     python benchmarks/lookalike_bar.py --seeds 3 --iterations 150 --json out.json
     python benchmarks/lookalike_bar.py --seeds 3 --iterations 150,600 --device cuda --workers 8 --json out.json
+    python benchmarks/lookalike_bar.py --summarise bar12.json --summarise check.json    # spectra over saved seeds
 
 For each designed pair (a, b) and each (iterations, training seed): erase a from the shipped toy world with
 ESD-x (toy preset, ``iterations`` model steps), generate every object's evaluation prompt with the base and the
@@ -9,7 +10,9 @@ erased model (16 seeds each), and rank the other objects by the drop in the judg
 class — the world check's code (`erasekit.world.pairs`), which runs the preset at training seed 0 only. Prints,
 per setting, each pair's partner rank and drop, the erased object's own drop, and how many pairs meet the bar
 (partner among the three most affected, drop >= 5 points), per seed. ``--deadline-s`` stops handing out work
-after that many seconds; what finished is printed and saved.
+after that many seconds; what finished is printed and saved. ``--summarise FILE`` (repeatable) runs nothing: it
+pools saved rows (this script's ``--json``, or `erasekit world check --json`, whose pairs are training seed 0 at the
+preset's 150 iterations) into each pair's spectrum over the seeds, every drop a mean with its 95 % t interval.
 """
 
 from __future__ import annotations
@@ -84,6 +87,54 @@ def summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
+def load_rows(paths: list[Path]) -> list[dict]:
+    """Saved rows of this script's --json files and of world-check JSON (training seed 0, the preset's 150 iterations)."""
+    rows: list[dict] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read {path} as JSON ({exc}); pass a file written by --json or by `erasekit world check --json`")
+        if isinstance(data, dict) and "lookalike_pairs" in data:
+            data = [{**r, "seed": 0, "iterations": 150} for r in data["lookalike_pairs"]["pairs"]]
+        if not isinstance(data, list) or not all(isinstance(r, dict) and "drops" in r and "seed" in r for r in data):
+            _fail(f"{path} holds no look-alike rows; pass a file written by --json or by `erasekit world check --json`")
+        rows += [r for r in data if "error" not in r]
+    seen: set[tuple] = set()
+    for r in rows:
+        key = (r["iterations"], r["seed"], r["erased"])
+        if key in seen:
+            _fail(f"{r['erased']} at seed {r['seed']}, {r['iterations']} iterations appears twice; pass each run once")
+        seen.add(key)
+    return rows
+
+
+def spectra(rows: list[dict]) -> list[str]:
+    """Per setting and pair, over its seeds: every class's mean drop [95 % t interval], most hurt first, and the partner's rank."""
+    from erasekit.eval.intervals import paired_difference
+
+    def cell(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{values[0]:.1f}"
+        return paired_difference(values, [0.0] * len(values)).cell()
+
+    lines = []
+    for iterations in sorted({r["iterations"] for r in rows}):
+        at = [r for r in rows if r["iterations"] == iterations]
+        for erased in dict.fromkeys(r["erased"] for r in at):
+            mine = sorted((r for r in at if r["erased"] == erased), key=lambda r: r["seed"])
+            partner = mine[0]["partner"]
+            classes = [c for c in mine[0]["drops"]] + [erased]
+            drops = {c: [r["drops"].get(c, r["own_drop"] if c == erased else 0.0) for r in mine] for c in classes}
+            mean = {c: sum(v) / len(v) for c, v in drops.items()}
+            others = sorted((c for c in classes if c != erased), key=lambda c: (-mean[c], c))
+            ranks = ", ".join(str(r["partner_rank"]) for r in mine)
+            lines.append(f"{erased} -> {partner}, ESD-x {iterations} iterations, seeds {', '.join(str(r['seed']) for r in mine)}: "
+                         f"partner rank by mean drop {others.index(partner) + 1} (per seed {ranks})")
+            lines.append(f"  own {cell(drops[erased])}; " + "; ".join(f"{c} {cell(drops[c])}" for c in others))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run every (iterations, seed, pair) erasure, print and save the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes (each loads the world; on a GPU they share it)")
     parser.add_argument("--deadline-s", type=float, default=0.0, help="hand out no work after this many seconds (0: none)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--summarise", type=Path, action="append", default=[],
+                        help="print the spectra pooled over saved runs (this script's --json or world check's), run nothing")
     args = parser.parse_args(argv)
+    if args.summarise:
+        print("\n".join(spectra(load_rows(args.summarise))))
+        return
     try:
         its = [int(x) for x in args.iterations.split(",") if x.strip()]
     except ValueError:

@@ -60,3 +60,30 @@ def test_text_geometry_ranks_every_pair_of_the_shipped_world_and_refuses_a_folde
     assert all(r.count("rank ") == 4 for r in rows)
     bad = subprocess.run([sys.executable, str(script), "--text-encoder", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_lookalike_bar_pools_saved_seeds_into_spectra_with_t_intervals(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lookalike_bar.py"
+
+    def row(seed: int, ring: float, square: float) -> dict:
+        drops = {"ring": ring, "square": square, "moon": 0.0}
+        rank = 1 + sum(v > ring for v in drops.values())
+        return {"erased": "circle", "partner": "ring", "partner_rank": rank, "partner_drop": ring, "met": rank <= 3,
+                "own_drop": 70.0 + seed, "top": [], "drops": drops, "seed": seed}
+    check = tmp_path / "check.json"  # world check's seed 0, as `erasekit world check --json` writes it
+    check.write_text(json.dumps({"lookalike_pairs": {"pairs": [row(0, 40.0, 50.0)], "met": 1, "of": 1}}))
+    bar = tmp_path / "bar.json"
+    bar.write_text(json.dumps([{**row(1, 60.0, 10.0), "iterations": 150}]))
+    done = subprocess.run([sys.executable, str(script), "--summarise", str(bar), "--summarise", str(check)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    head, spectrum = done.stdout.strip().splitlines()
+    # ring: mean 50 of (40, 60), t(0.975, 1) 12.706 x stdev 14.142 / sqrt 2 = 127.06; square's mean 30 ranks it second
+    assert head == "circle -> ring, ESD-x 150 iterations, seeds 0, 1: partner rank by mean drop 1 (per seed 2, 1)"
+    assert spectrum == "  own 70.5 [64.1, 76.9]; ring 50.0 [-77.1, 177.1]; square 30.0 [-224.1, 284.1]; moon 0.0 [0.0, 0.0]"
+    twice = subprocess.run([sys.executable, str(script), "--summarise", str(check), "--summarise", str(check)],
+                           capture_output=True, text=True, timeout=120)
+    assert twice.returncode == 2 and twice.stderr.count("\n") == 1 and "appears twice" in twice.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    bad = subprocess.run([sys.executable, str(script), "--summarise", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
