@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import erasekit
 import erasekit.atomic as atomic
 from conftest import tiny_pipeline
-from erasekit.atomic import OutputError, atomic_write_bytes, atomic_write_files, atomic_write_text
+from erasekit.atomic import OutputError, atomic_folder, atomic_write_bytes, atomic_write_files, atomic_write_text
 from erasekit.cli import app
 from erasekit.errors import ErasekitError
 from erasekit.world.judge import Judge
@@ -165,6 +165,32 @@ def test_files_that_belong_together_are_written_both_or_neither(tmp_path: Path, 
     with pytest.raises(OutputError, match="attack.json: No space left on device"):
         atomic_write_files({grid: b"new grid", record: b"new record"})
     assert _snapshot(tmp_path) == {"attack.json": b"old record", "attack.png": b"old grid"}
+
+
+def test_a_folder_is_swapped_in_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "old.bin").write_bytes(b"old")
+    with atomic_folder(folder) as tmp:
+        assert tmp != folder and list(tmp.iterdir()) == []
+        (tmp / "new.bin").write_bytes(b"new")
+        assert (folder / "old.bin").read_bytes() == b"old"  # untouched while the new one is written
+    assert _snapshot(tmp_path) == {"pipeline/new.bin": b"new"} and os.listdir(tmp_path) == ["pipeline"]
+    with pytest.raises(RuntimeError, match="killed"), atomic_folder(folder) as tmp:  # the write itself fails
+        (tmp / "half.bin").write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert _snapshot(tmp_path) == {"pipeline/new.bin": b"new"} and os.listdir(tmp_path) == ["pipeline"]
+    real = os.replace
+
+    def no_second_rename(src: Any, dst: Any) -> None:
+        if Path(src).name == "pipeline.tmp":  # the new folder cannot be renamed in; putting the old one back can
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_second_rename)
+    with pytest.raises(OutputError, match="pipeline: No space left on device"), atomic_folder(folder) as tmp:
+        (tmp / "newer.bin").write_bytes(b"newer")
+    assert _snapshot(tmp_path) == {"pipeline/new.bin": b"new"} and os.listdir(tmp_path) == ["pipeline"]  # the old folder is put back, no temp folder left
 
 
 # --- the commands ------------------------------------------------------------------------------------------------

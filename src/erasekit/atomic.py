@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -78,6 +80,35 @@ def atomic_write_files(files: Mapping[Path, bytes]) -> None:
         if isinstance(exc, OSError):
             raise output_error(exc, str(current)) from None
         raise
+
+
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``folder`` to fill; on success it replaces ``folder``, on failure it is removed.
+
+    The old folder is moved aside before the new one is renamed in and deleted after, so a kill leaves the old
+    folder (under ``.NAME.old``) or the new one, never a half-written one under ``folder``'s name.
+    """
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier write
+    moved = False
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+            moved = True
+        os.replace(tmp, folder)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not folder.exists():
+            os.replace(old, folder)  # the new one could not be renamed in: put the old one back
+        if isinstance(exc, OSError):
+            raise output_error(exc, str(folder)) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

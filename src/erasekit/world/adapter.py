@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from erasekit.atomic import atomic_folder
 from erasekit.errors import ErasekitError
 from erasekit.image_prompt import ENCODER, WEIGHTS, projection
 from erasekit.world.captions import caption
@@ -200,13 +200,9 @@ class AdapterTrainer:
 
 def save_adapter(folder: Path, state: dict[str, torch.Tensor], encoder: Any, processor: Any, record: dict[str, Any] | None = None) -> None:
     """Write an IP-Adapter folder (fp16 weights in the public layout, ``image_encoder/``, the preprocessor) through a temp folder."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.half() for k, v in state.items()}, str(tmp / WEIGHTS))
-    encoder.to(torch.float16).save_pretrained(tmp / ENCODER, safe_serialization=True)
-    processor.save_pretrained(str(tmp))
-    if record is not None:
-        (tmp / "adapter_train.json").write_text(json.dumps(record, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.half() for k, v in state.items()}, str(tmp / WEIGHTS))
+        encoder.to(torch.float16).save_pretrained(tmp / ENCODER, safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        if record is not None:
+            (tmp / "adapter_train.json").write_text(json.dumps(record, indent=1))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from erasekit.atomic import atomic_write_bytes
+from erasekit.atomic import atomic_folder, atomic_write_bytes
 from erasekit.world import toy
 from erasekit.world.config import FORMAT, STAGES
 
@@ -33,10 +32,13 @@ def export_world(work: Path, out: Path, config: dict[str, Any]) -> None:
         requires_safety_checker=False,
     )
     pipe.to(torch.float16)
-    _replace_folder(out / "pipeline", lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
-    _replace_folder(out / "judge", lambda tmp: shutil.copytree(work / "judge_model", tmp))
+    with atomic_folder(out / "pipeline") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    with atomic_folder(out / "judge") as tmp:
+        shutil.copytree(work / "judge_model", tmp, dirs_exist_ok=True)
     model = load_clip(work / "clip_model", CLIPTextModel.from_pretrained(work / "text_model"))
-    _replace_folder(out / "clip", lambda tmp: save_clip(model, tmp))
+    with atomic_folder(out / "clip") as tmp:
+        save_clip(model, tmp)
     meta: dict = {"format": FORMAT, "config": config, "seconds": {}, "devices": {}}
     for stage in STAGES[:-1]:
         info = json.loads((work / f"{stage}.done").read_text())
@@ -45,12 +47,3 @@ def export_world(work: Path, out: Path, config: dict[str, Any]) -> None:
         info.pop("resumed", None)
         meta.update(info)
     atomic_write_bytes(out / "world_train.json", json.dumps(meta, indent=1).encode())
-
-
-def _replace_folder(folder: Path, write: Any) -> None:
-    """Write a folder through ``write(tmp)`` beside it, then swap it in (a killed export leaves the old one or none half-written)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)

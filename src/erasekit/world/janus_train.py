@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erasekit.atomic import atomic_write_bytes, atomic_write_text
+from erasekit.atomic import atomic_folder, atomic_write_bytes, atomic_write_text
 from erasekit.errors import ErasekitError
 from erasekit.world.janus_model import (
     FORMAT,
@@ -282,13 +281,17 @@ class JanusTrainer:
 
     def stage_export(self) -> dict[str, Any]:
         """Write ``OUT/janus`` (model, tokenizer, generation config, ``janus_train.json``) through a temp folder and a rename."""
-        from erasekit.models import quiet_loading
-
         model, tokenizer = self._model()
         state = torch.load(self.work / "lm.ckpt", weights_only=True)["module"]
         model.load_state_dict(state)
-        final, tmp = self.out / "janus", self.out / "janus.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(self.out / "janus") as tmp:
+            self._export_into(tmp, model, tokenizer)
+        return {}
+
+    def _export_into(self, tmp: Path, model: Any, tokenizer: Any) -> None:
+        """Fill the export's temp folder: model, tokenizer and ``janus_train.json``."""
+        from erasekit.models import quiet_loading
+
         with quiet_loading():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -300,6 +303,3 @@ class JanusTrainer:
             record.update(info)
         record["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         (tmp / "janus_train.json").write_text(json.dumps(record, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return {}
