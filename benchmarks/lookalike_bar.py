@@ -116,7 +116,8 @@ def spectra(rows: list[dict]) -> list[str]:
     def cell(values: list[float]) -> str:
         if len(values) < 2:
             return f"{values[0]:.1f}"
-        return paired_difference(values, [0.0] * len(values)).cell()
+        d = paired_difference(values, [0.0] * len(values))
+        return f"{d.mean:.1f} [{max(d.lo, -100.0):.1f}, {min(d.hi, 100.0):.1f}]"  # a drop of a probability lies in [-100, 100] points
 
     lines = []
     for iterations in sorted({r["iterations"] for r in rows}):

@@ -78,9 +78,9 @@ def test_lookalike_bar_pools_saved_seeds_into_spectra_with_t_intervals(tmp_path:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     head, spectrum = done.stdout.strip().splitlines()
-    # ring: mean 50 of (40, 60), t(0.975, 1) 12.706 x stdev 14.142 / sqrt 2 = 127.06; square's mean 30 ranks it second
+    # ring: mean 50 of (40, 60), t(0.975, 1) 12.706 x stdev 14.142 / sqrt 2 = 127.06, cut at 100 points; square's mean 30 ranks it second
     assert head == "circle -> ring, ESD-x 150 iterations, seeds 0, 1: partner rank by mean drop 1 (per seed 2, 1)"
-    assert spectrum == "  own 70.5 [64.1, 76.9]; ring 50.0 [-77.1, 177.1]; square 30.0 [-224.1, 284.1]; moon 0.0 [0.0, 0.0]"
+    assert spectrum == "  own 70.5 [64.1, 76.9]; ring 50.0 [-77.1, 100.0]; square 30.0 [-100.0, 100.0]; moon 0.0 [0.0, 0.0]"
     twice = subprocess.run([sys.executable, str(script), "--summarise", str(check), "--summarise", str(check)],
                            capture_output=True, text=True, timeout=120)
     assert twice.returncode == 2 and twice.stderr.count("\n") == 1 and "appears twice" in twice.stderr
