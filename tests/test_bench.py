@@ -87,3 +87,32 @@ def test_lookalike_bar_pools_saved_seeds_into_spectra_with_t_intervals(tmp_path:
     (tmp_path / "bad.json").write_text("{}")
     bad = subprocess.run([sys.executable, str(script), "--summarise", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_per_class_reads_a_comparison_and_pairs_methods_class_by_class(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "per_class.py"
+    base = {"circle": 0.0, "ring": 100.0, "square": 100.0}
+    kept = {"a": [{"circle": 100.0, "ring": 40.0, "square": 90.0}, {"circle": 80.0, "ring": 60.0, "square": 100.0}],
+            "b": [{"circle": 100.0, "ring": 80.0, "square": 100.0}, {"circle": 90.0, "ring": 90.0, "square": 100.0}]}
+    rows = []
+    for method, seeds in kept.items():
+        records = []
+        for seed, rates in enumerate(seeds):
+            (tmp_path / f"{method}-seed{seed}").mkdir()
+            metrics = {"base": {"per_class": {"top-1": base}}, "erased": {"per_class": {"top-1": rates}}}
+            (tmp_path / f"{method}-seed{seed}" / "eval-toy-objects.json").write_text(json.dumps({"metrics": metrics}))
+            records.append({"run": f"{method}-seed{seed}", "seed": seed})
+        rows.append({"method": method, "per_seed": records})
+    (tmp_path / "compare.json").write_text(json.dumps({"concepts": ["circle"], "rows": rows}))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--versus", "b:a"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # ring lost 50 (a) + 15 (b) points against square's 5 + 0: ring is the most taken, listed right after the erased class
+    assert lines[0] == "| method | circle (ESR-1) | ring | square |"
+    assert lines[2:5] == ["| base (no erasure) | 0.0 | 100.0 | 100.0 |", "| a | 90.0 | 50.0 | 95.0 |", "| b | 95.0 | 85.0 | 100.0 |"]
+    # ring: b - a is +40 and +30, mean 35, t(0.975, 1) 12.706 x stdev 7.071 / sqrt 2 = 63.5 -> no difference on 2 seeds
+    assert lines[5:8] == ["b - a, paired over 2 seeds:", "  circle: +5.0 [-58.5, +68.5] no difference", "  ring: +35.0 [-28.5, +98.5] no difference"]
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path), "--versus", "b:c"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --versus b:c") and bad.stderr.count("\n") == 1
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "erasekit compare" in missing.stderr and "Traceback" not in missing.stderr
