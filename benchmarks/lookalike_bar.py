@@ -126,7 +126,7 @@ def spectra(rows: list[dict]) -> list[str]:
             mine = sorted((r for r in at if r["erased"] == erased), key=lambda r: r["seed"])
             partner = mine[0]["partner"]
             classes = [c for c in mine[0]["drops"]] + [erased]
-            drops = {c: [r["drops"].get(c, r["own_drop"] if c == erased else 0.0) for r in mine] for c in classes}
+            drops = {c: [r["own_drop"] if c == erased else r["drops"][c] for r in mine] for c in classes}
             mean = {c: sum(v) / len(v) for c, v in drops.items()}
             others = sorted((c for c in classes if c != erased), key=lambda c: (-mean[c], c))
             ranks = ", ".join(str(r["partner_rank"]) for r in mine)
